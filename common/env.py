@@ -1,0 +1,336 @@
+"""The environment: device and dtype choice with the reason, seeding, versions, known troubles.
+
+    python -m common.env            # a readable report
+    python -m common.env --json     # the same as JSON
+
+The report names every optional package with its installed version and whether it really
+imports (auto-gptq 0.7.1, for one, installs but fails to import with transformers 5), and turns
+the known version incompatibilities below into warnings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.metadata as metadata
+import json
+import os
+import platform
+import random
+import re
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+from common.runner import SkipScript
+
+# import name -> distribution name on the package index
+PACKAGES = {
+    "numpy": "numpy",
+    "torch": "torch",
+    "transformers": "transformers",
+    "deepspeed": "deepspeed",
+    "tree": "dm-tree",
+    "fmoe": "fastmoe",
+    "auto_gptq": "auto-gptq",
+    "awq": "autoawq",
+    "onnx": "onnx",
+    "onnxscript": "onnxscript",
+    "onnxruntime": "onnxruntime",
+    "tensorrt": "tensorrt",
+    "sklearn": "scikit-learn",
+    "tokenizers": "tokenizers",
+    "safetensors": "safetensors",
+    "matplotlib": "matplotlib",
+}
+
+INSTALL_HINTS = {
+    "fmoe": "fastmoe builds only against CUDA: see requirements-gpu.txt",
+    "auto_gptq": "pip install auto-gptq (needs CUDA and transformers<5; see requirements-gpu.txt)",
+    "awq": "pip install autoawq (deprecated; pinned to torch 2.6; see requirements-gpu.txt)",
+    "tensorrt": "pip install tensorrt (NVIDIA GPUs only; see requirements-gpu.txt)",
+}
+
+
+# ----------------------------------------------------------------------------- device, dtype, seed
+
+def choose_device(requested: str = "auto") -> tuple[str, str]:
+    """Return (device, reason).  ``auto`` prefers cuda, then mps, then cpu.
+
+    Asking for a device that is not there raises :class:`SkipScript`: the script cannot run as asked.
+    """
+    import torch
+
+    has_cuda = torch.cuda.is_available()
+    has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if requested == "auto":
+        if has_cuda:
+            return "cuda", f"auto: CUDA is available ({torch.cuda.get_device_name(0)})"
+        if has_mps:
+            return "mps", "auto: no CUDA, Apple MPS is available"
+        return "cpu", "auto: no CUDA or MPS device found"
+    if requested == "cuda" and not has_cuda:
+        raise SkipScript("--device cuda asked for, but torch sees no CUDA device",
+                         "install a CUDA build of torch on a machine with an NVIDIA GPU")
+    if requested == "mps" and not has_mps:
+        raise SkipScript("--device mps asked for, but torch sees no MPS device", "needs Apple silicon")
+    if requested not in {"cpu", "cuda", "mps"}:
+        raise ValueError(f"unknown device {requested!r}; choose auto, cpu, cuda or mps")
+    return requested, f"asked for {requested}"
+
+
+def choose_dtype(device: str) -> tuple["object", str]:
+    """Return (torch dtype for autocast/compute, reason): bf16 where the hardware does it well."""
+    import torch
+
+    if device == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16, "CUDA device supports bf16"
+        return torch.float16, "CUDA device without bf16: fp16 (use a GradScaler when training)"
+    if device == "mps":
+        return torch.float16, "MPS: fp16"
+    return torch.float32, "CPU: fp32 (bf16 autocast on CPU is slow without AMX and loses precision)"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:
+        pass
+    import torch
+
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def require(name: str, hint: str | None = None):
+    """Import an optional package or raise :class:`SkipScript` with the reason and the install hint."""
+    try:
+        return importlib.import_module(name)
+    except BaseException as e:  # noqa: BLE001 - some packages raise SystemExit or odd errors on import
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        hint = hint or INSTALL_HINTS.get(name) or f"pip install {PACKAGES.get(name, name)}"
+        raise SkipScript(f"optional package {name!r} is not usable: {type(e).__name__}: {e}", hint) from e
+
+
+# ----------------------------------------------------------------------------- the report
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def package_status(import_name: str) -> dict:
+    """Installed version and whether the package actually imports (with the error if not)."""
+    dist = PACKAGES.get(import_name, import_name)
+    version = _version(dist)
+    info = {"name": dist, "import": import_name, "version": version, "imports": False, "error": None}
+    if version is None:
+        info["error"] = "not installed"
+        return info
+    try:
+        importlib.import_module(import_name)
+        info["imports"] = True
+    except BaseException as e:  # noqa: BLE001
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        msg = str(e).strip().splitlines()
+        info["error"] = f"{type(e).__name__}: {msg[-1] if msg else ''}"[:300]
+    return info
+
+
+def _cpu_model_and_flags() -> tuple[str, list[str]]:
+    model, flags = platform.processor() or platform.machine(), []
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+        m = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
+        if m:
+            model = m.group(1).strip()
+        m = re.search(r"^(?:flags|Features)\s*:\s*(.+)$", text, re.M)
+        if m:
+            wanted = {"sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni",
+                      "amx_bf16", "amx_tile", "amx_int8", "neon", "asimd", "sve", "bf16"}
+            flags = sorted(set(m.group(1).split()) & wanted)
+    except OSError:
+        pass
+    return model, flags
+
+
+def _memory_gib() -> float | None:
+    try:
+        return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _torch_info() -> dict:
+    try:
+        import torch
+    except ImportError as e:
+        return {"version": None, "error": str(e)}
+    info = {
+        "version": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+        "gpus": [],
+    }
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            info["gpus"].append({"name": p.name, "memory_gib": round(p.total_memory / 2**30, 1),
+                                 "capability": f"{p.major}.{p.minor}"})
+    return info
+
+
+def _parse(v: str | None) -> tuple[int, ...]:
+    """'2.13.0+cpu' -> (2, 13, 0); None -> ()."""
+    if not v:
+        return ()
+    return tuple(int(x) for x in re.findall(r"\d+", v.split("+")[0])[:3])
+
+
+@dataclass
+class Incompatibility:
+    """One known trouble: ``applies(report)`` says whether it bites in this environment."""
+
+    applies: Callable[[dict], bool]
+    message: Callable[[dict], str]
+
+
+def _v(r: dict, name: str) -> tuple[int, ...]:
+    return _parse(r["packages"].get(name, {}).get("version"))
+
+
+def _imports(r: dict, name: str) -> bool:
+    return bool(r["packages"].get(name, {}).get("imports"))
+
+
+def _installed(r: dict, name: str) -> bool:
+    return r["packages"].get(name, {}).get("version") is not None
+
+
+INCOMPATIBILITIES = [
+    Incompatibility(
+        lambda r: _v(r, "numpy") >= (2,) and () < _v(r, "torch") < (2, 3),
+        lambda r: f"NumPy {r['packages']['numpy']['version']} with torch {r['packages']['torch']['version']}: "
+                  "torch before 2.3 was built against NumPy 1.x and breaks on NumPy 2 "
+                  "(the book hit it with torch 1.10.1); pip install 'numpy<2' or a newer torch"),
+    Incompatibility(
+        lambda r: _installed(r, "transformers") and () < _v(r, "torch") < (2, 1),
+        lambda r: "transformers' pretrained models need torch 2.1 or newer; "
+                  f"torch is {r['packages']['torch']['version']}"),
+    Incompatibility(
+        lambda r: (_installed(r, "auto_gptq") or _installed(r, "awq")) and _v(r, "torch")[:2] != (2, 3),
+        lambda r: "the book's quantization runs (auto-gptq/autoawq kernels) used torch 2.3.1; with torch "
+                  f"{r['packages']['torch']['version']} their compiled kernels may not load"),
+    Incompatibility(
+        lambda r: _installed(r, "auto_gptq") and not _imports(r, "auto_gptq"),
+        lambda r: f"auto-gptq {r['packages']['auto_gptq']['version']} is installed but does not import "
+                  f"({r['packages']['auto_gptq']['error']}); it needs transformers<5. Chapter 7 uses the "
+                  "book's own GPTQ instead"),
+    Incompatibility(
+        lambda r: _installed(r, "auto_gptq") and _v(r, "transformers") >= (5,),
+        lambda r: f"auto-gptq with transformers {r['packages']['transformers']['version']}: auto-gptq 0.7.1 "
+                  "imports transformers' no_init_weights, which transformers 5 moved"),
+    Incompatibility(
+        lambda r: _installed(r, "awq") and _v(r, "torch")[:2] != (2, 6),
+        lambda r: f"autoawq {r['packages']['awq']['version']} is pinned to torch 2.6 and deprecated; "
+                  f"torch is {r['packages']['torch']['version']}. Chapter 7 uses the book's own AWQ"),
+    Incompatibility(
+        lambda r: _installed(r, "awq") and not _imports(r, "awq"),
+        lambda r: f"autoawq is installed but does not import ({r['packages']['awq']['error']})"),
+    Incompatibility(
+        lambda r: _installed(r, "deepspeed") and not _installed(r, "tree"),
+        lambda r: "deepspeed is installed without dm-tree, which the book's DeepSpeed setup needed: "
+                  "pip install dm-tree"),
+    Incompatibility(
+        lambda r: _installed(r, "deepspeed") and not _imports(r, "deepspeed"),
+        lambda r: f"deepspeed is installed but does not import ({r['packages']['deepspeed']['error']})"),
+    Incompatibility(
+        lambda r: _installed(r, "fmoe") and not _imports(r, "fmoe"),
+        lambda r: f"fastmoe is installed but does not import ({r['packages']['fmoe']['error']}); "
+                  "chapter 6 falls back to the book's pure-PyTorch FMoE"),
+    Incompatibility(
+        lambda r: _installed(r, "tensorrt") and not r["torch"].get("gpus"),
+        lambda r: "tensorrt is installed but there is no CUDA GPU: TensorRT sections skip"),
+    Incompatibility(
+        lambda r: _v(r, "torch") >= (2, 9) and _installed(r, "onnx") and not _installed(r, "onnxscript"),
+        lambda r: "torch's ONNX exporter (dynamo=True, the default since torch 2.9) needs onnxscript: "
+                  "pip install onnxscript"),
+]
+
+
+def environment_report() -> dict:
+    """Everything a reader or maintainer needs to know about this machine, plus version warnings."""
+    cpu_model, simd = _cpu_model_and_flags()
+    report = {
+        "os": f"{platform.system()} {platform.release()}",
+        "platform": platform.platform(),
+        "cpu": cpu_model,
+        "cpu_flags": simd,
+        "cores": os.cpu_count(),
+        "memory_gib": _memory_gib(),
+        "python": platform.python_version(),
+        "torch": _torch_info(),
+        "packages": {},
+    }
+    for import_name in PACKAGES:
+        if import_name == "torch":
+            continue
+        report["packages"][import_name] = package_status(import_name)
+    report["packages"]["torch"] = {"name": "torch", "import": "torch", "version": report["torch"]["version"],
+                                   "imports": report["torch"]["version"] is not None, "error": None}
+    report["warnings"] = [inc.message(report) for inc in INCOMPATIBILITIES if inc.applies(report)]
+    return report
+
+
+def format_report(r: dict) -> str:
+    t = r["torch"]
+    lines = [
+        "Environment",
+        f"  OS         {r['os']}  ({r['platform']})",
+        f"  CPU        {r['cpu']}, {r['cores']} cores; SIMD: {', '.join(r['cpu_flags']) or 'unknown'}",
+        f"  memory     {r['memory_gib']} GiB",
+        f"  Python     {r['python']}",
+        f"  torch      {t.get('version')}  (CUDA {t.get('cuda')}, cuDNN {t.get('cudnn')}, "
+        f"CPU kernels {t.get('cpu_capability')}, {t.get('threads')} threads)",
+    ]
+    for g in t.get("gpus", []):
+        lines.append(f"  GPU        {g['name']}, {g['memory_gib']} GiB, compute capability {g['capability']}")
+    if not t.get("gpus"):
+        lines.append("  GPU        none")
+    lines.append("Packages")
+    for name, p in r["packages"].items():
+        if name == "torch":
+            continue
+        if p["version"] is None:
+            state = "not installed"
+        elif p["imports"]:
+            state = f"{p['version']}  imports"
+        else:
+            state = f"{p['version']}  DOES NOT IMPORT: {p['error']}"
+        lines.append(f"  {p['name']:<13}{state}")
+    lines.append("Warnings" if r["warnings"] else "Warnings: none")
+    lines += [f"  - {w}" for w in r["warnings"]]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    args = parser.parse_args(argv)
+    report = environment_report()
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
