@@ -11,6 +11,7 @@ the known version incompatibilities below into warnings.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.metadata as metadata
 import json
@@ -134,7 +135,8 @@ def package_status(import_name: str) -> dict:
         info["error"] = "not installed"
         return info
     try:
-        importlib.import_module(import_name)
+        with contextlib.redirect_stdout(sys.stderr):  # some packages log to stdout on import
+            importlib.import_module(import_name)
         info["imports"] = True
     except BaseException as e:  # noqa: BLE001
         if isinstance(e, KeyboardInterrupt):

@@ -1,0 +1,96 @@
+"""common.env on this machine, and the table of known incompatibilities on synthetic environments."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from common import env
+from common.runner import SkipScript
+
+
+@pytest.fixture(scope="module")
+def report():
+    return env.environment_report()
+
+
+def test_report_on_this_machine(report):
+    assert report["cores"] >= 1 and report["memory_gib"] > 0
+    assert report["torch"]["version"].startswith("2.")
+    for name in ("numpy", "transformers", "deepspeed", "tree", "onnx", "onnxruntime", "tokenizers"):
+        p = report["packages"][name]
+        assert p["version"] and p["imports"], p
+    assert isinstance(report["warnings"], list)
+    text = env.format_report(report)
+    assert "torch" in text and "deepspeed" in text
+
+
+def test_missing_package_is_reported_not_raised():
+    p = env.package_status("surely_not_a_real_package_xyz")
+    assert p == {"name": "surely_not_a_real_package_xyz", "import": "surely_not_a_real_package_xyz",
+                 "version": None, "imports": False, "error": "not installed"}
+
+
+def test_require_raises_skip_with_hint():
+    with pytest.raises(SkipScript) as e:
+        env.require("fmoe")
+    assert "fmoe" in str(e.value) and "CUDA" in e.value.hint
+    assert env.require("json") is json
+
+
+def _fake(report, **packages):
+    r = json.loads(json.dumps(report))
+    for name, (version, imports, error) in packages.items():
+        r["packages"][name] = {"name": env.PACKAGES.get(name, name), "import": name, "version": version,
+                               "imports": imports, "error": error}
+    return [inc.message(r) for inc in env.INCOMPATIBILITIES if inc.applies(r)]
+
+
+def test_autogptq_import_failure_is_a_warning(report):
+    err = "ImportError: cannot import name 'no_init_weights' from 'transformers.modeling_utils'"
+    warnings = _fake(report, auto_gptq=("0.7.1", False, err), transformers=("5.23.0", True, None))
+    joined = "\n".join(warnings)
+    assert "auto-gptq 0.7.1 is installed but does not import" in joined and "no_init_weights" in joined
+    assert "transformers 5.23.0" in joined
+
+
+def test_numpy2_with_old_torch(report):
+    w = _fake(report, numpy=("2.0.1", True, None), torch=("1.10.1", True, None))
+    assert any("NumPy 2.0.1 with torch 1.10.1" in x for x in w)
+    assert not any("NumPy" in x for x in _fake(report, numpy=("1.26.4", True, None), torch=("1.10.1", True, None)))
+
+
+def test_deepspeed_without_dm_tree(report):
+    assert any("dm-tree" in x for x in _fake(report, tree=(None, False, "not installed")))
+
+
+def test_autoawq_pinned_torch(report):
+    w = _fake(report, awq=("0.2.9", True, None), torch=("2.13.0", True, None))
+    assert any("pinned to torch 2.6" in x for x in w)
+    assert not any("pinned" in x for x in _fake(report, awq=("0.2.9", True, None), torch=("2.6.0", True, None)))
+
+
+def test_this_machine_has_no_false_alarms(report):
+    # every warning here must be explained by an installed package state, never by a healthy setup
+    for w in report["warnings"]:
+        assert any(word in w for word in ("auto-gptq", "autoawq", "fastmoe", "tensorrt", "does not import"))
+
+
+def test_cli_json():
+    out = subprocess.run([sys.executable, "-m", "common.env", "--json"], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert {"os", "cpu", "torch", "packages", "warnings"} <= set(data)
+
+
+def test_device_and_dtype_choice():
+    import torch
+
+    device, reason = env.choose_device("cpu")
+    assert device == "cpu" and reason
+    dtype, why = env.choose_dtype("cpu")
+    assert dtype == torch.float32 and "CPU" in why
+    with pytest.raises(ValueError):
+        env.choose_device("tpu")

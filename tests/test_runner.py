@@ -1,0 +1,126 @@
+"""The script runner: shared flags, quick mode from the environment, skip -> 77, figures JSON, warnings."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from common.runner import SKIP_EXIT_CODE, SkipScript, parse_args, script_parser
+
+SCRIPT = textwrap.dedent('''
+    """A test script: its behaviour is chosen by --mode."""
+    import warnings
+    from common.runner import SkipScript, parse_args, run_script, script_parser
+
+    def main(argv=None):
+        parser = script_parser(__doc__)
+        parser.add_argument("--mode", default="pass", help="pass, skip, fail, warn or notdict")
+        args = parse_args(parser, argv)
+        if args.mode == "skip":
+            raise SkipScript("needs a GPU", "run it on a machine with CUDA")
+        if args.mode == "fail":
+            raise RuntimeError("boom")
+        if args.mode == "warn":
+            warnings.warn("this is deprecated", DeprecationWarning)
+            warnings.warn("careful", UserWarning)
+        if args.mode == "notdict":
+            return [1, 2]
+        return {"loss": 0.5, "quick": args.quick, "device": args.device, "seed": args.seed}
+
+    if __name__ == "__main__":
+        run_script(main)
+''')
+
+
+@pytest.fixture()
+def script(tmp_path):
+    path = tmp_path / "s_test.py"
+    path.write_text(SCRIPT)
+    return path
+
+
+def run(script, *flags, env=None):
+    from tests.conftest import REPO_ROOT
+
+    full_env = {k: v for k, v in os.environ.items() if k != "BOOK_QUICK"}
+    full_env.update({"PYTHONPATH": str(REPO_ROOT), **(env or {})})
+    out = script.parent / "out.json"
+    proc = subprocess.run([sys.executable, str(script), "--json", str(out), *flags], capture_output=True,
+                          text=True, env=full_env, timeout=120)
+    payload = json.loads(out.read_text()) if out.exists() else None
+    return proc, payload
+
+
+def test_pass_writes_figures_and_prints_table(script):
+    proc, payload = run(script, "--seed", "3", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    assert payload["status"] == "PASS"
+    assert payload["figures"] == {"loss": 0.5, "quick": False, "device": "cpu", "seed": 3}
+    assert "figures" in proc.stdout and "0.5000" in proc.stdout
+
+
+def test_quick_from_flag_and_environment(script):
+    _, flag = run(script, "--quick")
+    _, from_env = run(script, env={"BOOK_QUICK": "1"})
+    assert flag["figures"]["quick"] is True and from_env["figures"]["quick"] is True
+
+
+def test_skip_exits_77_with_reason(script):
+    proc, payload = run(script, "--mode", "skip")
+    assert proc.returncode == SKIP_EXIT_CODE == 77
+    assert payload["status"] == "SKIP"
+    assert "needs a GPU" in payload["reason"] and "CUDA" in payload["reason"]
+
+
+def test_failure_exits_1_with_reason(script):
+    proc, payload = run(script, "--mode", "fail")
+    assert proc.returncode == 1
+    assert payload["status"] == "FAIL" and payload["reason"] == "RuntimeError: boom"
+    assert "Traceback" in proc.stderr
+
+
+def test_main_must_return_a_dict(script):
+    proc, payload = run(script, "--mode", "notdict")
+    assert proc.returncode == 1 and "must return a dict" in payload["reason"]
+
+
+def test_warnings_are_captured_and_still_shown(script):
+    proc, payload = run(script, "--mode", "warn")
+    assert proc.returncode == 0
+    kinds = [w.split(":")[0] for w in payload["warnings"]]
+    assert kinds == ["DeprecationWarning", "UserWarning"]
+    assert "careful" in proc.stderr
+
+
+def test_bad_flag_is_a_failure_not_a_skip(script):
+    proc, _ = run(script, "--no-such-flag")
+    assert proc.returncode == 2
+
+
+def test_help_lists_common_flags(script):
+    from tests.conftest import REPO_ROOT
+
+    proc = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, timeout=120)
+    for flag in ("--quick", "--device", "--seed", "--json", "--mode"):
+        assert flag in proc.stdout
+
+
+def test_parse_args_seeds_and_picks_device(monkeypatch):
+    monkeypatch.delenv("BOOK_QUICK", raising=False)
+    args = parse_args(script_parser(), ["--seed", "7", "--device", "cpu"])
+    a = (random.random(), torch.rand(1).item())
+    parse_args(script_parser(), ["--seed", "7"])
+    assert (random.random(), torch.rand(1).item()) == a
+    assert args.device == "cpu" and args.quick is False and args.device_reason
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA; the test checks the CPU-only path")
+def test_asking_for_missing_cuda_skips():
+    with pytest.raises(SkipScript, match="no CUDA"):
+        parse_args(script_parser(), ["--device", "cuda"])

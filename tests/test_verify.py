@@ -1,0 +1,230 @@
+"""The verify harness on a throwaway chapter folder holding one script of every kind of outcome."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+from verify.harness import discover
+from verify.report import compare_reports
+
+HEADER = 'from common.runner import run_script, script_parser\n'
+SCRIPTS = {
+    "s1_1_pass.py": '''
+        """passes"""
+        def main(argv=None):
+            args = script_parser(__doc__).parse_args(argv)
+            return {"accuracy": 0.97, "quick": args.quick, "loss": 0.25}
+    ''',
+    "s1_2_fail.py": '''
+        """fails"""
+        def main(argv=None):
+            raise ValueError("expected 3 heads, got 4")
+    ''',
+    "s1_3_skip.py": '''
+        """skips"""
+        from common.runner import SkipScript
+        def main(argv=None):
+            raise SkipScript("needs a CUDA GPU", "pip install tensorrt")
+    ''',
+    "s1_4_hang.py": '''
+        """hangs, with a child process"""
+        import subprocess, sys, time, os
+        def main(argv=None):
+            child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+            open(os.environ["HANG_PID_FILE"], "w").write(str(child.pid))
+            time.sleep(600)
+    ''',
+    "s1_5_crash.py": '''
+        """crashes hard: a segmentation fault, no Python traceback, no figures file"""
+        import ctypes
+        def main(argv=None):
+            print("about to crash", flush=True)
+            ctypes.string_at(0)
+    ''',
+    "s1_6_warn.py": '''
+        """passes with warnings"""
+        import warnings
+        def main(argv=None):
+            warnings.warn("old API", FutureWarning)
+            return {"value": 1.0}
+    ''',
+    "s1_7_garbage.py": '''
+        """prints bytes that are not text and writes a figures file that is not JSON, then exits 0"""
+        import sys, os
+        def main(argv=None):
+            sys.stdout.buffer.write(bytes(range(256)) * 50 + b"\\n")
+            sys.stdout.flush()
+            path = argv[argv.index("--json") + 1]
+            open(path, "w").write("{not json")
+            os._exit(0)
+    ''',
+}
+
+
+def make_tree(root, scripts):
+    chapter = root / "ch99_fake"
+    chapter.mkdir(parents=True)
+    for name, body in scripts.items():
+        (chapter / name).write_text(HEADER + textwrap.dedent(body)
+                                    + '\nif __name__ == "__main__":\n    run_script(main)\n')
+    return root
+
+
+def harness(root, out, *flags, env_extra=None, wait=True):
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env_extra or {})}
+    cmd = [sys.executable, "-m", "verify", "--root", str(root), "--out", str(out), *flags]
+    if not wait:
+        return subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+    return subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is dead
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = make_tree(tmp_path_factory.mktemp("book"), SCRIPTS)
+    out = root / "out"
+    pid_file = root / "hang.pid"
+    proc = harness(root, out, "--quick", "--timeout", "6", env_extra={"HANG_PID_FILE": str(pid_file)})
+    report = json.loads((out / "report.json").read_text())
+    return {"proc": proc, "report": report, "by": {e["name"].split("/")[-1]: e for e in report["scripts"]},
+            "out": out, "root": root, "hang_pid": int(pid_file.read_text())}
+
+
+def test_schema(run):
+    r = run["report"]
+    assert set(r) >= {"environment", "scripts", "summary"}
+    assert isinstance(r["environment"]["warnings"], list)
+    keys = {"name", "status", "reason", "exit_code", "seconds", "peak_rss_mb", "warnings", "figures", "log"}
+    for e in r["scripts"]:
+        assert set(e) == keys, e
+        assert e["status"] in {"PASS", "FAIL", "SKIP", "TIMEOUT"}
+        assert os.path.exists(e["log"])
+    assert [e["name"] for e in r["scripts"]] == [f"ch99_fake/{n}" for n in SCRIPTS]
+
+
+def test_statuses_and_reasons(run):
+    by = run["by"]
+    assert by["s1_1_pass.py"]["status"] == "PASS" and by["s1_1_pass.py"]["exit_code"] == 0
+    assert by["s1_1_pass.py"]["figures"] == {"accuracy": 0.97, "quick": True, "loss": 0.25}
+    assert by["s1_1_pass.py"]["peak_rss_mb"] > 5
+    assert by["s1_2_fail.py"]["status"] == "FAIL" and by["s1_2_fail.py"]["exit_code"] == 1
+    assert by["s1_2_fail.py"]["reason"] == "ValueError: expected 3 heads, got 4"
+    assert by["s1_3_skip.py"]["status"] == "SKIP" and by["s1_3_skip.py"]["exit_code"] == 77
+    assert "needs a CUDA GPU" in by["s1_3_skip.py"]["reason"] and "tensorrt" in by["s1_3_skip.py"]["reason"]
+    assert by["s1_4_hang.py"]["status"] == "TIMEOUT" and "6 s" in by["s1_4_hang.py"]["reason"]
+    assert 6 <= by["s1_4_hang.py"]["seconds"] < 30
+    crash = by["s1_5_crash.py"]
+    assert crash["status"] == "FAIL" and crash["reason"] == "killed by signal SIGSEGV" and crash["exit_code"] == -11
+    assert by["s1_6_warn.py"]["status"] == "PASS"
+    assert by["s1_6_warn.py"]["warnings"] and by["s1_6_warn.py"]["warnings"][0].startswith("FutureWarning: old API")
+    garbage = by["s1_7_garbage.py"]
+    assert garbage["status"] == "PASS" and "unreadable figures file" in garbage["reason"]
+
+
+def test_summary_exit_code_and_markdown(run):
+    assert run["report"]["summary"] == {"PASS": 3, "FAIL": 2, "SKIP": 1, "TIMEOUT": 1, "total": 7}
+    assert run["proc"].returncode == 1
+    md = (run["out"] / "report.md").read_text()
+    assert "| `ch99_fake/s1_4_hang.py` | TIMEOUT |" in md and "accuracy = 0.97" in md
+    assert "Version warnings" in md
+    assert run["proc"].stdout.count("] PASS") == 3  # one progress line per script
+
+
+def test_hang_killed_with_its_children(run):
+    deadline = time.time() + 10
+    while pid_alive(run["hang_pid"]) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not pid_alive(run["hang_pid"])
+
+
+def test_compare_reports(run):
+    old = json.loads(json.dumps(run["report"]))
+    by = {e["name"]: e for e in old["scripts"]}
+    by["ch99_fake/s1_1_pass.py"]["figures"]["accuracy"] = 0.5
+    by["ch99_fake/s1_1_pass.py"]["figures"]["loss"] = 0.251  # moved < 5 %: not reported
+    by["ch99_fake/s1_2_fail.py"]["status"] = "PASS"
+    old["scripts"].append({**by["ch99_fake/s1_1_pass.py"], "name": "ch99_fake/s0_removed.py"})
+    text = compare_reports(old, run["report"])
+    assert "status    ch99_fake/s1_2_fail.py: PASS -> FAIL" in text
+    assert "accuracy 0.5 -> 0.97" in text and "loss" not in text
+    assert "gone      ch99_fake/s0_removed.py" in text
+    assert "nothing changed" in compare_reports(run["report"], run["report"])
+
+
+def test_only_list_and_compare_flag(run, tmp_path):
+    listed = harness(run["root"], tmp_path, "--list", "--only", "pass", "--only", "*warn*")
+    assert listed.stdout.split() == ["ch99_fake/s1_1_pass.py", "ch99_fake/s1_6_warn.py"]
+    again = harness(run["root"], tmp_path, "--only", "s1_1", "--compare", str(run["out"] / "report.json"))
+    assert again.returncode == 0
+    assert "gone      ch99_fake/s1_2_fail.py" in again.stdout
+    assert discover(run["root"], ["nothing-matches"]) == []
+
+
+def test_interrupt_keeps_the_lines_written(tmp_path):
+    scripts = {
+        "s1_1_pass.py": SCRIPTS["s1_1_pass.py"],
+        "s1_2_interrupt.py": '''
+            """interrupts the harness that runs it, as Ctrl-C would"""
+            import os, signal, time
+            def main(argv=None):
+                os.kill(os.getppid(), signal.SIGINT)
+                time.sleep(60)
+        ''',
+        "s1_3_never.py": SCRIPTS["s1_1_pass.py"],
+    }
+    root = make_tree(tmp_path, scripts)
+    proc = harness(root, root / "out", "--timeout", "30")
+    assert proc.returncode == 130
+    report = json.loads((root / "out" / "report.json").read_text())
+    assert [(e["name"].split("/")[-1], e["status"]) for e in report["scripts"]] == [
+        ("s1_1_pass.py", "PASS"), ("s1_2_interrupt.py", "FAIL")]
+    assert "interrupted" in report["scripts"][1]["reason"]
+
+
+def test_report_written_after_every_script(tmp_path):
+    scripts = {"s1_1_pass.py": SCRIPTS["s1_1_pass.py"], "s1_2_hang.py": SCRIPTS["s1_4_hang.py"]}
+    root = make_tree(tmp_path, scripts)
+    out = root / "out"
+    proc = harness(root, out, "--timeout", "60", env_extra={"HANG_PID_FILE": str(root / "pid")}, wait=False)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                report = json.loads((out / "report.json").read_text())
+            except (OSError, ValueError):
+                report = {"scripts": []}
+            if report["scripts"]:
+                break
+            time.sleep(0.2)
+        # the first script's line is on disk while the second still hangs
+        assert [e["status"] for e in report["scripts"]] == ["PASS"]
+        assert proc.poll() is None
+        while not (root / "pid").exists() and time.time() < deadline:
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+    child = int((root / "pid").read_text())
+    deadline = time.time() + 10
+    while pid_alive(child) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not pid_alive(child)

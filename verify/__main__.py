@@ -1,0 +1,3 @@
+from verify.harness import main
+
+raise SystemExit(main())

@@ -1,0 +1,266 @@
+"""Run every section script of the book, each in its own process, and write the report.
+
+    python -m verify --quick                 # the whole book in quick mode, report in verify/out/
+    python -m verify --only s4_2 --device cuda --out verify/reports/cuda-full
+    python -m verify --list
+    python -m verify --quick --compare verify/reports/cpu-quick/report.json
+
+Each script ``ch*/s*.py`` runs as ``python -m package.module --json FIGURES [--quick] --device D`` in a
+fresh process group with a time limit; a hang is killed at the limit together with its children.
+``report.json`` and ``report.md`` are rewritten atomically after every script, so a crash, a hang or
+an interrupt of the harness never loses the lines already written.  The exit status is 0 only when no
+script FAILED or TIMED OUT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common.runner import QUICK_ENV, SKIP_EXIT_CODE, write_json
+from verify.report import compare_reports, format_markdown, summarize
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+STATUSES = ("PASS", "FAIL", "SKIP", "TIMEOUT")
+
+
+def _natural_key(path: str):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path)]
+
+
+def discover(root: Path, patterns: list[str] | None = None) -> list[str]:
+    """Every ``ch*/s*.py`` under ``root`` (relative paths, in section order), filtered by ``patterns``.
+
+    A pattern matches when it is a substring of the path or an fnmatch glob of it.
+    """
+    found = sorted((str(p.relative_to(root)) for p in root.glob("ch*/s*.py")), key=_natural_key)
+    if patterns:
+        found = [p for p in found if any(pat in p or fnmatch.fnmatch(p, pat) for pat in patterns)]
+    return found
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """Kill the script's process group and any descendant that left it."""
+    try:
+        import psutil
+
+        descendants = psutil.Process(proc.pid).children(recursive=True)
+    except Exception:  # noqa: BLE001 - psutil missing or the process already gone
+        descendants = []
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        for child in descendants:
+            try:
+                child.send_signal(sig)
+            except Exception:  # noqa: BLE001
+                pass
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            if proc.poll() is not None and not any(_alive(c) for c in descendants):
+                return
+            time.sleep(0.05)
+
+
+def _alive(proc) -> bool:
+    try:
+        return proc.is_running() and proc.status() != "zombie"
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _tail_reason(log_path: Path) -> str:
+    """The last meaningful line of a log: usually the exception of a traceback."""
+    try:
+        text = log_path.read_bytes()[-20000:].decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for line in reversed(lines):
+        if re.match(r"^[\w.]+(Error|Exception|Interrupt|Exit)\b", line) or line.startswith("SKIP:"):
+            return line[:300]
+    return lines[-1][:300] if lines else ""
+
+
+_WARNING_RE = re.compile(r"^.*?:\d+: (\w*Warning): (.*)$")
+
+
+def _warnings_from_log(log_path: Path) -> list[str]:
+    try:
+        text = log_path.read_bytes().decode("utf-8", errors="replace")
+    except OSError:
+        return []
+    return [f"{m.group(1)}: {m.group(2)}" for m in map(_WARNING_RE.match, text.splitlines()) if m]
+
+
+def run_one(rel_path: str, *, root: Path, out_dir: Path, quick: bool, device: str, timeout: float,
+            python: str = sys.executable) -> dict:
+    """Run one section script; return its report entry."""
+    module = rel_path[:-3].replace("/", ".").replace(os.sep, ".")
+    stem = module.replace(".", "__")
+    log_path = out_dir / "logs" / f"{stem}.log"
+    fig_path = out_dir / "figures" / f"{stem}.json"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    fig_path.parent.mkdir(parents=True, exist_ok=True)
+    if fig_path.exists():
+        fig_path.unlink()
+
+    cmd = [python, "-m", module, "--json", str(fig_path), "--device", device] + (["--quick"] if quick else [])
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(root), str(REPO_ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("MPLBACKEND", "Agg")
+    if quick:
+        env[QUICK_ENV] = "1"
+
+    entry = {"name": rel_path, "status": "FAIL", "reason": "", "exit_code": -1, "seconds": 0.0,
+             "peak_rss_mb": 0.0, "warnings": [], "figures": {}, "log": str(log_path)}
+    start = time.monotonic()
+    with open(log_path, "wb") as log:
+        log.write(f"$ {' '.join(cmd)}\n".encode())
+        log.flush()
+        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        timed_out, rusage, status = False, None, None
+        try:
+            while True:
+                pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
+                if pid == proc.pid:
+                    proc.returncode = os.waitstatus_to_exitcode(status)
+                    break
+                if time.monotonic() - start > timeout:
+                    timed_out = True
+                    _kill_group(proc)
+                    break
+                time.sleep(0.05)
+        except BaseException:
+            _kill_group(proc)  # an interrupt of the harness takes the script down with it
+            raise
+        if proc.returncode is None:
+            proc.wait()
+    entry["seconds"] = round(time.monotonic() - start, 2)
+    entry["exit_code"] = proc.returncode
+    if rusage is not None:
+        entry["peak_rss_mb"] = round(rusage.ru_maxrss / 1024, 1)  # Linux reports KiB
+
+    payload, payload_error = {}, ""
+    if fig_path.exists():
+        try:
+            payload = json.loads(fig_path.read_text())
+        except (OSError, ValueError) as e:
+            payload_error = f"unreadable figures file: {e}"
+    entry["figures"] = payload.get("figures", {}) if isinstance(payload, dict) else {}
+    entry["warnings"] = payload.get("warnings") or _warnings_from_log(log_path)
+
+    code = proc.returncode
+    if timed_out:
+        entry["status"], entry["reason"] = "TIMEOUT", f"killed after {timeout:g} s"
+    elif code == 0:
+        entry["status"] = "PASS"
+        entry["reason"] = payload_error
+    elif code == SKIP_EXIT_CODE:
+        entry["status"] = "SKIP"
+        entry["reason"] = payload.get("reason") or _tail_reason(log_path).removeprefix("SKIP: ")
+    else:
+        entry["status"] = "FAIL"
+        if code < 0:
+            entry["reason"] = f"killed by signal {signal.Signals(-code).name}"
+        else:
+            entry["reason"] = payload.get("reason") or _tail_reason(log_path) or f"exit code {code}"
+    return entry
+
+
+def write_report(report: dict, out_dir: Path) -> None:
+    report["summary"] = summarize(report["scripts"])
+    write_json(str(out_dir / "report.json"), report)
+    tmp = out_dir / f"report.md.tmp{os.getpid()}"
+    tmp.write_text(format_markdown(report))
+    os.replace(tmp, out_dir / "report.md")
+
+
+def _progress_line(i: int, n: int, e: dict) -> str:
+    figs = ", ".join(f"{k}={_short(v)}" for k, v in list(e["figures"].items())[:2])
+    why = f"  ({e['reason'][:90]})" if e["reason"] and e["status"] != "PASS" else ""
+    return (f"[{i:>{len(str(n))}}/{n}] {e['status']:<7} {e['name']:<55} {e['seconds']:>7.1f} s "
+            f"{e['peak_rss_mb']:>7.0f} MB  {figs}{why}")
+
+
+def _short(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="run every script in quick mode")
+    parser.add_argument("--only", action="append", metavar="PATTERN",
+                        help="run only scripts whose path contains PATTERN or matches it as a glob (repeatable)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                        help="passed to every script as --device")
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="per-script time limit in seconds (default 300 quick, 1800 full)")
+    parser.add_argument("--out", default=str(REPO_ROOT / "verify" / "out"), help="output folder for the report")
+    parser.add_argument("--compare", metavar="OLD_REPORT_JSON", help="print what changed against an earlier report")
+    parser.add_argument("--list", action="store_true", help="list the scripts that would run, then exit")
+    parser.add_argument("--root", default=str(REPO_ROOT), help=argparse.SUPPRESS)  # tests use a throwaway tree
+    args = parser.parse_args(argv)
+
+    root = Path(args.root).resolve()
+    scripts = discover(root, args.only)
+    if args.list:
+        print("\n".join(scripts) if scripts else "no scripts found")
+        return 0
+    if not scripts:
+        print(f"no section scripts match under {root}", file=sys.stderr)
+        return 2
+    timeout = args.timeout or (300.0 if args.quick else 1800.0)
+    out_dir = Path(args.out).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    from common.env import environment_report, format_report
+
+    print("collecting the environment report ...", flush=True)
+    environment = environment_report()
+    print(format_report(environment), flush=True)
+    report = {"environment": environment, "scripts": [], "summary": {}}
+    report["run"] = {"quick": args.quick, "device": args.device, "timeout": timeout,
+                     "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)}
+    write_report(report, out_dir)
+    mode = "quick" if args.quick else "full"
+    print(f"\nrunning {len(scripts)} scripts ({mode} mode, device {args.device}, limit {timeout:g} s each)",
+          flush=True)
+
+    interrupted = False
+    for i, rel in enumerate(scripts, 1):
+        try:
+            entry = run_one(rel, root=root, out_dir=out_dir, quick=args.quick, device=args.device,
+                            timeout=timeout)
+        except KeyboardInterrupt:
+            entry = {"name": rel, "status": "FAIL", "reason": "interrupted: the harness was stopped",
+                     "exit_code": 130, "seconds": 0.0, "peak_rss_mb": 0.0, "warnings": [], "figures": {},
+                     "log": ""}
+            interrupted = True
+        report["scripts"].append(entry)
+        write_report(report, out_dir)
+        print(_progress_line(i, len(scripts), entry), flush=True)
+        if interrupted:
+            print("interrupted: the report holds every script run so far", file=sys.stderr)
+            break
+
+    s = report["summary"]
+    print("\n" + "  ".join(f"{k} {s.get(k, 0)}" for k in STATUSES) + f"   report: {out_dir / 'report.md'}")
+    if args.compare:
+        old = json.loads(Path(args.compare).read_text())
+        print("\n" + compare_reports(old, report))
+    if interrupted:
+        return 130
+    return 1 if s.get("FAIL", 0) or s.get("TIMEOUT", 0) else 0
