@@ -1,0 +1,80 @@
+"""A bank of feed-forward experts stored as stacked weights, one slice per expert.
+
+Stacked ``(num_experts, out, in)`` weights, as transformers v5 stores Mixtral's and DeepSeek-V3's
+experts, let the dispatch run each expert on one contiguous slice of sorted tokens.
+
+Two expert kinds:
+
+* ``"swiglu"`` (Mixtral, DeepSeek): ``down(silu(x·W_gateᵀ) ⊙ x·W_upᵀ)``; gate and up are stored fused
+  as ``gate_up`` of shape (E, 2·d_ff, d_model), gate rows first (the transformers v5 layout);
+* ``"relu"`` / ``"gelu"`` (Switch Transformer's T5 feed-forward): ``down(act(x·W_upᵀ))``,
+  ``up`` of shape (E, d_ff, d_model).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
+EXPERT_KINDS = ("swiglu", *ACTIVATIONS)
+
+
+class Experts(nn.Module):
+    def __init__(self, num_experts: int, d_model: int, d_ff: int, kind: str = "swiglu"):
+        super().__init__()
+        if kind not in EXPERT_KINDS:
+            raise ValueError(f"unknown expert kind {kind!r}; choose one of {EXPERT_KINDS}")
+        if min(num_experts, d_model, d_ff) < 1:
+            raise ValueError(f"num_experts, d_model and d_ff must be >= 1, got {num_experts}, {d_model}, {d_ff}")
+        self.num_experts, self.d_model, self.d_ff, self.kind = num_experts, d_model, d_ff, kind
+        up_rows = 2 * d_ff if kind == "swiglu" else d_ff
+        self.gate_up = nn.Parameter(torch.empty(num_experts, up_rows, d_model))  # (E, 2·d_ff or d_ff, d_model)
+        self.down = nn.Parameter(torch.empty(num_experts, d_model, d_ff))        # (E, d_model, d_ff)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # what nn.Linear does, expert by expert: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+        nn.init.uniform_(self.gate_up, -1 / math.sqrt(self.d_model), 1 / math.sqrt(self.d_model))
+        nn.init.uniform_(self.down, -1 / math.sqrt(self.d_ff), 1 / math.sqrt(self.d_ff))
+
+    def _ffn(self, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        h = F.linear(x, gate_up)                        # (rows, 2·d_ff) or (rows, d_ff)
+        if self.kind == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up                       # (rows, d_ff)
+        else:
+            h = ACTIVATIONS[self.kind](h)
+        return F.linear(h, down)                        # (rows, d_model)
+
+    def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert ``e`` on rows ``x`` (rows, d_model): the readable one-expert form."""
+        return self._ffn(x, self.gate_up[e], self.down[e])
+
+    def forward_sorted(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Run the experts on rows sorted by expert: expert e gets the next ``counts[e]`` rows.
+
+        x: (sum(counts), d_model) -> (sum(counts), d_model).  Empty experts cost nothing.  The
+        weights are unbound once, so the backward stacks all expert gradients in one op instead
+        of building a full-size zero gradient per expert (what indexing ``gate_up[e]`` would do).
+        """
+        gate_up, down = self.gate_up.unbind(0), self.down.unbind(0)
+        outs = [self._ffn(xe, gate_up[e], down[e])
+                for e, xe in enumerate(x.split(counts)) if counts[e]]
+        return torch.cat(outs) if outs else x.new_zeros(0, self.d_model)
+
+
+class SwiGLU(nn.Module):
+    """One dense SwiGLU feed-forward (DeepSeek's shared experts), Llama/DeepSeek layout."""
+
+    def __init__(self, d_model: int, d_ff: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(d_model, d_ff, bias=False)
+        self.up_proj = nn.Linear(d_model, d_ff, bias=False)
+        self.down_proj = nn.Linear(d_ff, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
