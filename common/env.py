@@ -236,12 +236,9 @@ INCOMPATIBILITIES = [
     Incompatibility(
         lambda r: _installed(r, "auto_gptq") and not _imports(r, "auto_gptq"),
         lambda r: f"auto-gptq {r['packages']['auto_gptq']['version']} is installed but does not import "
-                  f"({r['packages']['auto_gptq']['error']}); it needs transformers<5. Chapter 7 uses the "
-                  "book's own GPTQ instead"),
-    Incompatibility(
-        lambda r: _installed(r, "auto_gptq") and _v(r, "transformers") >= (5,),
-        lambda r: f"auto-gptq with transformers {r['packages']['transformers']['version']}: auto-gptq 0.7.1 "
-                  "imports transformers' no_init_weights, which transformers 5 moved"),
+                  f"({r['packages']['auto_gptq']['error']}): auto-gptq 0.7.1 needs transformers<5 (it imports "
+                  f"no_init_weights, which transformers 5 moved); transformers is "
+                  f"{r['packages']['transformers']['version']}. Chapter 7 uses the book's own GPTQ instead"),
     Incompatibility(
         lambda r: _installed(r, "awq") and _v(r, "torch")[:2] != (2, 6),
         lambda r: f"autoawq {r['packages']['awq']['version']} is pinned to torch 2.6 and deprecated; "

@@ -1,6 +1,7 @@
 """common.env on this machine, and the table of known incompatibilities on synthetic environments."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -8,6 +9,7 @@ import pytest
 
 from common import env
 from common.runner import SkipScript
+from tests.conftest import REPO_ROOT
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +54,23 @@ def test_autogptq_import_failure_is_a_warning(report):
     warnings = _fake(report, auto_gptq=("0.7.1", False, err), transformers=("5.23.0", True, None))
     joined = "\n".join(warnings)
     assert "auto-gptq 0.7.1 is installed but does not import" in joined and "no_init_weights" in joined
-    assert "transformers 5.23.0" in joined
+    assert "transformers is 5.23.0" in joined
+
+
+def test_cli_names_a_real_broken_autogptq_install(tmp_path):
+    """An installed distribution (dist-info metadata) whose import fails as auto-gptq 0.7.1's does."""
+    (tmp_path / "auto_gptq").mkdir()
+    (tmp_path / "auto_gptq" / "__init__.py").write_text(
+        "from transformers.modeling_utils import no_init_weights_that_moved as no_init_weights\n")
+    info = tmp_path / "auto_gptq-0.7.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: auto-gptq\nVersion: 0.7.1\n")
+    out = subprocess.run([sys.executable, "-m", "common.env"], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO_ROOT}"})
+    assert out.returncode == 0, out.stderr
+    assert "auto-gptq    0.7.1  DOES NOT IMPORT: ImportError" in out.stdout
+    warnings = out.stdout.split("Warnings", 1)[1]
+    assert "auto-gptq 0.7.1 is installed but does not import" in warnings
 
 
 def test_numpy2_with_old_torch(report):
