@@ -232,7 +232,7 @@ def main(argv=None) -> int:
     environment = environment_report()
     print(format_report(environment), flush=True)
     report = {"environment": environment, "scripts": [], "summary": {}}
-    report["run"] = {"quick": args.quick, "device": args.device, "timeout": timeout,
+    environment["run"] = {"quick": args.quick, "device": args.device, "timeout": timeout,
                      "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)}
     write_report(report, out_dir)
     mode = "quick" if args.quick else "full"

@@ -12,7 +12,6 @@ def summarize(scripts: list[dict]) -> dict:
     counts = {s: 0 for s in STATUSES}
     for e in scripts:
         counts[e["status"]] = counts.get(e["status"], 0) + 1
-    counts["total"] = len(scripts)
     return counts
 
 
@@ -29,7 +28,7 @@ def _cell(text: str) -> str:
 def format_markdown(report: dict) -> str:
     env = report["environment"]
     t = env.get("torch", {})
-    run = report.get("run", {})
+    run = env.get("run", {})
     gpus = ", ".join(f"{g['name']} ({g['memory_gib']} GiB)" for g in t.get("gpus", [])) or "none"
     lines = [
         "# Book verification report",
@@ -58,7 +57,7 @@ def format_markdown(report: dict) -> str:
         "",
         "## Scripts",
         "",
-        " · ".join(f"**{k}** {s.get(k, 0)}" for k in STATUSES) + f" · of {s.get('total', 0)}",
+        " · ".join(f"**{k}** {s.get(k, 0)}" for k in STATUSES) + f" · of {len(report['scripts'])}",
         "",
         "| script | status | reason | time (s) | peak RSS (MB) | key figures |",
         "|---|---|---|---:|---:|---|",
