@@ -376,8 +376,9 @@ def train(model: nn.Module, data, cfg: TrainConfig, device: str = "cpu", optimiz
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
                 val = run_eval(step)
                 postfix["val"] = f"{val['loss']:.3f}"
-                bar.write(f"step {step:>5}: train loss {record['loss']:.4f}  val loss {val['loss']:.4f}  "
-                          f"val bpb {val['bpb']:.4f}")
+                if cfg.progress and rank == 0:
+                    bar.write(f"step {step:>5}: train loss {record['loss']:.4f}  val loss {val['loss']:.4f}  "
+                              f"val bpb {val['bpb']:.4f}")
             bar.set_postfix(postfix)
             bar.update(1)
             if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.steps:
