@@ -183,6 +183,7 @@ class _ToyMoE(nn.Module):
     def __init__(self, d):
         super().__init__()
         self.lin = nn.Linear(d, d)
+        nn.init.constant_(self.lin.weight, 0.5)
         self.aux_loss = None
 
     def forward(self, x):
@@ -193,6 +194,7 @@ class _ToyMoE(nn.Module):
 def test_ffn_factory_plugs_in_layers_and_adds_their_aux_loss():
     model = DecoderLM(tiny(), ffn_factory=lambda i, c: _ToyMoE(c.d_model) if i == 1 else None)
     assert isinstance(model.blocks[1].ffn, _ToyMoE) and not isinstance(model.blocks[0].ffn, _ToyMoE)
+    assert torch.all(model.blocks[1].ffn.lin.weight == 0.5)   # a plugged-in layer keeps its own initialisation
     idx = torch.randint(0, 101, (2, 9))
     logits, loss = model(idx, idx)
     ce = nn.functional.cross_entropy(logits.view(-1, 101), idx.view(-1))

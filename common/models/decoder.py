@@ -137,7 +137,10 @@ class DecoderLM(nn.Module):
         self.last_ce_loss: torch.Tensor | None = None
         # plugged-in feed-forwards (MoE layers) may set an ``aux_loss`` during forward
         self._aux_modules = [b.ffn for b in self.blocks if not isinstance(b.ffn, (MLP, SwiGLU))]
-        self.apply(self._init_weights)
+        plugged = {id(m) for ffn in self._aux_modules for m in ffn.modules()}   # these keep their own init
+        for module in self.modules():
+            if id(module) not in plugged:
+                self._init_weights(module)
         std_out = 0.02 / math.sqrt(2 * c.n_layer)   # GPT-2: scale the projections into the residual stream
         for name, p in self.named_parameters():
             if name.endswith(("attn.proj.weight", "ffn.proj.weight", "ffn.down.weight")):

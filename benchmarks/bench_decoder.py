@@ -1,0 +1,182 @@
+"""Decoder LM speed, measured side by side in one run on the same weights.
+
+    python -m benchmarks.bench_decoder [--quick] [--device cpu|cuda] [--json PATH]
+
+1. decoding: our KV-cache ``generate`` vs transformers' ``LlamaForCausalLM.generate`` (greedy, same
+   prompt, same weights, both must produce the same tokens) and vs our own decoding without the cache
+   (recomputing the whole sequence for every new token); tokens per second;
+2. training: one step (forward, backward, AdamW step) of our DecoderLM vs LlamaForCausalLM at the same
+   config and batch, with the same optimizer.
+
+Each measurement is warmed up, then repeated, alternating the contenders so that a noisy machine hurts
+both alike; the table shows medians, the ratios and whether each goal is met, and the JSON keeps every
+repeat. Goals: decoding >= 1.2x HF and >= 5x no-cache at 256 new tokens; training step >= 1.1x HF.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import statistics
+import time
+
+import torch
+
+from common.env import choose_device, seed_everything
+from common.models.decoder import DecoderConfig, DecoderLM
+from common.models.generation import generate
+from common.runner import write_json
+
+GOALS = {"decode_vs_hf": 1.2, "decode_vs_no_cache": 5.0, "train_step_vs_hf": 1.1}
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def race(contenders: dict, repeats: int, device: str) -> dict[str, list[float]]:
+    """Run each contender once to warm up, then ``repeats`` times, alternating; seconds per run."""
+    for fn in contenders.values():
+        fn()
+    times = {name: [] for name in contenders}
+    for _ in range(repeats):
+        for name, fn in contenders.items():
+            times[name].append(timed(fn, device))
+    return times
+
+
+def bench_decode(model: DecoderLM, hf, prompt_len: int, new_tokens: int, repeats: int, device: str, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=g).tolist()
+    hf_input = torch.tensor(prompt, device=device)
+    hf_kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                     attention_mask=torch.ones_like(hf_input))
+    ours = generate(model, prompt, new_tokens)[0]
+    theirs = hf.generate(hf_input, **hf_kwargs)[0, prompt_len:].tolist()
+    same_tokens = ours == theirs
+    times = race({
+        "ours (KV cache)": lambda: generate(model, prompt, new_tokens),
+        "HF generate": lambda: hf.generate(hf_input, **hf_kwargs),
+    }, repeats, device)
+    # recomputation is slow; fewer repeats
+    times.update(race({"ours (no cache)": lambda: generate(model, prompt, new_tokens, use_cache=False)},
+                      max(1, repeats // 2), device))
+    return times, same_tokens
+
+
+def bench_train(model: DecoderLM, hf, batch: int, seq: int, repeats: int, device: str, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, model.config.vocab_size, (batch, seq + 1), generator=g).to(device)
+    x = idx[:, :-1]
+    # the targets HF derives from labels=x: the next token, nothing after the last one
+    y = torch.cat([x[:, 1:], torch.full_like(x[:, :1], -100)], dim=1)
+    ours, theirs = copy.deepcopy(model).train(), copy.deepcopy(hf).train()
+    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-4)
+    opt_hf = torch.optim.AdamW(theirs.parameters(), lr=1e-4)
+    losses = {"ours": [], "hf": []}
+
+    def step_ours():
+        _, loss = ours(x, y)
+        loss.backward()
+        opt_ours.step()
+        opt_ours.zero_grad(set_to_none=True)
+        losses["ours"].append(loss.item())
+
+    def step_hf():
+        loss = theirs(input_ids=x, labels=x).loss                        # HF shifts the labels itself
+        loss.backward()
+        opt_hf.step()
+        opt_hf.zero_grad(set_to_none=True)
+        losses["hf"].append(loss.item())
+
+    return race({"ours train step": step_ours, "HF train step": step_hf}, repeats, device), losses
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer tokens and repeats, a smaller model (CI)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run")
+    parser.add_argument("--json", default="benchmarks/results/bench_decoder.json", help="where to write results")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per contender (quick: 2)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of weights and inputs")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's choice); 1 steadies timings on a busy machine")
+    args = parser.parse_args(argv)
+    device, reason = choose_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    seed_everything(args.seed)
+    if args.quick:
+        cfg = DecoderConfig.preset("small", n_layer=2, d_model=128, vocab_size=4096, context_length=512)
+        prompt_len, new_tokens, batch, seq, repeats = 16, 64, 4, 64, 2
+    else:
+        cfg = DecoderConfig.preset("small", vocab_size=8192, context_length=512)
+        prompt_len, new_tokens, batch, seq, repeats = 32, 256, 8, 256, args.repeats
+
+    model = DecoderLM(cfg).to(device).eval()
+    hf = model.to_hf()
+    setup = (f"{'quick: ' if args.quick else ''}DecoderLM {cfg.n_layer} layers, d_model {cfg.d_model}, "
+             f"{cfg.n_head} heads / {cfg.n_kv_head} kv, vocab {cfg.vocab_size}, {model.num_params():,} params, fp32, "
+             f"{device} ({torch.get_num_threads()} threads); HF attention: {hf.config._attn_implementation}")
+    print(setup)
+    print(f"decoding: batch 1, prompt {prompt_len} tokens, {new_tokens} new tokens, greedy; "
+          f"training: batch {batch} x {seq} tokens, AdamW; {repeats} repeats after a warm-up")
+
+    dec_times, same_tokens = bench_decode(model, hf, prompt_len, new_tokens, repeats, device, args.seed)
+    train_times, losses = bench_train(model, hf, batch, seq, repeats, device, args.seed)
+    med = {k: statistics.median(v) for k, v in {**dec_times, **train_times}.items()}
+
+    rows = [
+        ("decode tokens/s: ours (KV cache)", new_tokens / med["ours (KV cache)"]),
+        ("decode tokens/s: HF generate", new_tokens / med["HF generate"]),
+        ("decode tokens/s: ours (no cache)", new_tokens / med["ours (no cache)"]),
+        ("train step ms: ours", 1e3 * med["ours train step"]),
+        ("train step ms: HF Llama", 1e3 * med["HF train step"]),
+    ]
+    ratios = {
+        "decode_vs_hf": med["HF generate"] / med["ours (KV cache)"],
+        "decode_vs_no_cache": med["ours (no cache)"] / med["ours (KV cache)"],
+        "train_step_vs_hf": med["HF train step"] / med["ours train step"],
+    }
+    print(f"\n{'measurement (median)':<36}{'value':>12}")
+    print("-" * 48)
+    for name, value in rows:
+        print(f"{name:<36}{value:>12.1f}")
+    print(f"\n{'ratio':<36}{'measured':>10}{'goal':>8}  met")
+    print("-" * 60)
+    for name, value in ratios.items():
+        print(f"{name:<36}{value:>9.2f}x{GOALS[name]:>7.1f}x  {'yes' if value >= GOALS[name] else 'NO'}")
+    loss_diff = max(abs(a - b) for a, b in zip(losses["ours"], losses["hf"]))
+    print(f"\nsame greedy tokens as HF: {same_tokens}; training losses step by step, ours vs HF: "
+          f"{losses['ours'][0]:.5f} vs {losses['hf'][0]:.5f} at the first step, max |diff| {loss_diff:.1e} "
+          f"over {len(losses['ours'])} steps")
+    if args.quick:
+        print("(quick mode: a small model and few tokens; the goals are for the full run)")
+
+    result = {
+        "setup": setup, "device": device, "device_reason": reason, "quick": args.quick,
+        "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+        "config": cfg.to_dict(), "prompt_len": prompt_len, "new_tokens": new_tokens,
+        "train_batch": batch, "train_seq": seq, "repeats": repeats,
+        "seconds": {k: v for k, v in {**dec_times, **train_times}.items()},
+        "median_seconds": med, "values": dict(rows), "ratios": ratios, "goals": GOALS,
+        "goals_met": {k: ratios[k] >= GOALS[k] for k in GOALS}, "same_tokens_as_hf": same_tokens,
+        "train_losses": losses, "train_loss_max_abs_diff": loss_diff,
+    }
+    write_json(args.json, result)
+    print(f"results: {args.json}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
