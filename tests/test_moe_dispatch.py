@@ -39,9 +39,13 @@ def _grads(layer, x, reference, seed):
 
 @pytest.mark.parametrize("name", list(LAYERS))
 @pytest.mark.parametrize("training", [False, True])
-def test_dispatch_equals_dense_loop_forward_and_backward(name, training):
+@pytest.mark.parametrize("grouped_mm", [False, True])
+def test_dispatch_equals_dense_loop_forward_and_backward(name, training, grouped_mm):
+    if grouped_mm and not hasattr(torch.nn.functional, "grouped_mm"):
+        pytest.skip("this torch has no F.grouped_mm")
     torch.manual_seed(0)
     layer = LAYERS[name]().train(training)
+    layer.experts.use_grouped_mm = grouped_mm
     x = torch.randn(3, 10, D)
     out_f, gx_f, g_f, stats_f = _grads(layer, x, reference=False, seed=1)
     out_r, gx_r, g_r, stats_r = _grads(layer, x, reference=True, seed=1)
@@ -55,8 +59,9 @@ def test_dispatch_equals_dense_loop_forward_and_backward(name, training):
     assert int(stats_f.counts.sum()) + stats_f.dropped == stats_f.slots == 30 * layer.last_routing.expert_idx.shape[1]
 
 
-def test_dispatch_with_empty_experts_and_all_dropped():
-    experts = Experts(6, D, 8)
+@pytest.mark.parametrize("grouped_mm", [False, True])
+def test_dispatch_with_empty_experts_and_all_dropped(grouped_mm):
+    experts = Experts(6, D, 8, use_grouped_mm=grouped_mm)
     x = torch.randn(5, D)
     idx = torch.tensor([[0, 1]] * 5)                                   # experts 2..5 get nothing
     w = torch.rand(5, 2)

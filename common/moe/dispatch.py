@@ -5,7 +5,8 @@
 1. flatten the (token, slot) pairs and give dropped slots a sentinel expert ``E``;
 2. sort the pairs by expert once (a stable argsort), count them per expert (one host sync);
 3. gather the token rows in that order, so every expert's tokens sit in one contiguous slice;
-4. run each non-empty expert on its slice (:meth:`Experts.forward_sorted`);
+4. run each expert on its slice (:meth:`Experts.forward_sorted`: one grouped matmul per
+   projection, or a loop over the non-empty experts);
 5. put the rows back in (token, slot) order and take the weighted sum over each token's slots
    with one batched matmul.
 
@@ -52,7 +53,7 @@ def dispatch(x: torch.Tensor, experts: Experts, expert_idx: torch.Tensor, weight
     kept = tokens * k - counts_list[num_experts]
     order = order[:kept]                                                      # drop the sentinel tail
     rows = x.index_select(0, order // k)                                      # (kept, d_model) grouped
-    y = experts.forward_sorted(rows, counts_list[:num_experts])               # (kept, d_model)
+    y = experts.forward_sorted(rows, counts[:num_experts], counts_list[:num_experts])  # (kept, d_model)
     # back to (token, slot) order; dropped slots stay zero rows
     slots = y.new_zeros(tokens * k, x.shape[1]).index_copy(0, order, y)      # (tokens·k, d_model)
     out = torch.bmm(weights.to(y.dtype).unsqueeze(1), slots.view(tokens, k, -1)).squeeze(1)  # (tokens, d_model)
