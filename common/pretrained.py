@@ -106,7 +106,7 @@ def pretrained_lm(name: str = "tiny", device: str = "cpu", retrain: bool = False
         if loaded is not None:
             model, info = loaded
             return model, tokenizer, {**info, "cached": True}
-        if folder.exists():
+        if (folder / ckpt.WEIGHTS).exists() or (folder / "info.json").exists():
             print(f"pretrained_lm({name!r}): cache in {folder} is incomplete or corrupt; retraining")
     folder.mkdir(parents=True, exist_ok=True)
     data = TokenData.from_text(text, tokenizer, context_length=spec["model"]["context_length"])
