@@ -118,7 +118,7 @@ def exact_match(model, numbers, src_vocab, tgt_vocab, device, batch_size=256) ->
 
 def main(argv=None) -> dict:
     parser = script_parser(__doc__)
-    parser.add_argument("--steps", type=int, default=2000, help="training steps (quick: 120)")
+    parser.add_argument("--steps", type=int, default=800, help="training steps (quick: 120)")
     parser.add_argument("--batch-size", type=int, default=64, help="numbers per training batch (quick: 32)")
     parser.add_argument("--max-number", type=int, default=10_000, help="numbers are drawn from 0..max-1 (quick: 1000)")
     parser.add_argument("--n-test", type=int, default=1000, help="held-out numbers for exact match (quick: 100)")

@@ -138,6 +138,10 @@ class Seq2SeqTransformer(nn.Module):
         self.transformer = Transformer(d_model, n_head, num_encoder_layers, num_decoder_layers, d_ff, dropout,
                                        norm_first)
         self.generator = nn.Linear(d_model, tgt_vocab)
+        # the paper's scaling: embeddings of std d_model^-0.5, times sqrt(d_model) in _embed, are of the
+        # same size as the positional table (torch's default std 1 would drown the positions)
+        for emb in (self.src_emb, self.tgt_emb):
+            nn.init.normal_(emb.weight, std=d_model ** -0.5)
 
     def _embed(self, emb: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
         if ids.dim() != 2:
