@@ -63,11 +63,16 @@ def main(argv=None) -> dict:
     if args.quick:
         args.d_model, args.d_ff, args.tokens = 64, 128, 256
 
-    layer = TopKMoE(args.d_model, args.d_ff, args.experts, args.k, balance_coef=0.01, z_coef=0.001).to(args.device)
+    layer = TopKMoE(args.d_model, args.d_ff, args.experts, args.k, balance_coef=0.01, z_coef=0.001).to(
+        args.device
+    )
     x = torch.randn(8, args.tokens // 8, args.d_model, device=args.device)
-    print(f"MoE layer: {args.experts} SwiGLU experts of width {args.d_ff}, top-{args.k}, d_model {args.d_model}; "
-          f"{sum(p.numel() for p in layer.parameters()):,} parameters, "
-          f"{args.k}/{args.experts} of the expert parameters active per token")
+    print(
+        f"MoE layer: {args.experts} SwiGLU experts of width "
+        f"{args.d_ff}, top-{args.k}, d_model {args.d_model}; "
+        f"{sum(p.numel() for p in layer.parameters()):,} parameters, "
+        f"{args.k}/{args.experts} of the expert parameters active per token"
+    )
 
     # 1. routing of the first tokens
     layer.train()
@@ -85,33 +90,48 @@ def main(argv=None) -> dict:
         xi = x.clone().requires_grad_(True)
         torch.manual_seed(args.seed)
         y = layer(xi, reference=reference)
-        (y * probe).sum().backward()                      # a fixed random direction: O(1) gradients
+        (y * probe).sum().backward()  # a fixed random direction: O(1) gradients
         return y.detach(), xi.grad, layer.experts.gate_up.grad.clone(), layer.router.weight.grad.clone()
 
     fwd_bwd(False), fwd_bwd(True)  # warm-up
     fast, t_fast = timed(lambda: fwd_bwd(False))
     loop, t_loop = timed(lambda: fwd_bwd(True))
     diffs = [float((a - b).abs().max()) for a, b in zip(fast, loop)]
-    print(f"\nfast dispatch vs dense loop: max |difference| output {diffs[0]:.1e}, d/dx {diffs[1]:.1e}, "
-          f"d/d(expert weights) {diffs[2]:.1e}, d/d(router) {diffs[3]:.1e}")
-    print(f"forward+backward here: dense loop {1e3 * t_loop:.1f} ms (every expert on every token), "
-          f"dispatch {1e3 * t_fast:.1f} ms (each token only through its {args.k} experts)")
+    print(
+        f"\nfast dispatch vs dense loop: max |difference| output {diffs[0]:.1e}, d/dx {diffs[1]:.1e}, "
+        f"d/d(expert weights) {diffs[2]:.1e}, d/d(router) {diffs[3]:.1e}"
+    )
+    print(
+        f"forward+backward here: dense loop {1e3 * t_loop:.1f} ms (every expert on every token), "
+        f"dispatch {1e3 * t_fast:.1f} ms (each token only through its {args.k} experts)"
+    )
 
     # 3. losses and 4. loads
     layer(x)
     losses, stats, aux = layer.last_losses, layer.last_stats, float(layer.aux_loss.detach())
-    print(f"\nbalance loss E·Σ f·P = {float(losses['balance']):.4f} (1.0 is perfect balance), "
-          f"z-loss = {float(losses['z']):.4f}, aux_loss added to the LM loss = {aux:.5f}")
+    print(
+        f"\nbalance loss E·Σ f·P = {float(losses['balance']):.4f} (1.0 is perfect balance), "
+        f"z-loss = {float(losses['z']):.4f}, aux_loss added to the LM loss = {aux:.5f}"
+    )
     counts = stats.counts.tolist()
     print(f"tokens per expert: {counts}")
     print(f"max/mean load {stats.max_over_mean:.3f}, coefficient of variation {stats.cv:.3f}")
     os.makedirs(args.out, exist_ok=True)
     plot_loads(os.path.join(args.out, "expert_load.png"), counts, args.k)
     print(f"plot: {os.path.join(args.out, 'expert_load.png')}")
-    return {"max_diff_output": diffs[0], "max_diff_grad_x": diffs[1], "max_diff_grad_experts": diffs[2],
-            "max_diff_grad_router": diffs[3], "loop_ms": 1e3 * t_loop, "dispatch_ms": 1e3 * t_fast,
-            "balance_loss": float(losses["balance"]), "z_loss": float(losses["z"]),
-            "max_over_mean": stats.max_over_mean, "cv": stats.cv, "out_shape": list(out.shape)}
+    return {
+        "max_diff_output": diffs[0],
+        "max_diff_grad_x": diffs[1],
+        "max_diff_grad_experts": diffs[2],
+        "max_diff_grad_router": diffs[3],
+        "loop_ms": 1e3 * t_loop,
+        "dispatch_ms": 1e3 * t_fast,
+        "balance_loss": float(losses["balance"]),
+        "z_loss": float(losses["z"]),
+        "max_over_mean": stats.max_over_mean,
+        "cv": stats.cv,
+        "out_shape": list(out.shape),
+    }
 
 
 if __name__ == "__main__":

@@ -52,35 +52,59 @@ def main(argv=None) -> dict:
     parser.add_argument("--d-ff", type=int, default=1024, help="width of each expert")
     parser.add_argument("--experts", type=int, default=16, help="number of experts")
     parser.add_argument("--tokens", type=int, default=4096, help="tokens in the batch (8 sequences)")
-    parser.add_argument("--skew", type=float, default=0.5, help="how strongly the router favours a few experts")
-    parser.add_argument("--jitter", type=float, default=0.01, help="multiplicative jitter epsilon (training only)")
-    parser.add_argument("--dropped", choices=["zero", "passthrough"], default="zero",
-                        help="what a dropped token outputs")
+    parser.add_argument(
+        "--skew", type=float, default=0.5, help="how strongly the router favours a few experts"
+    )
+    parser.add_argument(
+        "--jitter", type=float, default=0.01, help="multiplicative jitter epsilon (training only)"
+    )
+    parser.add_argument(
+        "--dropped", choices=["zero", "passthrough"], default="zero", help="what a dropped token outputs"
+    )
     parser.add_argument("--out", default="runs/s4_2_2_switch_router", help="output folder for the plot")
     args = parse_args(parser, argv)
     if args.quick:
         args.d_model, args.d_ff, args.tokens = 64, 128, 512
 
     x = torch.randn(8, args.tokens // 8, args.d_model, device=args.device)
-    base = SwitchMoE(args.d_model, args.d_ff, args.experts, jitter=args.jitter, dropped=args.dropped).to(args.device)
+    base = SwitchMoE(args.d_model, args.d_ff, args.experts, jitter=args.jitter, dropped=args.dropped).to(
+        args.device
+    )
     with torch.no_grad():  # a router that favours some experts: logit offsets along the mean input
         x += 0.2
-        base.router.classifier.weight += args.skew * torch.randn(args.experts, 1, device=args.device) / args.d_model
-    print(f"Switch layer: {args.experts} experts of width {args.d_ff}, {args.tokens} tokens, top-1, fp32 router")
+        base.router.classifier.weight += (
+            args.skew * torch.randn(args.experts, 1, device=args.device) / args.d_model
+        )
+    print(
+        f"Switch layer: {args.experts} experts of width {args.d_ff}, {args.tokens} tokens, top-1, fp32 router"
+    )
 
     rows = []
     print("\ncapacity factor  capacity/expert  dropped  max/mean load (before capacity)")
     for cf in FACTORS:
-        layer = SwitchMoE(args.d_model, args.d_ff, args.experts, capacity_factor=cf, jitter=args.jitter,
-                          dropped=args.dropped).to(args.device)
+        layer = SwitchMoE(
+            args.d_model,
+            args.d_ff,
+            args.experts,
+            capacity_factor=cf,
+            jitter=args.jitter,
+            dropped=args.dropped,
+        ).to(args.device)
         layer.load_state_dict(base.state_dict())
         with torch.no_grad():
             layer.eval()(x)
         chosen = torch.bincount(layer.last_routing.expert_idx.view(-1), minlength=args.experts).float()
-        row = {"capacity_factor": cf, "capacity": expert_capacity(cf, args.tokens, args.experts),
-               "dropped": layer.last_stats.dropped_fraction, "wanted_max_over_mean": float(chosen.max() / chosen.mean())}
+        row = {
+            "capacity_factor": cf,
+            "capacity": expert_capacity(cf, args.tokens, args.experts),
+            "dropped": layer.last_stats.dropped_fraction,
+            "wanted_max_over_mean": float(chosen.max() / chosen.mean()),
+        }
         rows.append(row)
-        print(f"{cf:15.2f}  {row['capacity']:15d}  {100 * row['dropped']:6.2f}%  {row['wanted_max_over_mean']:.2f}")
+        print(
+            f"{cf:15.2f}  {row['capacity']:15d}  {100 * row['dropped']:6.2f}% "
+            f" {row['wanted_max_over_mean']:.2f}"
+        )
 
     base.train()
     torch.manual_seed(args.seed)
@@ -92,17 +116,27 @@ def main(argv=None) -> dict:
         base(x)
         eval_again = base.last_routing.expert_idx
     changed = float((train_choice != eval_choice).float().mean())
-    print(f"\nbalance loss E·Σ f·P = {float(losses['balance']):.4f} (1.0 = balanced), "
-          f"router z-loss = {float(losses['z']):.4f}")
-    print(f"jitter ε={args.jitter}: {100 * changed:.2f}% of tokens pick another expert in training; "
-          f"eval is deterministic: {bool(torch.equal(eval_choice, eval_again))}")
+    print(
+        f"\nbalance loss E·Σ f·P = {float(losses['balance']):.4f} (1.0 = balanced), "
+        f"router z-loss = {float(losses['z']):.4f}"
+    )
+    print(
+        f"jitter ε={args.jitter}: {100 * changed:.2f}% of tokens pick another expert in training; "
+        f"eval is deterministic: {bool(torch.equal(eval_choice, eval_again))}"
+    )
 
     os.makedirs(args.out, exist_ok=True)
     plot(os.path.join(args.out, "dropped_vs_capacity.png"), rows)
     print(f"plot: {os.path.join(args.out, 'dropped_vs_capacity.png')}")
     figures = {f"dropped_cf{r['capacity_factor']:g}": r["dropped"] for r in rows}
-    figures.update({"balance_loss": float(losses["balance"]), "z_loss": float(losses["z"]),
-                    "jitter_changed_fraction": changed, "wanted_max_over_mean": rows[0]["wanted_max_over_mean"]})
+    figures.update(
+        {
+            "balance_loss": float(losses["balance"]),
+            "z_loss": float(losses["z"]),
+            "jitter_changed_fraction": changed,
+            "wanted_max_over_mean": rows[0]["wanted_max_over_mean"],
+        }
+    )
     return figures
 
 

@@ -39,10 +39,18 @@ def plot(path: str, rows: list[dict]) -> None:
     for rr in (False, True):
         sel = [r for r in rows if r["random_routing"] == rr]
         label = "random routing" if rr else "always both"
-        ax.plot([r["capacity_factor"] for r in sel], [100 * r["first_dropped"] for r in sel], "o-",
-                label=f"first choices dropped ({label})")
-        ax.plot([r["capacity_factor"] for r in sel], [100 * r["second_dropped"] for r in sel], "s--",
-                label=f"second choices not computed ({label})")
+        ax.plot(
+            [r["capacity_factor"] for r in sel],
+            [100 * r["first_dropped"] for r in sel],
+            "o-",
+            label=f"first choices dropped ({label})",
+        )
+        ax.plot(
+            [r["capacity_factor"] for r in sel],
+            [100 * r["second_dropped"] for r in sel],
+            "s--",
+            label=f"second choices not computed ({label})",
+        )
     ax.set(xlabel="capacity factor", ylabel="%", title="GShard top-2: what does not get an expert")
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -61,40 +69,57 @@ def main(argv=None) -> dict:
     if args.quick:
         args.d_model, args.d_ff, args.tokens = 64, 128, 512
 
-    x = torch.randn(1, args.tokens, args.d_model, device=args.device) + 0.2  # a shared direction: some imbalance
+    x = (
+        torch.randn(1, args.tokens, args.d_model, device=args.device) + 0.2
+    )  # a shared direction: some imbalance
     base = GShardMoE(args.d_model, args.d_ff, args.experts, seed=args.seed).to(args.device)
     print(f"GShard layer: {args.experts} experts of width {args.d_ff}, top-2, {args.tokens} tokens")
     rows = []
     print("\nrandom routing  capacity factor  capacity  1st dropped  2nd not computed  slots computed")
     for random_routing in (False, True):
         for cf in FACTORS:
-            layer = GShardMoE(args.d_model, args.d_ff, args.experts, capacity_factor=cf,
-                              random_routing=random_routing, seed=args.seed).to(args.device)
+            layer = GShardMoE(
+                args.d_model,
+                args.d_ff,
+                args.experts,
+                capacity_factor=cf,
+                random_routing=random_routing,
+                seed=args.seed,
+            ).to(args.device)
             layer.load_state_dict(base.state_dict())
             with torch.no_grad():
-                layer.train()(x)                      # training mode: random routing is on when asked
+                layer.train()(x)  # training mode: random routing is on when asked
             r = layer.last_routing
-            row = {"random_routing": random_routing, "capacity_factor": cf,
-                   "first_dropped": float((~r.keep[:, 0]).float().mean()),
-                   "second_dropped": float((~r.keep[:, 1]).float().mean()),
-                   "slots_computed": int(layer.last_stats.counts.sum()),
-                   "balance_loss": float(layer.last_losses["balance"])}
+            row = {
+                "random_routing": random_routing,
+                "capacity_factor": cf,
+                "first_dropped": float((~r.keep[:, 0]).float().mean()),
+                "second_dropped": float((~r.keep[:, 1]).float().mean()),
+                "slots_computed": int(layer.last_stats.counts.sum()),
+                "balance_loss": float(layer.last_losses["balance"]),
+            }
             rows.append(row)
             cap = expert_capacity(cf, args.tokens, args.experts, k=2)
-            print(f"{str(random_routing):>14}  {cf:15.2f}  {cap:8d}  {100 * row['first_dropped']:10.2f}%  "
-                  f"{100 * row['second_dropped']:15.2f}%  {row['slots_computed']:14d}")
+            print(
+                f"{str(random_routing):>14}  {cf:15.2f}  {cap:8d}  {100 * row['first_dropped']:10.2f}%  "
+                f"{100 * row['second_dropped']:15.2f}%  {row['slots_computed']:14d}"
+            )
 
     p2 = r.logits.softmax(-1).topk(2).values[:, 1]
     expected = float(torch.clamp(2 * p2, max=1).mean())
-    big = GShardMoE(args.d_model, args.d_ff, args.experts, capacity_factor=float(args.experts), seed=args.seed)
+    big = GShardMoE(
+        args.d_model, args.d_ff, args.experts, capacity_factor=float(args.experts), seed=args.seed
+    )
     big.load_state_dict(base.state_dict())
     with torch.no_grad():
         big.to(args.device).train()(x)
         kept = float(big.last_routing.keep[:, 1].float().mean())
         big.eval()(x)
         kept_eval = float(big.last_routing.keep[:, 1].float().mean())
-    print(f"\nrandom routing, no capacity limit: {100 * kept:.1f}% of second experts kept "
-          f"(expected mean(min(1, 2·p2)) = {100 * expected:.1f}%); in eval {100 * kept_eval:.0f}%")
+    print(
+        f"\nrandom routing, no capacity limit: {100 * kept:.1f}% of second experts kept "
+        f"(expected mean(min(1, 2·p2)) = {100 * expected:.1f}%); in eval {100 * kept_eval:.0f}%"
+    )
     print(f"balance loss E·Σ f·P (first choices) = {rows[0]['balance_loss']:.4f} (1.0 = balanced)")
 
     os.makedirs(args.out, exist_ok=True)
@@ -105,8 +130,14 @@ def main(argv=None) -> dict:
         tag = f"{'rr' if row['random_routing'] else 'both'}_cf{row['capacity_factor']:g}"
         figures[f"first_dropped_{tag}"] = row["first_dropped"]
         figures[f"second_dropped_{tag}"] = row["second_dropped"]
-    figures.update({"second_kept_random": kept, "second_kept_expected": expected, "second_kept_eval": kept_eval,
-                    "balance_loss": rows[0]["balance_loss"]})
+    figures.update(
+        {
+            "second_kept_random": kept,
+            "second_kept_expected": expected,
+            "second_kept_eval": kept_eval,
+            "balance_loss": rows[0]["balance_loss"],
+        }
+    )
     return figures
 
 

@@ -42,8 +42,12 @@ def plot(path: str, curves: dict[str, list[float]]) -> None:
     for label, ys in curves.items():
         ax.plot(range(1, len(ys) + 1), ys, label=label)
     ax.axhline(1.0, color="k", ls=":", lw=1)
-    ax.set(xlabel="training step", ylabel="max / mean expert load", yscale="log",
-           title="DeepSeek-V3 auxiliary-loss-free balancing (no aux loss in either run)")
+    ax.set(
+        xlabel="training step",
+        ylabel="max / mean expert load",
+        yscale="log",
+        title="DeepSeek-V3 auxiliary-loss-free balancing (no aux loss in either run)",
+    )
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -52,9 +56,17 @@ def plot(path: str, curves: dict[str, list[float]]) -> None:
 
 def build(args, gamma: float) -> DeepSeekMoE:
     torch.manual_seed(args.seed)
-    return DeepSeekMoE.fine_grained(args.d_model, args.d_ff, args.experts, args.k, args.m, n_shared=args.shared,
-                                    n_group=args.n_group, topk_group=args.topk_group,
-                                    bias_update_speed=gamma).to(args.device)
+    return DeepSeekMoE.fine_grained(
+        args.d_model,
+        args.d_ff,
+        args.experts,
+        args.k,
+        args.m,
+        n_shared=args.shared,
+        n_group=args.n_group,
+        topk_group=args.topk_group,
+        bias_update_speed=gamma,
+    ).to(args.device)
 
 
 def train_run(args, gamma: float, x_all: torch.Tensor, teacher: torch.nn.Module, desc: str):
@@ -64,10 +76,10 @@ def train_run(args, gamma: float, x_all: torch.Tensor, teacher: torch.nn.Module,
     g = torch.Generator(device=args.device).manual_seed(args.seed)
     for _ in tqdm(range(args.steps), desc=desc, leave=False):
         idx = torch.randint(0, x_all.shape[0], (args.batch,), generator=g, device=args.device)
-        x = x_all[idx]                                            # (batch, seq, d_model)
+        x = x_all[idx]  # (batch, seq, d_model)
         with torch.no_grad():
             y = teacher(x)
-        loss = (layer(x) - y).pow(2).mean()                       # no auxiliary loss added
+        loss = (layer(x) - y).pow(2).mean()  # no auxiliary loss added
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -82,7 +94,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--d-ff", type=int, default=512, help="width of one coarse expert before splitting")
     parser.add_argument("--experts", type=int, default=8, help="coarse experts N (m·N fine-grained experts)")
     parser.add_argument("--k", type=int, default=1, help="coarse top-k (m·k fine-grained experts per token)")
-    parser.add_argument("--m", type=int, default=4, help="fine-grained split: each expert becomes m of width d_ff/m")
+    parser.add_argument(
+        "--m", type=int, default=4, help="fine-grained split: each expert becomes m of width d_ff/m"
+    )
     parser.add_argument("--shared", type=int, default=1, help="shared experts (of the fine-grained width)")
     parser.add_argument("--n-group", type=int, default=4, help="expert groups")
     parser.add_argument("--topk-group", type=int, default=2, help="groups each token may use")
@@ -101,44 +115,76 @@ def main(argv=None) -> dict:
     routed = layer.experts.gate_up.numel() + layer.experts.down.numel()
     shared = sum(p.numel() for p in layer.shared.parameters()) if layer.shared is not None else 0
     active = routed * k_fine // n_fine + shared
-    print(f"fine-grained: {args.experts} experts of width {args.d_ff}, top-{args.k} -> split m={args.m}: "
-          f"{n_fine} experts of width {d_fine}, top-{k_fine}; {args.shared} shared expert(s) of width {d_fine}")
-    print(f"parameters: routed {routed:,} + shared {shared:,} (+ router {layer.router.weight.numel():,}); "
-          f"active per token {active:,} ({100 * active / (routed + shared):.1f}%)")
+    print(
+        f"fine-grained: {args.experts} experts of width {args.d_ff}, top-{args.k} -> split m={args.m}: "
+        f"{n_fine} experts of width {d_fine}, top-{k_fine}; {args.shared} shared expert(s) of width {d_fine}"
+    )
+    print(
+        f"parameters: routed {routed:,} + shared {shared:,} (+ router {layer.router.weight.numel():,}); "
+        f"active per token {active:,} ({100 * active / (routed + shared):.1f}%)"
+    )
 
     # group-limited routing on one batch
     torch.manual_seed(args.seed)
-    common = torch.randn(args.d_model, device=args.device)       # a direction every token shares
+    common = torch.randn(args.d_model, device=args.device)  # a direction every token shares
     x_all = torch.randn(256, args.seq, args.d_model, device=args.device) + 0.5 * common
     with torch.no_grad():
         layer.eval()(x_all[:4])
     per_group = n_fine // args.n_group
     groups = layer.last_routing.expert_idx // per_group
     used = [len(set(row)) for row in groups.tolist()]
-    print(f"group-limited routing: {args.n_group} groups of {per_group} experts, topk_group={args.topk_group}: "
-          f"tokens used at most {max(used)} group(s) (mean {sum(used) / len(used):.2f})")
+    print(
+        f"group-limited routing: {args.n_group} groups of {per_group} experts, topk_group={args.topk_group}: "
+        f"tokens used at most {max(used)} group(s) (mean {sum(used) / len(used):.2f})"
+    )
 
     torch.manual_seed(args.seed + 1)
-    teacher = torch.nn.Sequential(torch.nn.Linear(args.d_model, 2 * args.d_model), torch.nn.GELU(),
-                                  torch.nn.Linear(2 * args.d_model, args.d_model)).to(args.device)
-    print(f"\ntraining {args.steps} steps twice, no auxiliary loss: without and with the bias update (γ={args.gamma})")
+    teacher = torch.nn.Sequential(
+        torch.nn.Linear(args.d_model, 2 * args.d_model),
+        torch.nn.GELU(),
+        torch.nn.Linear(2 * args.d_model, args.d_model),
+    ).to(args.device)
+    print(
+        f"\ntraining {args.steps} steps twice, no auxiliary "
+        f"loss: without and with the bias update (γ={args.gamma})"
+    )
     _, plain, loss_plain = train_run(args, 0.0, x_all, teacher, "no bias update")
     trained, biased, loss_biased = train_run(args, args.gamma, x_all, teacher, "bias update")
     tail = max(1, args.steps // 10)
     mean_tail = lambda v: sum(v[-tail:]) / tail  # noqa: E731 - a one-line average of the last steps
     print(f"max/mean load, first step -> mean of the last {tail} steps:")
-    print(f"  without bias update: {plain[0]:.2f} -> {mean_tail(plain):.2f}   (fit loss {mean_tail(loss_plain):.4f})")
-    print(f"  with bias update:    {biased[0]:.2f} -> {mean_tail(biased):.2f}   (fit loss {mean_tail(loss_biased):.4f})")
+    print(
+        f"  without bias update: {plain[0]:.2f} -> {mean_tail(plain):.2f} "
+        f"  (fit loss {mean_tail(loss_plain):.4f})"
+    )
+    print(
+        f"  with bias update:    {biased[0]:.2f} -> "
+        f"{mean_tail(biased):.2f}   (fit loss {mean_tail(loss_biased):.4f})"
+    )
     b = trained.router.e_score_correction_bias
-    print(f"learned bias: min {float(b.min()):+.4f}, max {float(b.max()):+.4f} (requires_grad={b.requires_grad})")
+    print(
+        f"learned bias: min {float(b.min()):+.4f}, max "
+        f"{float(b.max()):+.4f} (requires_grad={b.requires_grad})"
+    )
 
     os.makedirs(args.out, exist_ok=True)
-    plot(os.path.join(args.out, "load_balance.png"), {"no bias update": plain, f"bias update γ={args.gamma:g}": biased})
+    plot(
+        os.path.join(args.out, "load_balance.png"),
+        {"no bias update": plain, f"bias update γ={args.gamma:g}": biased},
+    )
     print(f"plot: {os.path.join(args.out, 'load_balance.png')}")
-    return {"experts_fine": n_fine, "k_fine": k_fine, "params_total": routed + shared, "params_active": active,
-            "max_groups_used": max(used), "imbalance_start": plain[0], "imbalance_end_no_bias": mean_tail(plain),
-            "imbalance_end_bias": mean_tail(biased), "fit_loss_no_bias": mean_tail(loss_plain),
-            "fit_loss_bias": mean_tail(loss_biased)}
+    return {
+        "experts_fine": n_fine,
+        "k_fine": k_fine,
+        "params_total": routed + shared,
+        "params_active": active,
+        "max_groups_used": max(used),
+        "imbalance_start": plain[0],
+        "imbalance_end_no_bias": mean_tail(plain),
+        "imbalance_end_bias": mean_tail(biased),
+        "fit_loss_no_bias": mean_tail(loss_plain),
+        "fit_loss_bias": mean_tail(loss_biased),
+    }
 
 
 if __name__ == "__main__":

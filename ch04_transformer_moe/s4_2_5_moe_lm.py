@@ -38,6 +38,7 @@ QUICK = dict(n_layer=2, d_model=64, n_head=2, n_kv_head=2)
 
 def moe_factory(args, n_layer: int):
     """``ffn_factory`` for DecoderLM: a TopKMoE in the chosen layers, None (dense) elsewhere."""
+
     def factory(layer_idx: int, config) -> nn.Module | None:
         if layer_idx < args.first_dense or (layer_idx - args.first_dense) % args.every:
             return None
@@ -47,6 +48,7 @@ def moe_factory(args, n_layer: int):
         nn.init.normal_(layer.experts.gate_up, std=0.02)
         nn.init.normal_(layer.experts.down, std=0.02 / math.sqrt(2 * n_layer))
         return layer
+
     return factory
 
 
@@ -69,8 +71,14 @@ def plot(path: str, results: dict) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for name, r in results.items():
         ax.plot(range(1, len(r["losses"]) + 1), r["losses"], alpha=0.4, label=f"{name} train")
-        ax.plot([v["step"] for v in r["val"]], [v["loss"] for v in r["val"]], "o-", label=f"{name} validation")
-    ax.set(xlabel="step", ylabel="cross-entropy (nats per token)", title="MoE LM vs dense LM, same active parameters")
+        ax.plot(
+            [v["step"] for v in r["val"]], [v["loss"] for v in r["val"]], "o-", label=f"{name} validation"
+        )
+    ax.set(
+        xlabel="step",
+        ylabel="cross-entropy (nats per token)",
+        title="MoE LM vs dense LM, same active parameters",
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -83,8 +91,12 @@ def main(argv=None) -> dict:
     parser = script_parser(__doc__)
     parser.add_argument("--experts", type=int, default=8, help="experts per MoE layer")
     parser.add_argument("--k", type=int, default=2, help="experts per token")
-    parser.add_argument("--d-expert", type=int, default=192, help="width of one expert (dense width = k·d_expert)")
-    parser.add_argument("--every", type=int, default=1, help="MoE in every n-th layer (1: all, 2: every other)")
+    parser.add_argument(
+        "--d-expert", type=int, default=192, help="width of one expert (dense width = k·d_expert)"
+    )
+    parser.add_argument(
+        "--every", type=int, default=1, help="MoE in every n-th layer (1: all, 2: every other)"
+    )
     parser.add_argument("--first-dense", type=int, default=0, help="keep the first n layers dense")
     parser.add_argument("--balance-coef", type=float, default=0.01, help="coefficient of the balance loss")
     parser.add_argument("--steps", type=int, default=160, help="training steps of each model")
@@ -99,7 +111,14 @@ def main(argv=None) -> dict:
     sizes = TINY
     if args.quick:
         sizes = QUICK
-        args.experts, args.d_expert, args.steps, args.batch_size, args.context, args.vocab_size = 4, 64, 12, 8, 64, 512
+        args.experts, args.d_expert, args.steps, args.batch_size, args.context, args.vocab_size = (
+            4,
+            64,
+            12,
+            8,
+            64,
+            512,
+        )
 
     text = load_corpus()
     tokenizer = get_tokenizer(args.vocab_size, text=text)
@@ -107,27 +126,47 @@ def main(argv=None) -> dict:
     base = dict(vocab_size=args.vocab_size, context_length=args.context, **sizes)
     if args.first_dense >= base["n_layer"]:
         raise ValueError(f"--first-dense {args.first_dense} leaves no MoE layer in {base['n_layer']} layers")
-    config = DecoderConfig(**base, d_ff=args.k * args.d_expert)   # also the MoE LM's dense layers
+    config = DecoderConfig(**base, d_ff=args.k * args.d_expert)  # also the MoE LM's dense layers
     torch.manual_seed(args.seed)
     dense = DecoderLM(config)
     torch.manual_seed(args.seed)
     moe = DecoderLM(config, ffn_factory=moe_factory(args, base["n_layer"]))
     moe_layers = [m for m in moe.modules() if isinstance(m, MoELayer)]
-    print(f"data: {len(data.train):,} training / {len(data.val):,} validation tokens, vocabulary {args.vocab_size}")
-    print(f"dense LM: {base['n_layer']} layers x {base['d_model']}, SwiGLU width {args.k * args.d_expert}: "
-          f"{dense.num_params():,} parameters, all active")
-    print(f"MoE LM:   {len(moe_layers)} of {base['n_layer']} layers MoE ({args.experts} experts of width "
-          f"{args.d_expert}, top-{args.k}): {moe.num_params():,} parameters, {active_params(moe):,} active per token")
+    print(
+        f"data: {len(data.train):,} training / {len(data.val):,} "
+        f"validation tokens, vocabulary {args.vocab_size}"
+    )
+    print(
+        f"dense LM: {base['n_layer']} layers x {base['d_model']}, SwiGLU width {args.k * args.d_expert}: "
+        f"{dense.num_params():,} parameters, all active"
+    )
+    print(
+        f"MoE LM:   {len(moe_layers)} of {base['n_layer']} layers MoE ({args.experts} experts of width "
+        f"{args.d_expert}, top-{args.k}): {moe.num_params():,} "
+        f"parameters, {active_params(moe):,} active per token"
+    )
 
-    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, use_muon=False,
-                      warmup_steps=min(10, args.steps // 4), eval_every=max(1, args.steps // 4),
-                      eval_batches=4 if args.quick else 16, seed=args.seed, dtype="fp32")
+    cfg = TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        use_muon=False,
+        warmup_steps=min(10, args.steps // 4),
+        eval_every=max(1, args.steps // 4),
+        eval_batches=4 if args.quick else 16,
+        seed=args.seed,
+        dtype="fp32",
+    )
     results = {}
     for name, model in (("dense", dense), ("MoE", moe)):
-        print(f"\ntraining the {name} LM: {cfg.steps} steps x {cfg.batch_size} x {args.context} tokens, AdamW")
+        print(
+            f"\ntraining the {name} LM: {cfg.steps} steps x {cfg.batch_size} x {args.context} tokens, AdamW"
+        )
         results[name] = train(model, data, cfg, device=args.device)
-        print(f"{name}: validation loss {results[name]['val_loss']:.4f}, bpb {results[name]['val_bpb']:.4f}, "
-              f"{results[name]['tokens_per_second']:,.0f} tokens/s")
+        print(
+            f"{name}: validation loss {results[name]['val_loss']:.4f}, bpb {results[name]['val_bpb']:.4f}, "
+            f"{results[name]['tokens_per_second']:,.0f} tokens/s"
+        )
 
     # balance loss and loads of every MoE layer on one validation batch (training-mode routing)
     x, y = next(data.val_batches(cfg.batch_size, 1))
@@ -135,25 +174,40 @@ def main(argv=None) -> dict:
     with torch.no_grad():
         _, loss = moe(x.to(args.device), y.to(args.device))
     aux = float(loss - moe.last_ce_loss)
-    print(f"\nbalance loss summed over {len(moe_layers)} MoE layers: {aux / args.balance_coef if args.balance_coef else 0:.4f} "
-          f"(1.0 per layer is perfect balance); times the coefficient, added to the loss: {aux:.5f}")
+    print(
+        f"\nbalance loss summed over {len(moe_layers)} MoE layers: "
+        f"{aux / args.balance_coef if args.balance_coef else 0:.4f} "
+        f"(1.0 per layer is perfect balance); times the coefficient, added to the loss: {aux:.5f}"
+    )
     for i, layer in enumerate(moe_layers):
         s = layer.last_stats
-        print(f"  MoE layer {i}: tokens per expert {s.counts.tolist()}, max/mean {s.max_over_mean:.2f}, cv {s.cv:.2f}")
+        print(
+            f"  MoE layer {i}: tokens per expert {s.counts.tolist()}, "
+            f"max/mean {s.max_over_mean:.2f}, cv {s.cv:.2f}"
+        )
     loads = merge_loads([layer.last_stats for layer in moe_layers])
 
     os.makedirs(args.out, exist_ok=True)
     plot(os.path.join(args.out, "val_loss.png"), results)
-    print(f"\nvalidation loss: dense {results['dense']['val_loss']:.4f} vs MoE {results['MoE']['val_loss']:.4f} "
-          f"after {cfg.steps} steps; plot: {os.path.join(args.out, 'val_loss.png')}")
-    return {"dense_val_loss": results["dense"]["val_loss"], "moe_val_loss": results["MoE"]["val_loss"],
-            "dense_val_bpb": results["dense"]["val_bpb"], "moe_val_bpb": results["MoE"]["val_bpb"],
-            "dense_params": dense.num_params(), "moe_params_total": moe.num_params(),
-            "moe_params_active": active_params(moe), "moe_layers": len(moe_layers),
-            "balance_loss_sum": aux / args.balance_coef if args.balance_coef else 0.0,
-            "max_over_mean_worst": loads["max_over_mean_worst"],
-            "dense_tokens_per_second": results["dense"]["tokens_per_second"],
-            "moe_tokens_per_second": results["MoE"]["tokens_per_second"]}
+    print(
+        f"\nvalidation loss: dense {results['dense']['val_loss']:.4f} "
+        f"vs MoE {results['MoE']['val_loss']:.4f} "
+        f"after {cfg.steps} steps; plot: {os.path.join(args.out, 'val_loss.png')}"
+    )
+    return {
+        "dense_val_loss": results["dense"]["val_loss"],
+        "moe_val_loss": results["MoE"]["val_loss"],
+        "dense_val_bpb": results["dense"]["val_bpb"],
+        "moe_val_bpb": results["MoE"]["val_bpb"],
+        "dense_params": dense.num_params(),
+        "moe_params_total": moe.num_params(),
+        "moe_params_active": active_params(moe),
+        "moe_layers": len(moe_layers),
+        "balance_loss_sum": aux / args.balance_coef if args.balance_coef else 0.0,
+        "max_over_mean_worst": loads["max_over_mean_worst"],
+        "dense_tokens_per_second": results["dense"]["tokens_per_second"],
+        "moe_tokens_per_second": results["MoE"]["tokens_per_second"],
+    }
 
 
 if __name__ == "__main__":

@@ -28,12 +28,18 @@ def _randomize(module, std=0.3, seed=0):
 
 # ----------------------------------------------------------------------------- Mixtral
 
+
 def _mixtral_block(d=32, d_ff=48, experts=8, k=2):
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
-    cfg = MixtralConfig(hidden_size=d, intermediate_size=d_ff, num_local_experts=experts,
-                        num_experts_per_tok=k, router_jitter_noise=0.0)
+    cfg = MixtralConfig(
+        hidden_size=d,
+        intermediate_size=d_ff,
+        num_local_experts=experts,
+        num_experts_per_tok=k,
+        router_jitter_noise=0.0,
+    )
     cfg._experts_implementation = "eager"
     return _randomize(MixtralSparseMoeBlock(cfg)).eval()
 
@@ -67,12 +73,22 @@ def test_topk_balance_loss_is_mixtral_over_k():
 
 # ----------------------------------------------------------------------------- Switch
 
+
 def _switch_mlp(capacity, experts=8, d=32, d_ff=48, act="relu"):
     from transformers import SwitchTransformersConfig
-    from transformers.models.switch_transformers.modeling_switch_transformers import SwitchTransformersSparseMLP
+    from transformers.models.switch_transformers.modeling_switch_transformers import (
+        SwitchTransformersSparseMLP,
+    )
 
-    cfg = SwitchTransformersConfig(d_model=d, d_ff=d_ff, num_experts=experts, expert_capacity=capacity,
-                                   router_jitter_noise=0.0, dense_act_fn=act, router_bias=False)
+    cfg = SwitchTransformersConfig(
+        d_model=d,
+        d_ff=d_ff,
+        num_experts=experts,
+        expert_capacity=capacity,
+        router_jitter_noise=0.0,
+        dense_act_fn=act,
+        router_bias=False,
+    )
     return _randomize(SwitchTransformersSparseMLP(cfg)).eval()
 
 
@@ -86,7 +102,7 @@ def test_switch_router_matches_hf(capacity):
         ref = mlp(x.clone())
         out = ours(x)
     r = ours.last_routing
-    ours_mask = F.one_hot(r.expert_idx[:, 0], 8) * r.keep                          # capacity-masked one-hot
+    ours_mask = F.one_hot(r.expert_idx[:, 0], 8) * r.keep  # capacity-masked one-hot
     assert torch.equal(ours_mask.view(2, 13, 8), expert_index)
     torch.testing.assert_close(r.logits.view(2, 13, 8), router_logits, atol=ATOL, rtol=0)
     torch.testing.assert_close(r.logits.softmax(-1).max(-1).values, router_probs.view(-1), atol=ATOL, rtol=0)
@@ -98,7 +114,9 @@ def test_switch_router_matches_hf(capacity):
 
 def test_switch_losses_match_hf_functions():
     from transformers.models.switch_transformers.modeling_switch_transformers import (
-        load_balancing_loss_func, router_z_loss_func)
+        load_balancing_loss_func,
+        router_z_loss_func,
+    )
 
     ours = SwitchMoE.from_hf(_switch_mlp(4), jitter=0.0).train()
     ours(torch.randn(1, 24, 32))
@@ -121,13 +139,23 @@ def test_switch_passthrough_outputs_input_for_dropped_tokens():
 
 # ----------------------------------------------------------------------------- DeepSeek-V3
 
+
 def _deepseek_moe(n_group, topk_group, n_shared=1, norm=True, experts=16, k=4):
     from transformers import DeepseekV3Config
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
 
-    cfg = DeepseekV3Config(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, n_routed_experts=experts,
-                           num_experts_per_tok=k, n_group=n_group, topk_group=topk_group,
-                           n_shared_experts=n_shared, routed_scaling_factor=2.5, norm_topk_prob=norm)
+    cfg = DeepseekV3Config(
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        n_routed_experts=experts,
+        num_experts_per_tok=k,
+        n_group=n_group,
+        topk_group=topk_group,
+        n_shared_experts=n_shared,
+        routed_scaling_factor=2.5,
+        norm_topk_prob=norm,
+    )
     cfg._experts_implementation = "eager"
     moe = _randomize(DeepseekV3MoE(cfg)).eval()
     with torch.no_grad():  # a bias big enough to change choices, negative too
@@ -135,8 +163,9 @@ def _deepseek_moe(n_group, topk_group, n_shared=1, norm=True, experts=16, k=4):
     return moe
 
 
-@pytest.mark.parametrize("n_group,topk_group,n_shared,norm", [(1, 1, 1, True), (4, 2, 1, True),
-                                                              (8, 3, 2, False), (4, 1, 1, True)])
+@pytest.mark.parametrize(
+    "n_group,topk_group,n_shared,norm", [(1, 1, 1, True), (4, 2, 1, True), (8, 3, 2, False), (4, 1, 1, True)]
+)
 def test_deepseek_moe_matches_hf(n_group, topk_group, n_shared, norm):
     moe = _deepseek_moe(n_group, topk_group, n_shared, norm)
     ours = DeepSeekMoE.from_hf(moe).eval()
@@ -165,6 +194,7 @@ def test_deepseek_group_limit_keeps_choices_inside_topk_groups():
 
 # ----------------------------------------------------------------------------- DeepSpeed gating
 
+
 @pytest.fixture(scope="module")
 def sharded_moe():
     from common.env import require
@@ -179,8 +209,9 @@ def test_switch_balance_loss_matches_deepspeed_top1gating(sharded_moe):
     layer = SwitchMoE(32, 48, 8, capacity_factor=1.0, jitter=0.0).train()
     layer(torch.randn(4, 16, 32))
     logits = layer.last_routing.logits.detach()
-    l_aux, _, _, exp_counts = sharded_moe.top1gating(logits.clone(), capacity_factor=1.0, min_capacity=0,
-                                                      use_rts=False)
+    l_aux, _, _, exp_counts = sharded_moe.top1gating(
+        logits.clone(), capacity_factor=1.0, min_capacity=0, use_rts=False
+    )
     torch.testing.assert_close(layer.last_losses["balance"], l_aux, atol=ATOL, rtol=0)
     assert torch.equal(torch.bincount(layer.last_routing.expert_idx[:, 0], minlength=8), exp_counts)
 
@@ -192,13 +223,15 @@ def test_gshard_matches_deepspeed_top2gating(sharded_moe, capacity_factor):
     layer(torch.randn(4, 16, 32))
     r = layer.last_routing
     logits = r.logits.detach()
-    l_aux, combine, dispatch_mask, _ = sharded_moe.top2gating(logits.clone(), capacity_factor=capacity_factor,
-                                                               min_capacity=0, top2_2nd_expert_sampling=False)
+    l_aux, combine, dispatch_mask, _ = sharded_moe.top2gating(
+        logits.clone(), capacity_factor=capacity_factor, min_capacity=0, top2_2nd_expert_sampling=False
+    )
     torch.testing.assert_close(layer.last_losses["balance"], l_aux, atol=ATOL, rtol=0)
-    ours_dense = torch.zeros(64, 8).scatter_add(1, r.expert_idx, r.weights)          # (tokens, E)
+    ours_dense = torch.zeros(64, 8).scatter_add(1, r.expert_idx, r.weights)  # (tokens, E)
     torch.testing.assert_close(ours_dense, combine.sum(-1), atol=ATOL, rtol=0)
-    assert torch.equal(torch.zeros(64, 8, dtype=torch.bool).scatter(1, r.expert_idx, r.keep),
-                       dispatch_mask.any(-1))
+    assert torch.equal(
+        torch.zeros(64, 8, dtype=torch.bool).scatter(1, r.expert_idx, r.keep), dispatch_mask.any(-1)
+    )
     if capacity_factor < 1:
         assert layer.last_stats.dropped_fraction > 0
 

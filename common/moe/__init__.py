@@ -23,7 +23,26 @@ from common.moe.stats import ExpertLoad, merge_loads
 from common.moe.switch_router import SwitchRouter
 from common.moe.topk_router import TopKRouter
 
-__all__ = ["DeepSeekMoE", "DeepSeekRouter", "ExpertLoad", "Experts", "GShardMoE", "GShardRouter", "MoELayer",
-           "Routing", "SwiGLU", "SwitchMoE", "SwitchRouter", "TopKMoE", "TopKRouter", "balance_loss",
-           "dense_loop", "dispatch", "expert_capacity", "merge_loads", "positions_in_expert",
-           "sequence_balance_loss", "z_loss"]
+__all__ = [
+    "DeepSeekMoE",
+    "DeepSeekRouter",
+    "ExpertLoad",
+    "Experts",
+    "GShardMoE",
+    "GShardRouter",
+    "MoELayer",
+    "Routing",
+    "SwiGLU",
+    "SwitchMoE",
+    "SwitchRouter",
+    "TopKMoE",
+    "TopKRouter",
+    "balance_loss",
+    "dense_loop",
+    "dispatch",
+    "expert_capacity",
+    "merge_loads",
+    "positions_in_expert",
+    "sequence_balance_loss",
+    "z_loss",
+]

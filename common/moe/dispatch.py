@@ -7,8 +7,7 @@
 3. gather the token rows in that order, so every expert's tokens sit in one contiguous slice;
 4. run each expert on its slice (:meth:`Experts.forward_sorted`: one grouped matmul per
    projection, or a loop over the non-empty experts);
-5. put the rows back in (token, slot) order and take the weighted sum over each token's slots
-   with one batched matmul.
+5. weight each row by its routing weight and add it to its token's output (one index_add).
 
 No Python loop over tokens; autograd gives the backward (index_select's backward is an index_add,
 the weighting's backward gives the router its gradient).
@@ -24,18 +23,27 @@ import torch
 from common.moe.experts import Experts
 
 
-def _check(x: torch.Tensor, expert_idx: torch.Tensor, weights: torch.Tensor, keep: torch.Tensor | None) -> None:
+def _check(
+    x: torch.Tensor, expert_idx: torch.Tensor, weights: torch.Tensor, keep: torch.Tensor | None
+) -> None:
     if x.dim() != 2:
         raise ValueError(f"dispatch wants flat tokens (tokens, d_model), got shape {tuple(x.shape)}")
     if expert_idx.shape != weights.shape or expert_idx.dim() != 2 or expert_idx.shape[0] != x.shape[0]:
-        raise ValueError(f"expert_idx and weights must both be (tokens={x.shape[0]}, k), "
-                         f"got {tuple(expert_idx.shape)} and {tuple(weights.shape)}")
+        raise ValueError(
+            f"expert_idx and weights must both be (tokens={x.shape[0]}, k), "
+            f"got {tuple(expert_idx.shape)} and {tuple(weights.shape)}"
+        )
     if keep is not None and keep.shape != expert_idx.shape:
         raise ValueError(f"keep must match expert_idx {tuple(expert_idx.shape)}, got {tuple(keep.shape)}")
 
 
-def dispatch(x: torch.Tensor, experts: Experts, expert_idx: torch.Tensor, weights: torch.Tensor,
-             keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+def dispatch(
+    x: torch.Tensor,
+    experts: Experts,
+    expert_idx: torch.Tensor,
+    weights: torch.Tensor,
+    keep: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Fast MoE forward.  x (tokens, d_model); expert_idx, weights, keep (tokens, k).
 
     Returns ``(out, counts, dropped)``: out (tokens, d_model), counts (E,) slots per expert,
@@ -44,31 +52,38 @@ def dispatch(x: torch.Tensor, experts: Experts, expert_idx: torch.Tensor, weight
     _check(x, expert_idx, weights, keep)
     tokens, k = expert_idx.shape
     num_experts = experts.num_experts
-    flat_e = expert_idx.reshape(-1)                                           # (tokens·k,)
+    flat_e = expert_idx.reshape(-1)  # (tokens·k,)
     if keep is not None:
-        flat_e = flat_e.masked_fill(~keep.reshape(-1), num_experts)           # dropped -> sentinel E
-    order = torch.argsort(flat_e, stable=True)                                # (tokens·k,) by expert
-    counts = torch.bincount(flat_e, minlength=num_experts + 1)                # (E+1,)
-    counts_list = counts.tolist()                                             # the one host sync
+        flat_e = flat_e.masked_fill(~keep.reshape(-1), num_experts)  # dropped -> sentinel E
+    order = torch.argsort(flat_e, stable=True)  # (tokens·k,) by expert
+    counts = torch.bincount(flat_e, minlength=num_experts + 1)  # (E+1,)
+    counts_list = counts.tolist()  # the one host sync
     kept = tokens * k - counts_list[num_experts]
-    order = order[:kept]                                                      # drop the sentinel tail
-    rows = x.index_select(0, order // k)                                      # (kept, d_model) grouped
-    y = experts.forward_sorted(rows, counts[:num_experts], counts_list[:num_experts])  # (kept, d_model)
-    # back to (token, slot) order; dropped slots stay zero rows
-    slots = y.new_zeros(tokens * k, x.shape[1]).index_copy(0, order, y)      # (tokens·k, d_model)
-    out = torch.bmm(weights.to(y.dtype).unsqueeze(1), slots.view(tokens, k, -1)).squeeze(1)  # (tokens, d_model)
+    order = order[:kept]  # drop the sentinel tail
+    token = order // k  # (kept,) source token of each row
+    rows = x.index_select(0, token)  # (kept, d_model) grouped
+    scale = weights.reshape(-1).index_select(0, order).to(x.dtype)  # (kept,) routing weights
+    y = experts.forward_sorted(
+        rows, scale, counts[:num_experts], counts_list[:num_experts]
+    )  # (kept, d_model)
+    out = x.new_zeros(x.shape).index_add(0, token, y)  # sum each token's slots
     return out, counts[:num_experts], tokens * k - kept
 
 
-def dense_loop(x: torch.Tensor, experts: Experts, expert_idx: torch.Tensor, weights: torch.Tensor,
-               keep: torch.Tensor | None = None) -> torch.Tensor:
+def dense_loop(
+    x: torch.Tensor,
+    experts: Experts,
+    expert_idx: torch.Tensor,
+    weights: torch.Tensor,
+    keep: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Reference MoE forward: ``out = Σ_e combine[:, e] · expert_e(x)`` over all experts, all tokens."""
     _check(x, expert_idx, weights, keep)
     if keep is not None:
         weights = weights * keep
     combine = torch.zeros(x.shape[0], experts.num_experts, dtype=weights.dtype, device=x.device)
-    combine = combine.scatter_add(1, expert_idx, weights)                    # (tokens, E)
+    combine = combine.scatter_add(1, expert_idx, weights)  # (tokens, E)
     out = torch.zeros_like(x)
     for e in range(experts.num_experts):
-        out = out + combine[:, e:e + 1] * experts.expert_forward(e, x)
+        out = out + combine[:, e : e + 1] * experts.expert_forward(e, x)
     return out

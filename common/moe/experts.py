@@ -24,19 +24,29 @@ EXPERT_KINDS = ("swiglu", *ACTIVATIONS)
 
 
 class Experts(nn.Module):
-    def __init__(self, num_experts: int, d_model: int, d_ff: int, kind: str = "swiglu",
-                 use_grouped_mm: bool | None = None):
+    def __init__(
+        self,
+        num_experts: int,
+        d_model: int,
+        d_ff: int,
+        kind: str = "swiglu",
+        use_grouped_mm: bool | None = None,
+    ):
         super().__init__()
         if kind not in EXPERT_KINDS:
             raise ValueError(f"unknown expert kind {kind!r}; choose one of {EXPERT_KINDS}")
         if min(num_experts, d_model, d_ff) < 1:
-            raise ValueError(f"num_experts, d_model and d_ff must be >= 1, got {num_experts}, {d_model}, {d_ff}")
+            raise ValueError(
+                f"num_experts, d_model and d_ff must be >= 1, got {num_experts}, {d_model}, {d_ff}"
+            )
         self.num_experts, self.d_model, self.d_ff, self.kind = num_experts, d_model, d_ff, kind
         # None: use torch's grouped matmul where it exists (torch >= 2.10 on CPU); False: the loop
         self.use_grouped_mm = hasattr(F, "grouped_mm") if use_grouped_mm is None else use_grouped_mm
         up_rows = 2 * d_ff if kind == "swiglu" else d_ff
-        self.gate_up = nn.Parameter(torch.empty(num_experts, up_rows, d_model))  # (E, 2·d_ff or d_ff, d_model)
-        self.down = nn.Parameter(torch.empty(num_experts, d_model, d_ff))        # (E, d_model, d_ff)
+        self.gate_up = nn.Parameter(
+            torch.empty(num_experts, up_rows, d_model)
+        )  # (E, 2·d_ff or d_ff, d_model)
+        self.down = nn.Parameter(torch.empty(num_experts, d_model, d_ff))  # (E, d_model, d_ff)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -44,45 +54,48 @@ class Experts(nn.Module):
         nn.init.uniform_(self.gate_up, -1 / math.sqrt(self.d_model), 1 / math.sqrt(self.d_model))
         nn.init.uniform_(self.down, -1 / math.sqrt(self.d_ff), 1 / math.sqrt(self.d_ff))
 
-    def _ffn(self, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-        h = F.linear(x, gate_up)                        # (rows, 2·d_ff) or (rows, d_ff)
+    def _hidden(self, x: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
+        """The expert's hidden activations: (rows, d_model) -> (rows, d_ff)."""
+        h = x @ gate_up.transpose(-2, -1)  # (rows, 2·d_ff) or (rows, d_ff)
         if self.kind == "swiglu":
             gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up                       # (rows, d_ff)
-        else:
-            h = ACTIVATIONS[self.kind](h)
-        return F.linear(h, down)                        # (rows, d_model)
+            return F.silu(gate) * up
+        return ACTIVATIONS[self.kind](h)
 
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert ``e`` on rows ``x`` (rows, d_model): the readable one-expert form."""
-        return self._ffn(x, self.gate_up[e], self.down[e])
+        return self._hidden(x, self.gate_up[e]) @ self.down[e].T
 
-    def forward_sorted(self, x: torch.Tensor, counts: torch.Tensor, counts_list: list[int]) -> torch.Tensor:
+    def forward_sorted(
+        self, x: torch.Tensor, scale: torch.Tensor, counts: torch.Tensor, counts_list: list[int]
+    ) -> torch.Tensor:
         """Run the experts on rows sorted by expert: expert e gets the next ``counts[e]`` rows.
 
-        x: (sum(counts), d_model) -> (sum(counts), d_model); ``counts`` (E,) as a tensor and as a
-        list.  Where torch has ``F.grouped_mm`` (CPU here), each of the two matmuls is one grouped
-        call over all experts; elsewhere a loop runs one expert per contiguous slice.
+        x: (rows, d_model), rows = sum(counts); each row's output is multiplied by ``scale``
+        (rows,), its routing weight.  The weight is applied to the hidden activations, before the
+        (linear) down projection: the same result on a tensor half as wide.  ``counts`` (E,) comes
+        as a tensor and as a list.  Where torch has ``F.grouped_mm`` (CPU here) each projection is
+        one grouped matmul over all experts; elsewhere a loop runs one expert per contiguous slice.
         """
         if self.use_grouped_mm and x.device.type == "cpu":
-            offsets = counts.cumsum(0).to(torch.int32)                  # (E,) end row of each expert
-            h = F.grouped_mm(x, self.gate_up.transpose(1, 2), offs=offsets)   # (rows, 2·d_ff or d_ff)
-            if self.kind == "swiglu":
-                gate, up = h.chunk(2, dim=-1)
-                h = F.silu(gate) * up
-            else:
-                h = ACTIVATIONS[self.kind](h)
+            offsets = counts.cumsum(0).to(torch.int32)  # (E,) end row of each expert
+            h = self._hidden_grouped(x, offsets) * scale.unsqueeze(-1)  # (rows, d_ff)
             return F.grouped_mm(h, self.down.transpose(1, 2), offs=offsets)  # (rows, d_model)
-        return self._loop_sorted(x, counts_list)
-
-    def _loop_sorted(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """One expert per contiguous slice; empty experts cost nothing.  The weights are unbound
-        once, so the backward stacks all expert gradients in one op instead of building a
-        full-size zero gradient per expert (what indexing ``gate_up[e]`` would do)."""
+        # unbind once: indexing gate_up[e] per expert would build a full-size zero gradient per expert
         gate_up, down = self.gate_up.unbind(0), self.down.unbind(0)
-        outs = [self._ffn(xe, gate_up[e], down[e])
-                for e, xe in enumerate(x.split(counts)) if counts[e]]
+        outs = [
+            (self._hidden(xe, gate_up[e]) * se.unsqueeze(-1)) @ down[e].T
+            for e, (xe, se) in enumerate(zip(x.split(counts_list), scale.split(counts_list)))
+            if counts_list[e]
+        ]
         return torch.cat(outs) if outs else x.new_zeros(0, self.d_model)
+
+    def _hidden_grouped(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        h = F.grouped_mm(x, self.gate_up.transpose(1, 2), offs=offsets)  # (rows, 2·d_ff or d_ff)
+        if self.kind == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            return F.silu(gate) * up
+        return ACTIVATIONS[self.kind](h)
 
 
 class SwiGLU(nn.Module):

@@ -24,17 +24,28 @@ from common.moe.routing import Routing, check_topk, expert_capacity, positions_i
 
 
 class GShardRouter(nn.Module):
-    def __init__(self, d_model: int, num_experts: int, capacity_factor: float = 1.25,
-                 random_routing: bool = True, balance_coef: float = 0.01, z_coef: float = 0.0,
-                 seed: int | None = None):
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        capacity_factor: float = 1.25,
+        random_routing: bool = True,
+        balance_coef: float = 0.01,
+        z_coef: float = 0.0,
+        seed: int | None = None,
+    ):
         super().__init__()
         check_topk(2, num_experts)
         if capacity_factor <= 0:
             raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}")
-        self.num_experts, self.capacity_factor, self.random_routing = num_experts, capacity_factor, random_routing
+        self.num_experts, self.capacity_factor, self.random_routing = (
+            num_experts,
+            capacity_factor,
+            random_routing,
+        )
         self.balance_coef, self.z_coef = balance_coef, z_coef
-        self.weight = nn.Parameter(torch.empty(num_experts, d_model))   # (E, d_model), as DeepSpeed's wg
-        nn.init.normal_(self.weight, std=d_model ** -0.5)
+        self.weight = nn.Parameter(torch.empty(num_experts, d_model))  # (E, d_model), as DeepSpeed's wg
+        nn.init.normal_(self.weight, std=d_model**-0.5)
         self.seed = seed
         self._generator: torch.Generator | None = None
 
@@ -48,14 +59,14 @@ class GShardRouter(nn.Module):
     def forward(self, x: torch.Tensor, batch: int = 1) -> Routing:
         """x: (tokens, d_model)."""
         tokens = x.shape[0]
-        logits = F.linear(x.float(), self.weight.float())             # (tokens, E)
+        logits = F.linear(x.float(), self.weight.float())  # (tokens, E)
         probs = logits.softmax(dim=-1)
-        top_p, top_i = probs.topk(2, dim=-1)                          # (tokens, 2): first, second
+        top_p, top_i = probs.topk(2, dim=-1)  # (tokens, 2): first, second
         keep = torch.ones_like(top_i, dtype=torch.bool)
         if self.training and self.random_routing:
             keep[:, 1] = self._uniform(top_p[:, 1]) < 2 * top_p[:, 1]
         # positions: every first choice, in token order, then every kept second choice
-        mask1 = F.one_hot(top_i[:, 0], self.num_experts)              # (tokens, E)
+        mask1 = F.one_hot(top_i[:, 0], self.num_experts)  # (tokens, E)
         mask2 = F.one_hot(top_i[:, 1], self.num_experts) * keep[:, 1:]
         pos1 = positions_in_expert(mask1)
         pos2 = positions_in_expert(mask2) + (mask1.sum(dim=0) * mask2).sum(dim=-1)

@@ -40,12 +40,16 @@ class MoELayer(nn.Module):
     """router + experts (+ shared experts).  ``dropped``: what a token with every slot dropped outputs
     from this layer: ``"zero"`` (the residual stream carries it) or ``"passthrough"`` (its input)."""
 
-    def __init__(self, router: nn.Module, experts: Experts, shared: nn.Module | None = None, dropped: str = "zero"):
+    def __init__(
+        self, router: nn.Module, experts: Experts, shared: nn.Module | None = None, dropped: str = "zero"
+    ):
         super().__init__()
         if dropped not in DROPPED:
             raise ValueError(f"dropped must be one of {DROPPED}, got {dropped!r}")
         if router.num_experts != experts.num_experts:
-            raise ValueError(f"router has {router.num_experts} experts, the expert bank {experts.num_experts}")
+            raise ValueError(
+                f"router has {router.num_experts} experts, the expert bank {experts.num_experts}"
+            )
         self.router, self.experts, self.shared, self.dropped = router, experts, shared, dropped
         self.aux_loss = torch.zeros(())
         self.last_stats: ExpertLoad | None = None
@@ -57,7 +61,7 @@ class MoELayer(nn.Module):
         if x.dim() != 3 or x.shape[-1] != self.experts.d_model:
             raise ValueError(f"MoE layer wants (batch, seq, {self.experts.d_model}), got {tuple(x.shape)}")
         batch, seq, d_model = x.shape
-        flat = x.reshape(-1, d_model)                                          # (batch·seq, d_model)
+        flat = x.reshape(-1, d_model)  # (batch·seq, d_model)
         r = self.router(flat, batch=batch)
         if reference:
             out = dense_loop(flat, self.experts, r.expert_idx, r.weights, r.keep)
@@ -80,16 +84,27 @@ class MoELayer(nn.Module):
 class TopKMoE(MoELayer):
     """Mixtral-style top-k MoE: softmax router, renormalised top-k, SwiGLU experts, nothing dropped."""
 
-    def __init__(self, d_model: int, d_ff: int, num_experts: int, k: int = 2, normalize: bool = True,
-                 balance_coef: float = 0.01, z_coef: float = 0.0, kind: str = "swiglu"):
-        super().__init__(TopKRouter(d_model, num_experts, k, normalize, balance_coef, z_coef),
-                         Experts(num_experts, d_model, d_ff, kind))
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        num_experts: int,
+        k: int = 2,
+        normalize: bool = True,
+        balance_coef: float = 0.01,
+        z_coef: float = 0.0,
+        kind: str = "swiglu",
+    ):
+        super().__init__(
+            TopKRouter(d_model, num_experts, k, normalize, balance_coef, z_coef),
+            Experts(num_experts, d_model, d_ff, kind),
+        )
 
     @classmethod
-    def from_hf(cls, block, **kwargs) -> "TopKMoE":
+    def from_hf(cls, block, **kwargs) -> TopKMoE:
         """Build from a transformers ``MixtralSparseMoeBlock`` with its weights."""
-        w = block.gate.weight                                     # (E, d_model)
-        gate_up = block.experts.gate_up_proj                      # (E, 2·d_ff, d_model), gate rows first
+        w = block.gate.weight  # (E, d_model)
+        gate_up = block.experts.gate_up_proj  # (E, 2·d_ff, d_model), gate rows first
         layer = cls(w.shape[1], gate_up.shape[1] // 2, w.shape[0], block.top_k, **kwargs)
         with torch.no_grad():
             layer.router.weight.copy_(w)
@@ -101,16 +116,39 @@ class TopKMoE(MoELayer):
 class SwitchMoE(MoELayer):
     """Switch Transformer top-1 MoE with capacity; T5-style ReLU experts by default."""
 
-    def __init__(self, d_model: int, d_ff: int, num_experts: int, capacity_factor: float = 1.25,
-                 jitter: float = 0.01, balance_coef: float = 0.01, z_coef: float = 0.001, kind: str = "relu",
-                 dropped: str = "zero", bias: bool = False, per_sequence: bool = False,
-                 expert_capacity: int | None = None):
-        super().__init__(SwitchRouter(d_model, num_experts, capacity_factor, jitter, balance_coef, z_coef,
-                                      bias, per_sequence, expert_capacity),
-                         Experts(num_experts, d_model, d_ff, kind), dropped=dropped)
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        num_experts: int,
+        capacity_factor: float = 1.25,
+        jitter: float = 0.01,
+        balance_coef: float = 0.01,
+        z_coef: float = 0.001,
+        kind: str = "relu",
+        dropped: str = "zero",
+        bias: bool = False,
+        per_sequence: bool = False,
+        expert_capacity: int | None = None,
+    ):
+        super().__init__(
+            SwitchRouter(
+                d_model,
+                num_experts,
+                capacity_factor,
+                jitter,
+                balance_coef,
+                z_coef,
+                bias,
+                per_sequence,
+                expert_capacity,
+            ),
+            Experts(num_experts, d_model, d_ff, kind),
+            dropped=dropped,
+        )
 
     @classmethod
-    def from_hf(cls, mlp, **kwargs) -> "SwitchMoE":
+    def from_hf(cls, mlp, **kwargs) -> SwitchMoE:
         """Build from a transformers ``SwitchTransformersSparseMLP`` with its weights.
 
         Capacity follows transformers: a fixed ``expert_capacity`` per sequence.
@@ -122,8 +160,14 @@ class SwitchMoE(MoELayer):
         if kind is None:
             raise ValueError(f"unsupported Switch expert activation {type(first.act).__name__}")
         d_ff, d_model = first.wi.weight.shape
-        kwargs = {"jitter": router.jitter_noise, "kind": kind, "bias": router.classifier.bias is not None,
-                  "per_sequence": True, "expert_capacity": router.expert_capacity, **kwargs}
+        kwargs = {
+            "jitter": router.jitter_noise,
+            "kind": kind,
+            "bias": router.classifier.bias is not None,
+            "per_sequence": True,
+            "expert_capacity": router.expert_capacity,
+            **kwargs,
+        }
         layer = cls(d_model, d_ff, router.num_experts, **kwargs)
         with torch.no_grad():
             layer.router.classifier.load_state_dict(router.classifier.state_dict())
@@ -136,12 +180,24 @@ class SwitchMoE(MoELayer):
 class GShardMoE(MoELayer):
     """GShard top-2 MoE: capacity, random routing of the second expert; SwiGLU experts by default."""
 
-    def __init__(self, d_model: int, d_ff: int, num_experts: int, capacity_factor: float = 1.25,
-                 random_routing: bool = True, balance_coef: float = 0.01, z_coef: float = 0.0,
-                 kind: str = "swiglu", dropped: str = "zero", seed: int | None = None):
-        super().__init__(GShardRouter(d_model, num_experts, capacity_factor, random_routing, balance_coef,
-                                      z_coef, seed),
-                         Experts(num_experts, d_model, d_ff, kind), dropped=dropped)
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        num_experts: int,
+        capacity_factor: float = 1.25,
+        random_routing: bool = True,
+        balance_coef: float = 0.01,
+        z_coef: float = 0.0,
+        kind: str = "swiglu",
+        dropped: str = "zero",
+        seed: int | None = None,
+    ):
+        super().__init__(
+            GShardRouter(d_model, num_experts, capacity_factor, random_routing, balance_coef, z_coef, seed),
+            Experts(num_experts, d_model, d_ff, kind),
+            dropped=dropped,
+        )
 
 
 class DeepSeekMoE(MoELayer):
@@ -152,19 +208,44 @@ class DeepSeekMoE(MoELayer):
     use :meth:`fine_grained`.
     """
 
-    def __init__(self, d_model: int, d_expert: int, num_experts: int, k: int, n_shared: int = 1,
-                 scoring: str = "sigmoid", n_group: int = 1, topk_group: int = 1, norm_topk_prob: bool = True,
-                 routed_scaling_factor: float = 1.0, bias_update_speed: float = 0.0,
-                 seq_balance_coef: float = 0.0, balance_coef: float = 0.0):
+    def __init__(
+        self,
+        d_model: int,
+        d_expert: int,
+        num_experts: int,
+        k: int,
+        n_shared: int = 1,
+        scoring: str = "sigmoid",
+        n_group: int = 1,
+        topk_group: int = 1,
+        norm_topk_prob: bool = True,
+        routed_scaling_factor: float = 1.0,
+        bias_update_speed: float = 0.0,
+        seq_balance_coef: float = 0.0,
+        balance_coef: float = 0.0,
+    ):
         if n_shared < 0:
             raise ValueError(f"n_shared must be >= 0, got {n_shared}")
-        super().__init__(DeepSeekRouter(d_model, num_experts, k, scoring, n_group, topk_group, norm_topk_prob,
-                                        routed_scaling_factor, bias_update_speed, seq_balance_coef, balance_coef),
-                         Experts(num_experts, d_model, d_expert, "swiglu"),
-                         SwiGLU(d_model, n_shared * d_expert) if n_shared else None)
+        super().__init__(
+            DeepSeekRouter(
+                d_model,
+                num_experts,
+                k,
+                scoring,
+                n_group,
+                topk_group,
+                norm_topk_prob,
+                routed_scaling_factor,
+                bias_update_speed,
+                seq_balance_coef,
+                balance_coef,
+            ),
+            Experts(num_experts, d_model, d_expert, "swiglu"),
+            SwiGLU(d_model, n_shared * d_expert) if n_shared else None,
+        )
 
     @classmethod
-    def fine_grained(cls, d_model: int, d_ff: int, num_experts: int, k: int, m: int, **kwargs) -> "DeepSeekMoE":
+    def fine_grained(cls, d_model: int, d_ff: int, num_experts: int, k: int, m: int, **kwargs) -> DeepSeekMoE:
         """Split each of ``num_experts`` experts of width ``d_ff`` into ``m``: m·N experts of width
         d_ff/m, top-(m·k), so the active parameters per token stay those of top-k."""
         if m < 1 or d_ff % m:
@@ -172,15 +253,26 @@ class DeepSeekMoE(MoELayer):
         return cls(d_model, d_ff // m, num_experts * m, k * m, **kwargs)
 
     @classmethod
-    def from_hf(cls, moe, **kwargs) -> "DeepSeekMoE":
+    def from_hf(cls, moe, **kwargs) -> DeepSeekMoE:
         """Build from a transformers ``DeepseekV3MoE`` (sigmoid scoring) with its weights and bias."""
         g = moe.gate
-        gate_up = moe.experts.gate_up_proj                        # (E, 2·d_expert, d_model)
+        gate_up = moe.experts.gate_up_proj  # (E, 2·d_expert, d_model)
         d_expert = gate_up.shape[1] // 2
         shared = moe.shared_experts
         n_shared = shared.gate_proj.weight.shape[0] // d_expert
-        layer = cls(g.hidden_dim, d_expert, g.num_experts, g.top_k, n_shared, "sigmoid", g.num_group,
-                    g.topk_group, g.norm_topk_prob, g.routed_scaling_factor, **kwargs)
+        layer = cls(
+            g.hidden_dim,
+            d_expert,
+            g.num_experts,
+            g.top_k,
+            n_shared,
+            "sigmoid",
+            g.num_group,
+            g.topk_group,
+            g.norm_topk_prob,
+            g.routed_scaling_factor,
+            **kwargs,
+        )
         with torch.no_grad():
             layer.router.weight.copy_(g.weight)
             layer.router.e_score_correction_bias.copy_(g.e_score_correction_bias)

@@ -22,13 +22,15 @@ def balance_loss(probs: torch.Tensor, expert_idx: torch.Tensor) -> torch.Tensor:
     expert_idx: (tokens, k) chosen experts, counted before any capacity drop.
     """
     if probs.dim() != 2 or expert_idx.dim() != 2 or probs.shape[0] != expert_idx.shape[0]:
-        raise ValueError(f"balance_loss wants probs (tokens, E) and expert_idx (tokens, k), "
-                         f"got {tuple(probs.shape)} and {tuple(expert_idx.shape)}")
+        raise ValueError(
+            f"balance_loss wants probs (tokens, E) and expert_idx (tokens, k), "
+            f"got {tuple(probs.shape)} and {tuple(expert_idx.shape)}"
+        )
     num_experts = probs.shape[1]
     counts = torch.zeros(num_experts, device=probs.device, dtype=probs.dtype)
     counts.scatter_add_(0, expert_idx.reshape(-1), torch.ones_like(expert_idx, dtype=probs.dtype).reshape(-1))
-    f = counts / expert_idx.numel()       # fraction of slots per expert, sums to 1
-    p = probs.mean(dim=0)                 # mean probability per expert, sums to 1
+    f = counts / expert_idx.numel()  # fraction of slots per expert, sums to 1
+    p = probs.mean(dim=0)  # mean probability per expert, sums to 1
     return num_experts * (f * p).sum()
 
 
@@ -49,10 +51,12 @@ def sequence_balance_loss(scores: torch.Tensor, expert_idx: torch.Tensor, batch:
         raise ValueError(f"{tokens} tokens do not split into {batch} sequences")
     k = expert_idx.shape[1]
     s = scores / scores.sum(dim=-1, keepdim=True)
-    s = s.view(batch, -1, num_experts)                        # (batch, T, E)
+    s = s.view(batch, -1, num_experts)  # (batch, T, E)
     seq_len = s.shape[1]
     counts = torch.zeros(batch, num_experts, device=scores.device, dtype=scores.dtype)
-    counts.scatter_add_(1, expert_idx.view(batch, -1), torch.ones_like(expert_idx, dtype=scores.dtype).view(batch, -1))
-    f = counts * num_experts / (k * seq_len)                  # (batch, E)
-    p = s.mean(dim=1)                                         # (batch, E)
+    counts.scatter_add_(
+        1, expert_idx.view(batch, -1), torch.ones_like(expert_idx, dtype=scores.dtype).view(batch, -1)
+    )
+    f = counts * num_experts / (k * seq_len)  # (batch, E)
+    p = s.mean(dim=1)  # (batch, E)
     return (f * p).sum(dim=-1).mean()

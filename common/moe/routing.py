@@ -15,11 +15,11 @@ import torch
 
 @dataclass
 class Routing:
-    expert_idx: torch.Tensor   # (tokens, k) int64: the chosen expert of every slot
-    weights: torch.Tensor      # (tokens, k) combine weights, 0 where the slot is dropped
+    expert_idx: torch.Tensor  # (tokens, k) int64: the chosen expert of every slot
+    weights: torch.Tensor  # (tokens, k) combine weights, 0 where the slot is dropped
     keep: torch.Tensor | None  # (tokens, k) bool, False where a slot is dropped; None: nothing dropped
-    logits: torch.Tensor       # (tokens, num_experts) fp32 router logits
-    aux_loss: torch.Tensor     # scalar: the auxiliary losses, each already times its coefficient
+    logits: torch.Tensor  # (tokens, num_experts) fp32 router logits
+    aux_loss: torch.Tensor  # scalar: the auxiliary losses, each already times its coefficient
     losses: dict[str, torch.Tensor] = field(default_factory=dict)  # the same terms, unweighted, detached
 
 

@@ -14,9 +14,9 @@ class ExpertLoad:
     ``counts`` stays a tensor (no host sync in the forward); the properties turn it into floats.
     """
 
-    counts: torch.Tensor   # (num_experts,) slots each expert computed
-    dropped: int           # slots dropped by capacity or random routing
-    slots: int             # tokens · k: the slots the router filled
+    counts: torch.Tensor  # (num_experts,) slots each expert computed
+    dropped: int  # slots dropped by capacity or random routing
+    slots: int  # tokens · k: the slots the router filled
 
     @property
     def max_over_mean(self) -> float:
@@ -35,15 +35,23 @@ class ExpertLoad:
         return self.dropped / max(self.slots, 1)
 
     def as_dict(self) -> dict:
-        return {"tokens_per_expert": self.counts.tolist(), "max_over_mean": self.max_over_mean,
-                "cv": self.cv, "dropped_fraction": self.dropped_fraction}
+        return {
+            "tokens_per_expert": self.counts.tolist(),
+            "max_over_mean": self.max_over_mean,
+            "cv": self.cv,
+            "dropped_fraction": self.dropped_fraction,
+        }
 
 
 def merge_loads(loads: list[ExpertLoad]) -> dict:
     """Summary over several layers (e.g. every MoE layer of a model): mean and worst max/mean, drops."""
     if not loads:
         raise ValueError("merge_loads needs at least one ExpertLoad")
-    mm = [l.max_over_mean for l in loads]
-    return {"layers": len(loads), "max_over_mean_mean": sum(mm) / len(mm), "max_over_mean_worst": max(mm),
-            "cv_mean": sum(l.cv for l in loads) / len(loads),
-            "dropped_fraction": sum(l.dropped for l in loads) / max(sum(l.slots for l in loads), 1)}
+    mm = [ld.max_over_mean for ld in loads]
+    return {
+        "layers": len(loads),
+        "max_over_mean_mean": sum(mm) / len(mm),
+        "max_over_mean_worst": max(mm),
+        "cv_mean": sum(ld.cv for ld in loads) / len(loads),
+        "dropped_fraction": sum(ld.dropped for ld in loads) / max(sum(ld.slots for ld in loads), 1),
+    }

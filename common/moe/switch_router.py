@@ -25,9 +25,18 @@ from common.moe.routing import Routing, check_topk, expert_capacity, positions_i
 
 
 class SwitchRouter(nn.Module):
-    def __init__(self, d_model: int, num_experts: int, capacity_factor: float = 1.25, jitter: float = 0.01,
-                 balance_coef: float = 0.01, z_coef: float = 0.001, bias: bool = False,
-                 per_sequence: bool = False, expert_capacity: int | None = None):
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        capacity_factor: float = 1.25,
+        jitter: float = 0.01,
+        balance_coef: float = 0.01,
+        z_coef: float = 0.001,
+        bias: bool = False,
+        per_sequence: bool = False,
+        expert_capacity: int | None = None,
+    ):
         super().__init__()
         check_topk(1, num_experts)
         if capacity_factor <= 0:
@@ -52,15 +61,21 @@ class SwitchRouter(nn.Module):
         if self.training and self.jitter > 0:
             h = h * torch.empty_like(h).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
         bias = None if self.classifier.bias is None else self.classifier.bias.float()
-        logits = F.linear(h, self.classifier.weight.float(), bias)   # (tokens, E)
+        logits = F.linear(h, self.classifier.weight.float(), bias)  # (tokens, E)
         probs = logits.softmax(dim=-1)
-        top_p, top_i = probs.max(dim=-1)                             # (tokens,)
+        top_p, top_i = probs.max(dim=-1)  # (tokens,)
         groups = batch if self.per_sequence else 1
         one_hot = F.one_hot(top_i, self.num_experts).view(groups, -1, self.num_experts)  # (groups, T, E)
-        keep = positions_in_expert(one_hot).view(-1) < self.capacity(one_hot.shape[1])    # (tokens,)
+        keep = positions_in_expert(one_hot).view(-1) < self.capacity(one_hot.shape[1])  # (tokens,)
         aux, losses = logits.new_zeros(()), {}
         if self.training:
             losses = {"balance": balance_loss(probs, top_i[:, None]), "z": z_loss(logits)}
             aux = self.balance_coef * losses["balance"] + self.z_coef * losses["z"]
-        return Routing(top_i[:, None], (top_p * keep)[:, None], keep[:, None], logits, aux,
-                       {n: v.detach() for n, v in losses.items()})
+        return Routing(
+            top_i[:, None],
+            (top_p * keep)[:, None],
+            keep[:, None],
+            logits,
+            aux,
+            {n: v.detach() for n, v in losses.items()},
+        )

@@ -17,20 +17,27 @@ from common.moe.routing import Routing, check_topk
 
 
 class TopKRouter(nn.Module):
-    def __init__(self, d_model: int, num_experts: int, k: int = 2, normalize: bool = True,
-                 balance_coef: float = 0.01, z_coef: float = 0.0):
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        k: int = 2,
+        normalize: bool = True,
+        balance_coef: float = 0.01,
+        z_coef: float = 0.0,
+    ):
         super().__init__()
         check_topk(k, num_experts)
         self.num_experts, self.k, self.normalize = num_experts, k, normalize
         self.balance_coef, self.z_coef = balance_coef, z_coef
         self.weight = nn.Parameter(torch.empty(num_experts, d_model))  # (E, d_model), as Mixtral's gate
-        nn.init.normal_(self.weight, std=d_model ** -0.5)
+        nn.init.normal_(self.weight, std=d_model**-0.5)
 
     def forward(self, x: torch.Tensor, batch: int = 1) -> Routing:
         """x: (tokens, d_model); ``batch`` (sequences) is unused here."""
-        logits = F.linear(x.float(), self.weight.float())          # (tokens, E)
+        logits = F.linear(x.float(), self.weight.float())  # (tokens, E)
         probs = logits.softmax(dim=-1)
-        top_p, top_i = probs.topk(self.k, dim=-1)                  # (tokens, k)
+        top_p, top_i = probs.topk(self.k, dim=-1)  # (tokens, k)
         if self.normalize:
             top_p = top_p / top_p.sum(dim=-1, keepdim=True)
         aux, losses = logits.new_zeros(()), {}

@@ -1,0 +1,326 @@
+"""Benchmark: our MoE layer against transformers' Mixtral and DeepSeek-V3 blocks, DeepSpeed's MoE,
+and the floor, side by side in one run.
+
+    python -m benchmarks.bench_moe            # the issue's three configurations (several minutes)
+    python -m benchmarks.bench_moe --quick    # a tiny smoke run (seconds)
+
+The floor is the same active FLOPs with no routing at all: one dense SwiGLU matmul chain (gate, up,
+down at the expert width) over ``tokens·k`` rows.  Every column is timed in the same process,
+round-robin (one run of each variant per round, so load from other processes hits all of them
+alike), and reported as the median of ``--repeats`` runs after warm-up, as a multiple of the floor.
+The goals are the issue's: ours ≤1.3× (fine-grained training), ≤3× (decoding), ≤1.15× (coarse).
+
+For decoding, ``read active weights`` only reads the chosen experts' weights once: the bytes any
+decode step has to stream, which no implementation can beat (the floor reads one expert's weights,
+which stay in cache).
+
+Columns: ``ours`` is :class:`common.moe.TopKMoE` (Mixtral routing); ``ours DS`` is our
+:class:`common.moe.DeepSeekMoE` with the same shared experts as the transformers DeepseekV3MoE column.
+The JSON goes to ``benchmarks/results/bench_moe.json`` (``--json`` to change).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common.moe import DeepSeekMoE, TopKMoE
+
+
+@dataclass
+class Config:
+    name: str
+    tokens: int
+    d_model: int
+    experts: int
+    d_expert: int
+    k: int
+    train: bool
+    n_shared: int  # shared experts of the DeepSeek columns
+    ds_capacity: tuple  # DeepSpeed capacity factors to time
+    goal: float
+
+
+FULL = [
+    Config(
+        "train fwd+bwd, 4096 tok, d 512, 64 experts x 256, top-6",
+        4096,
+        512,
+        64,
+        256,
+        6,
+        True,
+        1,
+        (1.25,),
+        1.3,
+    ),
+    Config("decode fwd, 8 tok, d 512, 64 experts x 256, top-6", 8, 512, 64, 256, 6, False, 1, (1.25,), 3.0),
+    Config(
+        "train fwd+bwd, 4096 tok, d 512, 16 experts x 1024, top-2",
+        4096,
+        512,
+        16,
+        1024,
+        2,
+        True,
+        0,
+        (1.0, 2.0),
+        1.15,
+    ),
+]
+QUICK = [
+    Config("train fwd+bwd, 256 tok, d 64, 16 experts x 32, top-4", 256, 64, 16, 32, 4, True, 1, (1.25,), 1.3),
+    Config("decode fwd, 4 tok, d 64, 16 experts x 32, top-4", 4, 64, 16, 32, 4, False, 1, (1.25,), 3.0),
+]
+
+
+class Floor(nn.Module):
+    """One dense SwiGLU (fused gate/up, then down) at the expert width, on tokens·k rows."""
+
+    def __init__(self, d_model: int, d_ff: int):
+        super().__init__()
+        self.gate_up = nn.Linear(d_model, 2 * d_ff, bias=False)
+        self.down = nn.Linear(d_ff, d_model, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class SwiGLUExpert(nn.Module):
+    """The expert module handed to DeepSpeed's MoE (it deep-copies one per expert)."""
+
+    def __init__(self, d_model: int, d_ff: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(d_model, d_ff, bias=False)
+        self.up_proj = nn.Linear(d_model, d_ff, bias=False)
+        self.down_proj = nn.Linear(d_ff, d_model, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _init_dist():
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+        dist.init_process_group("gloo", rank=0, world_size=1)
+
+
+def _randomize(module, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.numel() == 0:  # transformers' DeepseekV3 shared MLP of width 0 (no shared experts)
+                continue
+            p.copy_(torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5)
+    return module
+
+
+def build_variants(c: Config) -> dict:
+    """name -> (module, input); every module maps its input like an MoE layer would."""
+    from transformers import DeepseekV3Config, MixtralConfig
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    torch.manual_seed(0)
+    x = torch.randn(1, c.tokens, c.d_model)
+    rows = torch.randn(c.tokens * c.k, c.d_model)
+    variants = {"floor": (_randomize(Floor(c.d_model, c.d_expert)), rows)}
+
+    mcfg = MixtralConfig(
+        hidden_size=c.d_model,
+        intermediate_size=c.d_expert,
+        num_local_experts=c.experts,
+        num_experts_per_tok=c.k,
+        router_jitter_noise=0.0,
+    )
+    mcfg._experts_implementation = "eager"  # what a standalone block runs
+    hf_mixtral = _randomize(MixtralSparseMoeBlock(mcfg))
+    variants["ours"] = (TopKMoE.from_hf(hf_mixtral, balance_coef=0.0), x)
+    variants["HF Mixtral"] = (hf_mixtral, x)
+
+    dcfg = DeepseekV3Config(
+        hidden_size=c.d_model,
+        moe_intermediate_size=c.d_expert,
+        n_routed_experts=c.experts,
+        num_experts_per_tok=c.k,
+        n_group=1,
+        topk_group=1,
+        n_shared_experts=c.n_shared,
+        routed_scaling_factor=1.0,
+        norm_topk_prob=True,
+    )
+    dcfg._experts_implementation = "eager"
+    hf_ds = _randomize(DeepseekV3MoE(dcfg))
+    if c.n_shared:
+        variants["ours DS"] = (DeepSeekMoE.from_hf(hf_ds), x)
+    variants["HF DeepseekV3"] = (hf_ds, x)
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from deepspeed.moe.layer import MoE
+        _init_dist()
+        for cf in c.ds_capacity:
+            ds = MoE(
+                c.d_model,
+                SwiGLUExpert(c.d_model, c.d_expert),
+                num_experts=c.experts,
+                ep_size=1,
+                k=c.k,
+                capacity_factor=cf,
+                eval_capacity_factor=cf,
+                min_capacity=0,
+                use_rts=False,
+            )
+            variants[f"DeepSpeed cf{cf:g}"] = (_randomize(ds), x)
+    except Exception as e:  # noqa: BLE001 - DeepSpeed is optional: say why the column is missing
+        print(f"DeepSpeed MoE not timed: {type(e).__name__}: {e}", file=sys.stderr)
+    if not c.train:
+        variants["read active weights"] = (ReadActiveWeights(variants["ours"][0]), x)
+    return variants
+
+
+class ReadActiveWeights(nn.Module):
+    """Not an MoE: reads (sums) the weights of the experts our router picks for ``x``, once each.
+    A decode step must stream these bytes from memory, so this bounds any implementation."""
+
+    def __init__(self, layer: TopKMoE):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        active = self.layer.router(x.reshape(-1, x.shape[-1])).expert_idx.unique().tolist()
+        gate_up, down = self.layer.experts.gate_up, self.layer.experts.down
+        return sum(gate_up[e].sum() + down[e].sum() for e in active)
+
+
+def _call(module, x, train: bool, grad_out: dict):
+    if not train:
+        with torch.no_grad():
+            module(x)
+        return
+    module.zero_grad(set_to_none=True)
+    out = module(x)
+    out = out[0] if isinstance(out, tuple) else out  # DeepSpeed returns (out, l_aux, counts)
+    g = grad_out.get(out.shape)
+    if g is None:
+        g = grad_out[out.shape] = torch.randn(out.shape)
+    out.backward(g)
+
+
+def time_config(c: Config, repeats: int, warmup: int) -> dict:
+    variants = build_variants(c)
+    for module, _ in variants.values():
+        module.train(c.train)
+    grad_out: dict = {}
+    times = {name: [] for name in variants}
+    for _ in range(warmup):
+        for module, x in variants.values():
+            _call(module, x, c.train, grad_out)
+    for _ in range(repeats):
+        for name, (module, x) in variants.items():  # round-robin: noise hits every column alike
+            t0 = time.perf_counter()
+            _call(module, x, c.train, grad_out)
+            times[name].append(time.perf_counter() - t0)
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    floor = med["floor"]
+    return {
+        "config": asdict(c),
+        "median_s": med,
+        "x_floor": {n: t / floor for n, t in med.items()},
+        "goal_met": med["ours"] / floor <= c.goal,
+    }
+
+
+def print_table(results: list[dict]) -> None:
+    names = []
+    for r in results:
+        names += [n for n in r["x_floor"] if n not in names and n != "floor"]
+    w = max(len(n) for n in names)
+    head = f"| {'config':<58} | floor ms | " + " | ".join(f"{n:>{w}}" for n in names) + " | goal  | met |"
+    print(head)
+    print("|" + "|".join("-" * (len(part)) for part in head.split("|")[1:-1]) + "|")
+    for r in results:
+        cells = [f"{r['x_floor'][n]:{w - 1}.2f}x" if n in r["x_floor"] else f"{'-':>{w}}" for n in names]
+        print(
+            f"| {r['config']['name']:<58} | {1e3 * r['median_s']['floor']:8.1f} | "
+            + " | ".join(cells)
+            + f" | {r['config']['goal']:.2f}x | {'yes' if r['goal_met'] else 'NO':>3} |"
+        )
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, a smoke test of the benchmark")
+    parser.add_argument(
+        "--repeats", type=int, default=7, help="timed runs per variant (the median is reported)"
+    )
+    parser.add_argument("--warmup", type=int, default=2, help="untimed runs per variant first")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument(
+        "--only",
+        type=int,
+        nargs="*",
+        default=None,
+        help="time only these configurations (0-based indices into the table)",
+    )
+    parser.add_argument(
+        "--json", default="benchmarks/results/bench_moe.json", help="where to write the results"
+    )
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from common.env import environment_report
+
+    env = environment_report()
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {env['cpu']} ({env['cores']} cores)"
+    )
+    results = []
+    configs = QUICK if args.quick else FULL
+    for i, c in enumerate(configs):
+        if args.only is not None and i not in args.only:
+            continue
+        print(f"timing: {c.name} ...", flush=True)
+        results.append(time_config(c, args.repeats, args.warmup))
+        print("  " + ", ".join(f"{n} {x:.2f}x" for n, x in results[-1]["x_floor"].items()), flush=True)
+    print()
+    print_table(results)
+    payload = {
+        "quick": args.quick,
+        "repeats": args.repeats,
+        "threads": torch.get_num_threads(),
+        "environment": {
+            "cpu": env["cpu"],
+            "cores": env["cores"],
+            "torch": torch.__version__,
+            "transformers": env["packages"]["transformers"]["version"],
+            "deepspeed": env["packages"]["deepspeed"]["version"],
+        },
+        "results": results,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(payload, f, indent=2)
+    print(f"\nwrote {args.json}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
