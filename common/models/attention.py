@@ -157,11 +157,12 @@ class CausalSelfAttention(nn.Module):
         b, t, _ = x.shape
         h, kv, hd = self.n_head, self.n_kv_head, self.head_dim
         qkv = self.qkv(x).view(b, t, h + 2 * kv, hd).transpose(1, 2)        # (batch, h+2kv, seq, hd)
-        q, k, v = qkv.split((h, kv, kv), dim=1)                             # (batch, h|kv|kv, seq, hd)
+        qk, v = qkv.split((h + kv, kv), dim=1)                              # (batch, h+kv | kv, seq, hd)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+            qk = torch.cat([self.q_norm(qk[:, :h]), self.k_norm(qk[:, h:])], dim=1)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            qk = apply_rope(qk, *rope)          # queries and keys rotate alike: one pass over both
+        q, k = qk.split((h, kv), dim=1)                                     # (batch, h | kv, seq, hd)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)                    # (batch, kv, keys, hd)
         n_keys = k.shape[2]
