@@ -72,22 +72,26 @@ class Experts(nn.Module):
         """Run the experts on rows sorted by expert: expert e gets the next ``counts[e]`` rows.
 
         x: (rows, d_model), rows = sum(counts); each row's output is multiplied by ``scale``
-        (rows,), its routing weight.  The weight is applied to the hidden activations, before the
-        (linear) down projection: the same result on a tensor half as wide.  ``counts`` (E,) comes
-        as a tensor and as a list.  Where torch has ``F.grouped_mm`` (CPU here) each projection is
-        one grouped matmul over all experts; elsewhere a loop runs one expert per contiguous slice.
+        (rows,), its routing weight.  The down projection is linear, so the weight can go on its
+        input (rows, d_ff) or its output (rows, d_model): it goes on the narrower of the two.
+        ``counts`` (E,) comes as a tensor and as a list.  Where torch has ``F.grouped_mm`` (CPU
+        here) each projection is one grouped matmul over all experts; elsewhere a loop runs one
+        expert per contiguous slice.
         """
+        scale = scale.unsqueeze(-1)  # (rows, 1)
+        scale_hidden = self.d_ff <= self.d_model
         if self.use_grouped_mm and x.device.type == "cpu":
             offsets = counts.cumsum(0).to(torch.int32)  # (E,) end row of each expert
-            h = self._hidden_grouped(x, offsets) * scale.unsqueeze(-1)  # (rows, d_ff)
-            return F.grouped_mm(h, self.down.transpose(1, 2), offs=offsets)  # (rows, d_model)
+            h = self._hidden_grouped(x, offsets)  # (rows, d_ff)
+            y = F.grouped_mm(h * scale if scale_hidden else h, self.down.transpose(1, 2), offs=offsets)
+            return y if scale_hidden else y * scale  # (rows, d_model)
         # unbind once: indexing gate_up[e] per expert would build a full-size zero gradient per expert
         gate_up, down = self.gate_up.unbind(0), self.down.unbind(0)
-        outs = [
-            (self._hidden(xe, gate_up[e]) * se.unsqueeze(-1)) @ down[e].T
-            for e, (xe, se) in enumerate(zip(x.split(counts_list), scale.split(counts_list)))
-            if counts_list[e]
-        ]
+        outs = []
+        for e, (xe, se) in enumerate(zip(x.split(counts_list), scale.split(counts_list))):
+            if counts_list[e]:
+                h = self._hidden(xe, gate_up[e])
+                outs.append((h * se) @ down[e].T if scale_hidden else (h @ down[e].T) * se)
         return torch.cat(outs) if outs else x.new_zeros(0, self.d_model)
 
     def _hidden_grouped(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
