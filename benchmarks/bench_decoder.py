@@ -55,22 +55,38 @@ def race(contenders: dict, repeats: int, device: str) -> dict[str, list[float]]:
     return times
 
 
-def bench_decode(model: DecoderLM, hf, prompt_len: int, new_tokens: int, repeats: int, device: str, seed: int):
+def bench_decode(
+    model: DecoderLM, hf, prompt_len: int, new_tokens: int, repeats: int, device: str, seed: int
+):
     g = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=g).tolist()
     hf_input = torch.tensor(prompt, device=device)
-    hf_kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
-                     attention_mask=torch.ones_like(hf_input))
+    hf_kwargs = dict(
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+        attention_mask=torch.ones_like(hf_input),
+    )
     ours = generate(model, prompt, new_tokens)[0]
     theirs = hf.generate(hf_input, **hf_kwargs)[0, prompt_len:].tolist()
     same_tokens = ours == theirs
-    times = race({
-        "ours (KV cache)": lambda: generate(model, prompt, new_tokens),
-        "HF generate": lambda: hf.generate(hf_input, **hf_kwargs),
-    }, repeats, device)
+    times = race(
+        {
+            "ours (KV cache)": lambda: generate(model, prompt, new_tokens),
+            "HF generate": lambda: hf.generate(hf_input, **hf_kwargs),
+        },
+        repeats,
+        device,
+    )
     # recomputation is slow; fewer repeats
-    times.update(race({"ours (no cache)": lambda: generate(model, prompt, new_tokens, use_cache=False)},
-                      max(1, repeats // 2), device))
+    times.update(
+        race(
+            {"ours (no cache)": lambda: generate(model, prompt, new_tokens, use_cache=False)},
+            max(1, repeats // 2),
+            device,
+        )
+    )
     return times, same_tokens
 
 
@@ -93,7 +109,7 @@ def bench_train(model: DecoderLM, hf, batch: int, seq: int, repeats: int, device
         losses["ours"].append(loss.item())
 
     def step_hf():
-        loss = theirs(input_ids=x, labels=x).loss                        # HF shifts the labels itself
+        loss = theirs(input_ids=x, labels=x).loss  # HF shifts the labels itself
         loss.backward()
         opt_hf.step()
         opt_hf.zero_grad(set_to_none=True)
@@ -103,14 +119,22 @@ def bench_train(model: DecoderLM, hf, batch: int, seq: int, repeats: int, device
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="fewer tokens and repeats, a smaller model (CI)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run")
-    parser.add_argument("--json", default="benchmarks/results/bench_decoder.json", help="where to write results")
+    parser.add_argument(
+        "--json", default="benchmarks/results/bench_decoder.json", help="where to write results"
+    )
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per contender (quick: 2)")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights and inputs")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for torch (default: torch's choice); 1 steadies timings on a busy machine")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch (default: torch's choice); 1 steadies timings on a busy machine",
+    )
     args = parser.parse_args(argv)
     device, reason = choose_device(args.device)
     if args.threads:
@@ -125,12 +149,17 @@ def main(argv=None) -> dict:
 
     model = DecoderLM(cfg).to(device).eval()
     hf = model.to_hf()
-    setup = (f"{'quick: ' if args.quick else ''}DecoderLM {cfg.n_layer} layers, d_model {cfg.d_model}, "
-             f"{cfg.n_head} heads / {cfg.n_kv_head} kv, vocab {cfg.vocab_size}, {model.num_params():,} params, fp32, "
-             f"{device} ({torch.get_num_threads()} threads); HF attention: {hf.config._attn_implementation}")
+    setup = (
+        f"{'quick: ' if args.quick else ''}DecoderLM {cfg.n_layer} layers, d_model {cfg.d_model}, "
+        f"{cfg.n_head} heads / {cfg.n_kv_head} kv, vocab {cfg.vocab_size}, {model.num_params():,} params, "
+        f"fp32, "
+        f"{device} ({torch.get_num_threads()} threads); HF attention: {hf.config._attn_implementation}"
+    )
     print(setup)
-    print(f"decoding: batch 1, prompt {prompt_len} tokens, {new_tokens} new tokens, greedy; "
-          f"training: batch {batch} x {seq} tokens, AdamW; {repeats} repeats after a warm-up")
+    print(
+        f"decoding: batch 1, prompt {prompt_len} tokens, {new_tokens} new tokens, greedy; "
+        f"training: batch {batch} x {seq} tokens, AdamW; {repeats} repeats after a warm-up"
+    )
 
     dec_times, same_tokens = bench_decode(model, hf, prompt_len, new_tokens, repeats, device, args.seed)
     train_times, losses = bench_train(model, hf, batch, seq, repeats, device, args.seed)
@@ -157,21 +186,36 @@ def main(argv=None) -> dict:
     for name, value in ratios.items():
         print(f"{name:<36}{value:>9.2f}x{GOALS[name]:>7.1f}x  {'yes' if value >= GOALS[name] else 'NO'}")
     loss_diff = max(abs(a - b) for a, b in zip(losses["ours"], losses["hf"]))
-    print(f"\nsame greedy tokens as HF: {same_tokens}; training losses step by step, ours vs HF: "
-          f"{losses['ours'][0]:.5f} vs {losses['hf'][0]:.5f} at the first step, max |diff| {loss_diff:.1e} "
-          f"over {len(losses['ours'])} steps")
+    print(
+        f"\nsame greedy tokens as HF: {same_tokens}; training losses step by step, ours vs HF: "
+        f"{losses['ours'][0]:.5f} vs {losses['hf'][0]:.5f} at the first step, max |diff| {loss_diff:.1e} "
+        f"over {len(losses['ours'])} steps"
+    )
     if args.quick:
         print("(quick mode: a small model and few tokens; the goals are for the full run)")
 
     result = {
-        "setup": setup, "device": device, "device_reason": reason, "quick": args.quick,
-        "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
-        "config": cfg.to_dict(), "prompt_len": prompt_len, "new_tokens": new_tokens,
-        "train_batch": batch, "train_seq": seq, "repeats": repeats,
+        "setup": setup,
+        "device": device,
+        "device_reason": reason,
+        "quick": args.quick,
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "config": cfg.to_dict(),
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "train_batch": batch,
+        "train_seq": seq,
+        "repeats": repeats,
         "seconds": {k: v for k, v in {**dec_times, **train_times}.items()},
-        "median_seconds": med, "values": dict(rows), "ratios": ratios, "goals": GOALS,
-        "goals_met": {k: ratios[k] >= GOALS[k] for k in GOALS}, "same_tokens_as_hf": same_tokens,
-        "train_losses": losses, "train_loss_max_abs_diff": loss_diff,
+        "median_seconds": med,
+        "values": dict(rows),
+        "ratios": ratios,
+        "goals": GOALS,
+        "goals_met": {k: ratios[k] >= GOALS[k] for k in GOALS},
+        "same_tokens_as_hf": same_tokens,
+        "train_losses": losses,
+        "train_loss_max_abs_diff": loss_diff,
     }
     write_json(args.json, result)
     print(f"results: {args.json}")

@@ -29,8 +29,28 @@ from tqdm import tqdm
 from common.models.transformer import Seq2SeqTransformer
 from common.runner import parse_args, run_script, script_parser
 
-ONES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
-        "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen"]
+ONES = [
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+    "thirteen",
+    "fourteen",
+    "fifteen",
+    "sixteen",
+    "seventeen",
+    "eighteen",
+    "nineteen",
+]
 TENS = ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
 PAD, BOS, EOS = 0, 1, 2
 
@@ -90,11 +110,11 @@ def encode_batch(numbers: list[int], src_vocab: CharVocab, tgt_vocab: CharVocab,
     s_len, t_len = max(map(len, src)), max(map(len, tgt)) + 1
     src_t = torch.full((len(numbers), s_len), PAD, dtype=torch.long)
     tgt_in = torch.full((len(numbers), t_len), PAD, dtype=torch.long)
-    tgt_out = torch.full((len(numbers), t_len), -100, dtype=torch.long)   # -100: ignored by the loss
+    tgt_out = torch.full((len(numbers), t_len), -100, dtype=torch.long)  # -100: ignored by the loss
     for i, (s, t) in enumerate(zip(src, tgt)):
-        src_t[i, :len(s)] = torch.tensor(s)
-        tgt_in[i, :len(t) + 1] = torch.tensor([BOS] + t)
-        tgt_out[i, :len(t) + 1] = torch.tensor(t + [EOS])
+        src_t[i, : len(s)] = torch.tensor(s)
+        tgt_in[i, : len(t) + 1] = torch.tensor([BOS] + t)
+        tgt_out[i, : len(t) + 1] = torch.tensor(t + [EOS])
     return src_t.to(device), tgt_in.to(device), tgt_out.to(device)
 
 
@@ -104,7 +124,7 @@ def exact_match(model, numbers, src_vocab, tgt_vocab, device, batch_size=256) ->
     model.eval()
     correct, examples = 0, []
     for i in range(0, len(numbers), batch_size):
-        chunk = numbers[i:i + batch_size]
+        chunk = numbers[i : i + batch_size]
         src, _, _ = encode_batch(chunk, src_vocab, tgt_vocab, device)
         out = model.greedy_decode(src, BOS, EOS, max_len=8).tolist()
         for n, ids in zip(chunk, out):
@@ -120,8 +140,12 @@ def main(argv=None) -> dict:
     parser = script_parser(__doc__)
     parser.add_argument("--steps", type=int, default=800, help="training steps (quick: 120)")
     parser.add_argument("--batch-size", type=int, default=64, help="numbers per training batch (quick: 32)")
-    parser.add_argument("--max-number", type=int, default=10_000, help="numbers are drawn from 0..max-1 (quick: 1000)")
-    parser.add_argument("--n-test", type=int, default=1000, help="held-out numbers for exact match (quick: 100)")
+    parser.add_argument(
+        "--max-number", type=int, default=10_000, help="numbers are drawn from 0..max-1 (quick: 1000)"
+    )
+    parser.add_argument(
+        "--n-test", type=int, default=1000, help="held-out numbers for exact match (quick: 100)"
+    )
     parser.add_argument("--d-model", type=int, default=128, help="model width (quick: 64)")
     parser.add_argument("--layers", type=int, default=2, help="encoder and decoder layers each (quick: 1)")
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate")
@@ -129,24 +153,42 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default=None, help="output folder (default runs/s4_1_1_transformer/)")
     args = parse_args(parser, argv)
     if args.quick:
-        args.steps, args.batch_size, args.max_number, args.n_test, args.d_model, args.layers = 120, 32, 1000, 100, 64, 1
+        args.steps, args.batch_size, args.max_number, args.n_test, args.d_model, args.layers = (
+            120,
+            32,
+            1000,
+            100,
+            64,
+            1,
+        )
     out_dir = args.out or os.path.join("runs", "s4_1_1_transformer")
     device = args.device
 
     src_vocab = CharVocab("abcdefghijklmnopqrstuvwxyz -")
     tgt_vocab = CharVocab("0123456789")
     train_numbers, test_numbers = make_split(args.max_number, args.n_test, args.seed)
-    print(f"task: number words -> digits, numbers 0..{args.max_number - 1}: {len(train_numbers)} for training, "
-          f"{len(test_numbers)} held out")
+    print(
+        f"task: number words -> digits, numbers 0..{args.max_number - 1}: {len(train_numbers)} for training, "
+        f"{len(test_numbers)} held out"
+    )
     print(f"  e.g. {number_to_words(train_numbers[0])!r} -> {train_numbers[0]!r}")
 
-    model = Seq2SeqTransformer(len(src_vocab), len(tgt_vocab), d_model=args.d_model, n_head=4,
-                               num_encoder_layers=args.layers, num_decoder_layers=args.layers,
-                               d_ff=4 * args.d_model, dropout=0.0 if args.quick else 0.1,
-                               norm_first=args.norm_first).to(device)
+    model = Seq2SeqTransformer(
+        len(src_vocab),
+        len(tgt_vocab),
+        d_model=args.d_model,
+        n_head=4,
+        num_encoder_layers=args.layers,
+        num_decoder_layers=args.layers,
+        d_ff=4 * args.d_model,
+        dropout=0.0 if args.quick else 0.1,
+        norm_first=args.norm_first,
+    ).to(device)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {'Pre' if args.norm_first else 'Post'}-LN Transformer, d_model={args.d_model}, "
-          f"{args.layers}+{args.layers} layers, {n_params:,} parameters, on {device}")
+    print(
+        f"model: {'Pre' if args.norm_first else 'Post'}-LN Transformer, d_model={args.d_model}, "
+        f"{args.layers}+{args.layers} layers, {n_params:,} parameters, on {device}"
+    )
 
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     warmup = max(1, args.steps // 10)
@@ -156,8 +198,10 @@ def main(argv=None) -> dict:
     start = time.perf_counter()
     model.train()
     for _ in (bar := tqdm(range(args.steps), desc="training", mininterval=1.0)):
-        src, tgt_in, tgt_out = encode_batch(rng.sample(train_numbers, args.batch_size), src_vocab, tgt_vocab, device)
-        logits = model(src, tgt_in)                                            # (batch, T, tgt_vocab)
+        src, tgt_in, tgt_out = encode_batch(
+            rng.sample(train_numbers, args.batch_size), src_vocab, tgt_vocab, device
+        )
+        logits = model(src, tgt_in)  # (batch, T, tgt_vocab)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt_out.reshape(-1), ignore_index=-100)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -174,8 +218,10 @@ def main(argv=None) -> dict:
     k = max(1, min(10, args.steps // 10))
     initial, final = window_mean(losses[:k]), window_mean(losses[-k:])
     acc, examples = exact_match(model, test_numbers, src_vocab, tgt_vocab, device)
-    print(f"\nloss: {initial:.3f} (mean of first {k} steps) -> {final:.3f} (last {k}), "
-          f"{final / initial:.1%} of the start, in {train_seconds:.1f} s")
+    print(
+        f"\nloss: {initial:.3f} (mean of first {k} steps) -> {final:.3f} (last {k}), "
+        f"{final / initial:.1%} of the start, in {train_seconds:.1f} s"
+    )
     print("held-out examples (greedy decoding):")
     for words, target, pred in examples:
         print(f"  {words!r:<60} -> {pred!r:>9}  {'ok' if pred == target else 'WRONG, want ' + target}")
@@ -189,16 +235,28 @@ def main(argv=None) -> dict:
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(losses, lw=0.8)
-    ax.set(xlabel="step", ylabel="cross-entropy (nats / digit)", yscale="log",
-           title=f"number words -> digits: exact match {acc:.1%}")
+    ax.set(
+        xlabel="step",
+        ylabel="cross-entropy (nats / digit)",
+        yscale="log",
+        title=f"number words -> digits: exact match {acc:.1%}",
+    )
     fig.tight_layout()
     plot_path = os.path.join(out_dir, "loss.png")
     fig.savefig(plot_path, dpi=120)
     plt.close(fig)
     print(f"loss curve: {plot_path}")
-    return {"params": n_params, "steps": args.steps, "initial_loss": initial, "final_loss": final,
-            "loss_ratio": final / initial, "exact_match": acc, "n_test": len(test_numbers),
-            "train_seconds": train_seconds, "norm_first": args.norm_first}
+    return {
+        "params": n_params,
+        "steps": args.steps,
+        "initial_loss": initial,
+        "final_loss": final,
+        "loss_ratio": final / initial,
+        "exact_match": acc,
+        "n_test": len(test_numbers),
+        "train_seconds": train_seconds,
+        "norm_first": args.norm_first,
+    }
 
 
 if __name__ == "__main__":

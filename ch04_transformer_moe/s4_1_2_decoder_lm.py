@@ -71,7 +71,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=600, help="training steps of the demo model (quick: 40)")
     parser.add_argument("--d-model", type=int, default=192, help="width of the demo model (quick: 64)")
     parser.add_argument("--layers", type=int, default=4, help="layers of the demo model (quick: 2)")
-    parser.add_argument("--context", type=int, default=128, help="context length of the demo model (quick: 64)")
+    parser.add_argument(
+        "--context", type=int, default=128, help="context length of the demo model (quick: 64)"
+    )
     parser.add_argument("--new-tokens", type=int, default=48, help="tokens generated per prompt (quick: 16)")
     parser.add_argument("--out", default=None, help="output folder (default runs/s4_1_2_decoder_lm/)")
     args = parse_args(parser, argv)
@@ -83,13 +85,18 @@ def main(argv=None) -> dict:
 
     # 1. presets ------------------------------------------------------------------------------------
     print(f"1. presets (vocab {args.vocab_size}, SwiGLU, RoPE, RMSNorm, untied embeddings)")
-    print(f"   {'preset':<8}{'layers':>7}{'d_model':>8}{'heads':>6}{'kv':>4}{'d_ff':>6}{'params':>14}{'non-emb':>14}")
+    print(
+        f"   {'preset':<8}{'layers':>7}{'d_model':>8}{'heads':>6}{'kv':>4}{'d_ff':>6}"
+        f"{'params':>14}{'non-emb':>14}"
+    )
     for name in PRESETS:
         cfg = DecoderConfig.preset(name, vocab_size=args.vocab_size)
         total, non_emb = count_params(cfg)
         figures[f"params_{name}"] = total
-        print(f"   {name:<8}{cfg.n_layer:>7}{cfg.d_model:>8}{cfg.n_head:>6}{cfg.n_kv_head:>4}{cfg.ffn_dim:>6}"
-              f"{total:>14,}{non_emb:>14,}")
+        print(
+            f"   {name:<8}{cfg.n_layer:>7}{cfg.d_model:>8}{cfg.n_head:>6}{cfg.n_kv_head:>4}{cfg.ffn_dim:>6}"
+            f"{total:>14,}{non_emb:>14,}"
+        )
 
     # 2. variants -------------------------------------------------------------------------------------
     print("\n2. one choice at a time on the small preset")
@@ -107,19 +114,32 @@ def main(argv=None) -> dict:
         check_cfg = check_cfg.replace(n_layer=2, d_model=128)
     diff = hf_check(check_cfg, device, args.seed)
     figures["hf_llama_max_abs_logit_diff"] = diff
-    print(f"\n3. our model vs transformers.LlamaForCausalLM with the same weights ({check_cfg.n_layer} layers, "
-          f"d_model {check_cfg.d_model}, GQA {check_cfg.n_head}/{check_cfg.n_kv_head}): max |logit diff| = {diff:.2e}")
+    print(
+        f"\n3. our model vs transformers.LlamaForCausalLM with the same weights ({check_cfg.n_layer} layers, "
+        f"d_model {check_cfg.d_model}, GQA {check_cfg.n_head}/{check_cfg.n_kv_head}): "
+        f"max |logit diff| = {diff:.2e}"
+    )
 
     # 4. train a small model on the embedded corpus ---------------------------------------------------
     text = load_corpus()
     tokenizer = get_tokenizer(vocab_size=args.vocab_size, text=text)
     data = TokenData.from_text(text, tokenizer, context_length=args.context)
-    cfg = DecoderConfig(vocab_size=tokenizer.get_vocab_size(), context_length=args.context, n_layer=args.layers,
-                        d_model=args.d_model, n_head=4, n_kv_head=2, tie_embeddings=True)
+    cfg = DecoderConfig(
+        vocab_size=tokenizer.get_vocab_size(),
+        context_length=args.context,
+        n_layer=args.layers,
+        d_model=args.d_model,
+        n_head=4,
+        n_kv_head=2,
+        tie_embeddings=True,
+    )
     model = DecoderLM(cfg).to(device)
     figures["demo_params"] = model.num_params()
-    print(f"\n4. training a {model.num_params():,}-parameter model (d_model {cfg.d_model}, {cfg.n_layer} layers, "
-          f"GQA 4/2, tied) on {len(data.train):,} tokens of the embedded corpus for {args.steps} steps")
+    print(
+        f"\n4. training a {model.num_params():,}-parameter model "
+        f"(d_model {cfg.d_model}, {cfg.n_layer} layers, "
+        f"GQA 4/2, tied) on {len(data.train):,} tokens of the embedded corpus for {args.steps} steps"
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.0)
     warmup = max(1, args.steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
@@ -142,8 +162,10 @@ def main(argv=None) -> dict:
     with torch.no_grad():
         val = [model(x.to(device), y.to(device))[1].item() for x, y in data.val_batches(16, max_batches=4)]
     figures["val_loss"] = sum(val) / len(val)
-    print(f"   loss {figures['train_loss_initial']:.2f} -> {figures['train_loss_final']:.2f}; "
-          f"validation {figures['val_loss']:.2f} nats/token")
+    print(
+        f"   loss {figures['train_loss_initial']:.2f} -> {figures['train_loss_final']:.2f}; "
+        f"validation {figures['val_loss']:.2f} nats/token"
+    )
 
     # 5. generation with the KV cache -----------------------------------------------------------------
     prompts_text = ["The function returns", "In Python, a", "An exception is raised when the"]
@@ -175,13 +197,20 @@ def main(argv=None) -> dict:
     figures["cached_equals_uncached"] = cached == uncached
     figures["gen_tokens_per_s_cached"] = len(prompts) * n / t_cached
     figures["gen_tokens_per_s_uncached"] = len(prompts) * n / t_uncached
-    print(f"   a batch of {len(prompts)} prompts of lengths {[len(p) for p in prompts]} (left-padded), greedy:")
+    print(
+        f"   a batch of {len(prompts)} prompts of lengths {[len(p) for p in prompts]} (left-padded), greedy:"
+    )
     for text_, new in zip(prompts_text, cached):
         print(f"     {text_}{tokenizer.decode(new)!r}")
-    print(f"   batched = one at a time: {figures['batched_equals_unbatched']}; KV cache = full recomputation: "
-          f"{figures['cached_equals_uncached']}")
-    print(f"   {figures['gen_tokens_per_s_cached']:.0f} tokens/s with the KV cache, "
-          f"{figures['gen_tokens_per_s_uncached']:.0f} without (see benchmarks/bench_decoder.py for a fair race)")
+    print(
+        f"   batched = one at a time: {figures['batched_equals_unbatched']}; KV cache = full recomputation: "
+        f"{figures['cached_equals_uncached']}"
+    )
+    print(
+        f"   {figures['gen_tokens_per_s_cached']:.0f} tokens/s with the KV cache, "
+        f"{figures['gen_tokens_per_s_uncached']:.0f} without "
+        "(see benchmarks/bench_decoder.py for a fair race)"
+    )
 
     os.makedirs(out_dir, exist_ok=True)
     import matplotlib

@@ -30,27 +30,35 @@ def _seed():
 
 # ----------------------------------------------------------------------------- the attention core
 
+
 @pytest.mark.parametrize("q_len,k_len", [(7, 7), (3, 9)])
 def test_core_matches_sdpa_without_mask(q_len, k_len):
     q, k, v = torch.randn(2, 3, q_len, 8), torch.randn(2, 3, k_len, 8), torch.randn(2, 3, k_len, 5)
-    torch.testing.assert_close(scaled_dot_product_attention(q, k, v), F.scaled_dot_product_attention(q, k, v),
-                               atol=ATOL, rtol=0)
+    torch.testing.assert_close(
+        scaled_dot_product_attention(q, k, v), F.scaled_dot_product_attention(q, k, v), atol=ATOL, rtol=0
+    )
 
 
 def test_core_matches_sdpa_causal():
     q, k, v = (torch.randn(2, 3, 11, 8) for _ in range(3))
     ours = scaled_dot_product_attention(q, k, v, is_causal=True)
-    torch.testing.assert_close(ours, F.scaled_dot_product_attention(q, k, v, is_causal=True), atol=ATOL, rtol=0)
+    torch.testing.assert_close(
+        ours, F.scaled_dot_product_attention(q, k, v, is_causal=True), atol=ATOL, rtol=0
+    )
 
 
 def test_core_matches_sdpa_with_boolean_and_float_masks():
     q, k, v = torch.randn(2, 3, 6, 8), torch.randn(2, 3, 9, 8), torch.randn(2, 3, 9, 8)
     bool_mask = torch.rand(2, 1, 6, 9) > 0.4
-    bool_mask[..., 0] = True                                     # every query sees at least one key
+    bool_mask[..., 0] = True  # every query sees at least one key
     float_mask = torch.randn(2, 3, 6, 9)
     for mask in (bool_mask, float_mask):
-        torch.testing.assert_close(scaled_dot_product_attention(q, k, v, mask=mask),
-                                   F.scaled_dot_product_attention(q, k, v, attn_mask=mask), atol=ATOL, rtol=0)
+        torch.testing.assert_close(
+            scaled_dot_product_attention(q, k, v, mask=mask),
+            F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+            atol=ATOL,
+            rtol=0,
+        )
 
 
 def test_causal_mask_is_aligned_to_the_end_of_the_keys():
@@ -60,6 +68,7 @@ def test_causal_mask_is_aligned_to_the_end_of_the_keys():
 
 
 # ----------------------------------------------------------------------------- multi-head attention
+
 
 def _copy_mha(ours: MultiHeadAttention, ref: nn.MultiheadAttention) -> None:
     with torch.no_grad():
@@ -81,7 +90,7 @@ def test_mha_self_attention_matches_torch_with_padding_and_causal_masks():
     pad = torch.zeros(3, 7, dtype=torch.bool)
     pad[1, 5:] = True
     pad[2, 3:] = True
-    causal = torch.ones(7, 7, dtype=torch.bool).triu(1)          # torch's convention: True = may NOT attend
+    causal = torch.ones(7, 7, dtype=torch.bool).triu(1)  # torch's convention: True = may NOT attend
     expected, _ = ref(x, x, x, key_padding_mask=pad, attn_mask=causal, need_weights=False)
     got = ours(x, x, x, key_padding_mask=pad, causal=True)
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
@@ -101,7 +110,9 @@ def test_mha_cross_attention_matches_torch_and_gradients_agree():
     expected.square().sum().backward()
     got.square().sum().backward()
     torch.testing.assert_close(ours.out_proj.weight.grad, ref.out_proj.weight.grad, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(ours.k_proj.weight.grad, ref.in_proj_weight.grad.chunk(3)[1], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        ours.k_proj.weight.grad, ref.in_proj_weight.grad.chunk(3)[1], atol=1e-4, rtol=1e-4
+    )
 
 
 def test_mha_rejects_bad_shapes():
@@ -109,11 +120,16 @@ def test_mha_rejects_bad_shapes():
         MultiHeadAttention(30, 4)
     mha = MultiHeadAttention(16, 2)
     with pytest.raises(ValueError, match="key_padding_mask"):
-        mha(torch.randn(2, 3, 16), torch.randn(2, 4, 16), torch.randn(2, 4, 16),
-            key_padding_mask=torch.zeros(2, 3, dtype=torch.bool))
+        mha(
+            torch.randn(2, 3, 16),
+            torch.randn(2, 4, 16),
+            torch.randn(2, 4, 16),
+            key_padding_mask=torch.zeros(2, 3, dtype=torch.bool),
+        )
 
 
 # ----------------------------------------------------------------------------- causal self-attention
+
 
 @pytest.mark.parametrize("n_kv_head", [4, 2, 1])  # MHA, GQA, MQA
 def test_causal_self_attention_matches_the_readable_core(n_kv_head):
@@ -121,9 +137,14 @@ def test_causal_self_attention_matches_the_readable_core(n_kv_head):
     attn = CausalSelfAttention(d, h, n_kv_head).eval()
     x = torch.randn(2, 9, d)
     hd = d // h
-    q, k, v = attn.qkv(x).view(2, 9, h + 2 * n_kv_head, hd).transpose(1, 2).split((h, n_kv_head, n_kv_head), 1)
+    q, k, v = (
+        attn.qkv(x).view(2, 9, h + 2 * n_kv_head, hd).transpose(1, 2).split((h, n_kv_head, n_kv_head), 1)
+    )
     rep = h // n_kv_head
-    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)   # each group of q heads shares a kv head
+    k, v = (
+        k.repeat_interleave(rep, dim=1),
+        v.repeat_interleave(rep, dim=1),
+    )  # each group of q heads shares a kv head
     y = scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(2, 9, d)
     torch.testing.assert_close(attn(x), attn.proj(y), atol=ATOL, rtol=0)
 
@@ -135,7 +156,7 @@ def test_kv_cache_step_by_step_equals_full_pass():
     full = attn(x, rope(torch.arange(10)))
     cache = KVCache(1, 2, 2, 16, 8)
     parts = []
-    for start, end in ((0, 4), (4, 5), (5, 8), (8, 10)):   # a prefill, single steps, a chunk
+    for start, end in ((0, 4), (4, 5), (5, 8), (8, 10)):  # a prefill, single steps, a chunk
         parts.append(attn(x[:, start:end], rope(torch.arange(start, end)), kv_cache=cache))
         cache.pos = end
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=ATOL, rtol=0)
@@ -151,6 +172,7 @@ def test_causal_self_attention_rejects_bad_head_counts():
 
 
 # ----------------------------------------------------------------------------- norms
+
 
 def test_layernorm_matches_torch_with_and_without_bias():
     x = torch.randn(4, 5, 16) * 3 + 1
@@ -173,12 +195,15 @@ def test_rmsnorm_matches_llama_and_torch():
     torch.testing.assert_close(ours(x), ref(x), atol=ATOL, rtol=0)
     noweight = make_norm("rmsnorm_noweight", 16, 1e-5)
     assert noweight.weight is None and not list(noweight.parameters())
-    torch.testing.assert_close(noweight(x), nn.RMSNorm(16, eps=1e-5, elementwise_affine=False)(x), atol=ATOL, rtol=0)
+    torch.testing.assert_close(
+        noweight(x), nn.RMSNorm(16, eps=1e-5, elementwise_affine=False)(x), atol=ATOL, rtol=0
+    )
     with pytest.raises(ValueError, match="unknown norm"):
         make_norm("batchnorm", 16)
 
 
 # ----------------------------------------------------------------------------- positions
+
 
 def test_sinusoidal_table_follows_the_paper_formula():
     d = 16
@@ -198,10 +223,14 @@ def test_rope_matches_llama(theta):
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
     hd, n = 16, 12
-    cfg = LlamaConfig(hidden_size=64, num_attention_heads=4, max_position_embeddings=64,
-                      rope_parameters={"rope_type": "default", "rope_theta": theta})
+    cfg = LlamaConfig(
+        hidden_size=64,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        rope_parameters={"rope_type": "default", "rope_theta": theta},
+    )
     q, k = torch.randn(2, 4, n, hd), torch.randn(2, 4, n, hd)
-    position_ids = torch.stack([torch.arange(n), torch.arange(5, 5 + n)])     # (batch, seq), per-row offsets
+    position_ids = torch.stack([torch.arange(n), torch.arange(5, 5 + n)])  # (batch, seq), per-row offsets
     cos_ref, sin_ref = LlamaRotaryEmbedding(cfg)(q, position_ids)
     q_ref, k_ref = apply_rotary_pos_emb(q, k, cos_ref, sin_ref)
     cos, sin = RotaryEmbedding(hd, 64, theta)(position_ids)
@@ -223,6 +252,7 @@ def test_rope_scores_depend_only_on_relative_position():
 
 
 # ----------------------------------------------------------------------------- feed-forwards
+
 
 def test_swiglu_matches_llama_mlp():
     from transformers import LlamaConfig

@@ -28,29 +28,41 @@ def _randomise(model: nn.Module, std: float = 0.2) -> None:
 def _llama(**kw):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    base = dict(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    base = dict(
+        vocab_size=101,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**{**base, **kw})).eval()
     _randomise(model)
     return model
 
 
-@pytest.mark.parametrize("kw", [
-    dict(num_key_value_heads=4),                                          # MHA
-    dict(num_key_value_heads=2),                                          # GQA
-    dict(num_key_value_heads=1, rope_parameters={"rope_type": "default", "rope_theta": 500000.0}),  # MQA
-    dict(tie_word_embeddings=True),
-    dict(attention_bias=True, mlp_bias=True),
-], ids=["mha", "gqa", "mqa-theta5e5", "tied", "bias"])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(num_key_value_heads=4),  # MHA
+        dict(num_key_value_heads=2),  # GQA
+        dict(num_key_value_heads=1, rope_parameters={"rope_type": "default", "rope_theta": 500000.0}),  # MQA
+        dict(tie_word_embeddings=True),
+        dict(attention_bias=True, mlp_bias=True),
+    ],
+    ids=["mha", "gqa", "mqa-theta5e5", "tied", "bias"],
+)
 def test_from_hf_matches_llama_logits_and_loss(kw):
     hf = _llama(**kw)
     ours = DecoderLM.from_hf(hf)
     assert ours.config.n_kv_head == hf.config.num_key_value_heads
     idx = torch.randint(0, 101, (3, 17))
     labels = idx.clone()
-    labels[0, :5] = -100                                                  # ignored positions
+    labels[0, :5] = -100  # ignored positions
     ref = hf(idx, labels=labels)
     # our targets are already shifted: targets[:, t] is the token after idx[:, t]
     targets = torch.cat([labels[:, 1:], torch.full((3, 1), -100)], dim=1)
@@ -67,17 +79,35 @@ def test_gradients_match_llama():
     hf(idx, labels=idx).loss.backward()
     ours(idx, torch.cat([idx[:, 1:], torch.full((2, 1), -100)], dim=1))[1].backward()
     layer = hf.model.layers[1]
-    ref_qkv = torch.cat([layer.self_attn.q_proj.weight.grad, layer.self_attn.k_proj.weight.grad,
-                         layer.self_attn.v_proj.weight.grad])
+    ref_qkv = torch.cat(
+        [
+            layer.self_attn.q_proj.weight.grad,
+            layer.self_attn.k_proj.weight.grad,
+            layer.self_attn.v_proj.weight.grad,
+        ]
+    )
     torch.testing.assert_close(ours.blocks[1].attn.qkv.weight.grad, ref_qkv, atol=ATOL, rtol=1e-4)
-    torch.testing.assert_close(ours.tok_emb.weight.grad, hf.model.embed_tokens.weight.grad, atol=ATOL, rtol=1e-4)
-    torch.testing.assert_close(ours.blocks[0].norm2.weight.grad,
-                               hf.model.layers[0].post_attention_layernorm.weight.grad, atol=ATOL, rtol=1e-4)
+    torch.testing.assert_close(
+        ours.tok_emb.weight.grad, hf.model.embed_tokens.weight.grad, atol=ATOL, rtol=1e-4
+    )
+    torch.testing.assert_close(
+        ours.blocks[0].norm2.weight.grad,
+        hf.model.layers[0].post_attention_layernorm.weight.grad,
+        atol=ATOL,
+        rtol=1e-4,
+    )
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(n_kv_head=1, tie_embeddings=True), dict(norm="rmsnorm_noweight"),
-                                dict(bias=True, rope_theta=1e6)],
-                         ids=["default", "mqa-tied", "noweight", "bias"])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(),
+        dict(n_kv_head=1, tie_embeddings=True),
+        dict(norm="rmsnorm_noweight"),
+        dict(bias=True, rope_theta=1e6),
+    ],
+    ids=["default", "mqa-tied", "noweight", "bias"],
+)
 def test_to_hf_matches_our_logits_and_round_trips(kw):
     ours = DecoderLM(tiny(**kw)).eval()
     _randomise(ours)
@@ -86,7 +116,7 @@ def test_to_hf_matches_our_logits_and_round_trips(kw):
     torch.testing.assert_close(hf(idx).logits, ours(idx)[0], atol=ATOL, rtol=0)
     back = DecoderLM.from_hf(hf)
     torch.testing.assert_close(back(idx)[0], ours(idx)[0], atol=ATOL, rtol=0)
-    if kw.get("norm") != "rmsnorm_noweight":   # the weightless norm comes back as an all-ones weight
+    if kw.get("norm") != "rmsnorm_noweight":  # the weightless norm comes back as an all-ones weight
         assert back.config == ours.config.replace(d_ff=ours.config.ffn_dim)
         for (name, a), (_, b) in zip(ours.state_dict().items(), back.state_dict().items()):
             assert torch.equal(a, b), name
@@ -111,10 +141,20 @@ def test_qk_norm_matches_qwen3():
     _randomise(ours)
     plain = DecoderLM(tiny(n_kv_head=2))
     plain.load_state_dict({k: v for k, v in ours.state_dict().items() if "_norm." not in k or "norm_f" in k})
-    qwen = Qwen3ForCausalLM(Qwen3Config(
-        vocab_size=101, hidden_size=32, intermediate_size=ours.config.ffn_dim, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
-        rms_norm_eps=ours.config.norm_eps, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})).eval()
+    qwen = Qwen3ForCausalLM(
+        Qwen3Config(
+            vocab_size=101,
+            hidden_size=32,
+            intermediate_size=ours.config.ffn_dim,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            max_position_embeddings=64,
+            rms_norm_eps=ours.config.norm_eps,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        )
+    ).eval()
     sd = plain.to_hf().state_dict()
     for i, block in enumerate(ours.blocks):
         sd[f"model.layers.{i}.self_attn.q_norm.weight"] = block.attn.q_norm.weight
@@ -124,9 +164,16 @@ def test_qk_norm_matches_qwen3():
     torch.testing.assert_close(qwen(idx).logits, ours(idx)[0], atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("kw,what", [(dict(qk_norm=True), "qk_norm"), (dict(pos="learned"), "pos"),
-                                     (dict(norm="layernorm"), "norm"), (dict(norm_placement="post"), "post"),
-                                     (dict(ffn="gelu"), "ffn")])
+@pytest.mark.parametrize(
+    "kw,what",
+    [
+        (dict(qk_norm=True), "qk_norm"),
+        (dict(pos="learned"), "pos"),
+        (dict(norm="layernorm"), "norm"),
+        (dict(norm_placement="post"), "post"),
+        (dict(ffn="gelu"), "ffn"),
+    ],
+)
 def test_to_hf_refuses_what_llama_cannot_express(kw, what):
     with pytest.raises(ValueError, match=what):
         DecoderLM(tiny(**kw)).to_hf()
@@ -139,9 +186,16 @@ def test_from_hf_refuses_unsupported_llama():
 
 # ----------------------------------------------------------------------------- variants and the interface
 
-VARIANTS = [dict(norm="layernorm", bias=True), dict(norm_placement="post"), dict(pos="learned"), dict(qk_norm=True),
-            dict(ffn="gelu"), dict(ffn="relu2", norm="rmsnorm_noweight"), dict(n_kv_head=1, tie_embeddings=True),
-            dict(dropout=0.1)]
+VARIANTS = [
+    dict(norm="layernorm", bias=True),
+    dict(norm_placement="post"),
+    dict(pos="learned"),
+    dict(qk_norm=True),
+    dict(ffn="gelu"),
+    dict(ffn="relu2", norm="rmsnorm_noweight"),
+    dict(n_kv_head=1, tie_embeddings=True),
+    dict(dropout=0.1),
+]
 
 
 @pytest.mark.parametrize("kw", VARIANTS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
@@ -158,7 +212,7 @@ def test_variants_are_causal_and_train(kw):
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     first = None
-    for _ in range(15):   # overfit one batch: the loss must fall
+    for _ in range(15):  # overfit one batch: the loss must fall
         _, loss = model(idx[:, :-1], idx[:, 1:])
         first = first if first is not None else loss.item()
         opt.zero_grad()
@@ -194,7 +248,7 @@ class _ToyMoE(nn.Module):
 def test_ffn_factory_plugs_in_layers_and_adds_their_aux_loss():
     model = DecoderLM(tiny(), ffn_factory=lambda i, c: _ToyMoE(c.d_model) if i == 1 else None)
     assert isinstance(model.blocks[1].ffn, _ToyMoE) and not isinstance(model.blocks[0].ffn, _ToyMoE)
-    assert torch.all(model.blocks[1].ffn.lin.weight == 0.5)   # a plugged-in layer keeps its own initialisation
+    assert torch.all(model.blocks[1].ffn.lin.weight == 0.5)  # a plugged-in layer keeps its own initialisation
     idx = torch.randint(0, 101, (2, 9))
     logits, loss = model(idx, idx)
     ce = nn.functional.cross_entropy(logits.view(-1, 101), idx.view(-1))
@@ -206,7 +260,13 @@ def test_presets_and_config_errors():
     small = DecoderConfig.preset("small")
     assert (small.n_layer, small.d_model, small.n_head, small.n_kv_head) == (6, 384, 4, 4)
     large = DecoderConfig.preset("large", vocab_size=1000)
-    assert (large.n_layer, large.d_model, large.n_head, large.n_kv_head, large.vocab_size) == (24, 1536, 12, 6, 1000)
+    assert (large.n_layer, large.d_model, large.n_head, large.n_kv_head, large.vocab_size) == (
+        24,
+        1536,
+        12,
+        6,
+        1000,
+    )
     with pytest.raises(ValueError, match="small, base, large"):
         DecoderConfig.preset("huge")
     with pytest.raises(ValueError, match="divide d_model"):

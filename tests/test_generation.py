@@ -16,24 +16,28 @@ def model_for(**kw) -> DecoderLM:
     torch.manual_seed(0)
     base = dict(vocab_size=97, context_length=64, n_layer=2, d_model=32, n_head=4, n_kv_head=2)
     model = DecoderLM(DecoderConfig(**{**base, **kw})).eval()
-    with torch.no_grad():   # large random weights give varied, non-repeating greedy continuations
+    with torch.no_grad():  # large random weights give varied, non-repeating greedy continuations
         for p in model.parameters():
             p.normal_(0.0, 0.3)
     return model
 
 
-VARIANTS = [dict(), dict(n_kv_head=1, qk_norm=True), dict(pos="learned", norm="layernorm"),
-            dict(norm_placement="post", ffn="gelu")]
+VARIANTS = [
+    dict(),
+    dict(n_kv_head=1, qk_norm=True),
+    dict(pos="learned", norm="layernorm"),
+    dict(norm_placement="post", ffn="gelu"),
+]
 
 
 @pytest.mark.parametrize("kw", VARIANTS, ids=["gqa-rope", "mqa-qknorm", "learned-pos", "post-norm"])
 def test_kv_cache_gives_the_tokens_of_full_recomputation(kw):
     model = model_for(**kw)
-    for prompts in ([PROMPTS[0]], PROMPTS):           # one prompt; several of different lengths
+    for prompts in ([PROMPTS[0]], PROMPTS):  # one prompt; several of different lengths
         cached = generate(model, prompts, 24)
         assert cached == generate(model, prompts, 24, use_cache=False)
         assert all(len(row) == 24 for row in cached)
-    assert len({tuple(r) for r in cached}) > 1         # the prompts really lead to different continuations
+    assert len({tuple(r) for r in cached}) > 1  # the prompts really lead to different continuations
 
 
 @pytest.mark.parametrize("kw", VARIANTS[:3], ids=["gqa-rope", "mqa-qknorm", "learned-pos"])
@@ -41,7 +45,7 @@ def test_batched_prompts_with_padding_equal_one_at_a_time(kw):
     model = model_for(**kw)
     batched = generate(model, PROMPTS, 16, pad_id=0)
     assert batched == [generate(model, [p], 16)[0] for p in PROMPTS]
-    assert batched == generate(model, PROMPTS, 16, pad_id=96)   # the pad id does not leak in
+    assert batched == generate(model, PROMPTS, 16, pad_id=96)  # the pad id does not leak in
 
 
 def test_cached_logits_equal_full_forward():
@@ -49,7 +53,9 @@ def test_cached_logits_equal_full_forward():
     idx = torch.randint(0, 97, (2, 12))
     full, _ = model(idx)
     cache = model.new_kv_cache(2, 12)
-    steps = [model(idx[:, :7], kv_cache=cache)[0]] + [model(idx[:, t:t + 1], kv_cache=cache)[0] for t in range(7, 12)]
+    steps = [model(idx[:, :7], kv_cache=cache)[0]] + [
+        model(idx[:, t : t + 1], kv_cache=cache)[0] for t in range(7, 12)
+    ]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
     assert cache.pos == 12
 
@@ -60,14 +66,14 @@ def test_greedy_matches_hf_generate():
     hf = model.to_hf()
     for p in PROMPTS[:2]:
         ref = hf.generate(torch.tensor([p]), max_new_tokens=20, do_sample=False, pad_token_id=0)
-        assert ref[0, len(p):].tolist() == generate(model, [p], 20)[0]
+        assert ref[0, len(p) :].tolist() == generate(model, [p], 20)[0]
     # a left-padded batch, as transformers does it (attention_mask zeros on the left)
     width = max(len(p) for p in PROMPTS)
     ids = torch.zeros(len(PROMPTS), width, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, p in enumerate(PROMPTS):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
     ref = hf.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
     assert ref[:, width:].tolist() == generate(model, PROMPTS, 12)
 
@@ -93,7 +99,7 @@ def test_temperature_sampling_follows_the_softmax():
         counts = torch.bincount(sample_next(logits, temperature, generator=g), minlength=4).float()
         expected = (logits[0] / temperature).softmax(-1)
         torch.testing.assert_close(counts / counts.sum(), expected, atol=0.015, rtol=0)
-    assert torch.equal(sample_next(logits[:3], 0.0), torch.zeros(3, dtype=torch.long))         # greedy
+    assert torch.equal(sample_next(logits[:3], 0.0), torch.zeros(3, dtype=torch.long))  # greedy
     assert torch.equal(sample_next(logits[:3], 1.0, top_k=1, generator=g), torch.zeros(3, dtype=torch.long))
 
 
@@ -112,7 +118,7 @@ def test_stop_tokens_cut_each_row_and_end_generation_early():
     stop = free[0][3]
     cut = generate(model, PROMPTS, 20, stop_tokens=stop)
     for row_free, row_cut in zip(free, cut):
-        expected = row_free[:row_free.index(stop)] if stop in row_free else row_free
+        expected = row_free[: row_free.index(stop)] if stop in row_free else row_free
         assert row_cut == expected
     assert generate(model, [PROMPTS[0]], 20, stop_tokens=[free[0][0], 1000]) == [[]]
 

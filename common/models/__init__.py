@@ -1,6 +1,6 @@
 """The book's Transformer building blocks (section 4.1), one concept per module.
 
-- :mod:`.attention`   the attention core, encoder-decoder multi-head attention, causal self-attention, KV cache
+- :mod:`.attention`   attention core, encoder-decoder multi-head attention, causal self-attention, KV cache
 - :mod:`.positional`  sinusoidal encodings, RoPE
 - :mod:`.norms`       LayerNorm, RMSNorm
 - :mod:`.feedforward` GELU MLP, SwiGLU, ReLU²

@@ -13,8 +13,8 @@ after idx[:, t]), -100 marks positions to ignore.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -39,15 +39,15 @@ class DecoderConfig:
     n_layer: int = 6
     d_model: int = 384
     n_head: int = 4
-    n_kv_head: int = 4            # = n_head: MHA; a divisor: GQA; 1: MQA
-    d_ff: int | None = None       # None: 4·d_model (gelu, relu2) or 8/3·d_model rounded to 64 (swiglu)
-    norm: str = "rmsnorm"         # "layernorm" | "rmsnorm" | "rmsnorm_noweight"
+    n_kv_head: int = 4  # = n_head: MHA; a divisor: GQA; 1: MQA
+    d_ff: int | None = None  # None: 4·d_model (gelu, relu2) or 8/3·d_model rounded to 64 (swiglu)
+    norm: str = "rmsnorm"  # "layernorm" | "rmsnorm" | "rmsnorm_noweight"
     norm_eps: float = 1e-5
-    norm_placement: str = "pre"   # "pre" (GPT-2 onward) | "post" (the 2017 Transformer)
-    pos: str = "rope"             # "rope" | "learned"
+    norm_placement: str = "pre"  # "pre" (GPT-2 onward) | "post" (the 2017 Transformer)
+    pos: str = "rope"  # "rope" | "learned"
     rope_theta: float = 10000.0
     qk_norm: bool = False
-    ffn: str = "swiglu"           # "gelu" | "swiglu" | "relu2"
+    ffn: str = "swiglu"  # "gelu" | "swiglu" | "relu2"
     tie_embeddings: bool = False
     bias: bool = False
     dropout: float = 0.0
@@ -58,9 +58,15 @@ class DecoderConfig:
         if self.n_kv_head <= 0 or self.n_head % self.n_kv_head:
             raise ValueError(f"n_kv_head={self.n_kv_head} must be positive and divide n_head={self.n_head}")
         if self.pos == "rope" and (self.d_model // self.n_head) % 2:
-            raise ValueError(f"RoPE needs an even head dimension, got d_model/n_head = {self.d_model // self.n_head}")
-        for name, value, allowed in (("norm", self.norm, NORMS), ("norm_placement", self.norm_placement, ("pre", "post")),
-                                     ("pos", self.pos, ("rope", "learned")), ("ffn", self.ffn, FFNS)):
+            raise ValueError(
+                f"RoPE needs an even head dimension, got d_model/n_head = {self.d_model // self.n_head}"
+            )
+        for name, value, allowed in (
+            ("norm", self.norm, NORMS),
+            ("norm_placement", self.norm_placement, ("pre", "post")),
+            ("pos", self.pos, ("rope", "learned")),
+            ("ffn", self.ffn, FFNS),
+        ):
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
         for name in ("vocab_size", "context_length", "n_layer", "d_model"):
@@ -99,12 +105,23 @@ class Block(nn.Module):
         c = config
         self.pre_norm = c.norm_placement == "pre"
         self.norm1 = make_norm(c.norm, c.d_model, c.norm_eps, bias=c.bias)
-        self.attn = CausalSelfAttention(c.d_model, c.n_head, c.n_kv_head, layer_idx=layer_idx, bias=c.bias,
-                                        qk_norm=c.qk_norm, qk_norm_weight=c.norm != "rmsnorm_noweight",
-                                        norm_eps=c.norm_eps, dropout=c.dropout)
+        self.attn = CausalSelfAttention(
+            c.d_model,
+            c.n_head,
+            c.n_kv_head,
+            layer_idx=layer_idx,
+            bias=c.bias,
+            qk_norm=c.qk_norm,
+            qk_norm_weight=c.norm != "rmsnorm_noweight",
+            norm_eps=c.norm_eps,
+            dropout=c.dropout,
+        )
         self.norm2 = make_norm(c.norm, c.d_model, c.norm_eps, bias=c.bias)
-        self.ffn = ffn if ffn is not None else make_feedforward(c.ffn, c.d_model, c.d_ff, bias=c.bias,
-                                                                dropout=c.dropout)
+        self.ffn = (
+            ffn
+            if ffn is not None
+            else make_feedforward(c.ffn, c.d_model, c.d_ff, bias=c.bias, dropout=c.dropout)
+        )
 
     def forward(self, x, rope=None, attn_mask=None, kv_cache=None):
         if self.pre_norm:
@@ -119,8 +136,11 @@ class DecoderLM(nn.Module):
     as that layer's feed-forward, or None for the dense default. Feed-forwards that set an ``aux_loss``
     attribute during forward have it added to the loss."""
 
-    def __init__(self, config: DecoderConfig,
-                 ffn_factory: Callable[[int, DecoderConfig], nn.Module | None] | None = None):
+    def __init__(
+        self,
+        config: DecoderConfig,
+        ffn_factory: Callable[[int, DecoderConfig], nn.Module | None] | None = None,
+    ):
         super().__init__()
         self.config = c = config
         self.tok_emb = nn.Embedding(c.vocab_size, c.d_model)
@@ -128,20 +148,23 @@ class DecoderLM(nn.Module):
         self.rotary = RotaryEmbedding(c.head_dim, c.context_length, c.rope_theta) if c.pos == "rope" else None
         self.drop = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList(
-            Block(c, i, ffn_factory(i, c) if ffn_factory is not None else None) for i in range(c.n_layer))
+            Block(c, i, ffn_factory(i, c) if ffn_factory is not None else None) for i in range(c.n_layer)
+        )
         # pre-norm leaves the residual stream unnormalised, so it needs a last norm; post-norm ends on one
-        self.norm_f = make_norm(c.norm, c.d_model, c.norm_eps, bias=c.bias) if c.norm_placement == "pre" else None
+        self.norm_f = (
+            make_norm(c.norm, c.d_model, c.norm_eps, bias=c.bias) if c.norm_placement == "pre" else None
+        )
         self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
         if c.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.last_ce_loss: torch.Tensor | None = None
         # plugged-in feed-forwards (MoE layers) may set an ``aux_loss`` during forward
         self._aux_modules = [b.ffn for b in self.blocks if not isinstance(b.ffn, (MLP, SwiGLU))]
-        plugged = {id(m) for ffn in self._aux_modules for m in ffn.modules()}   # these keep their own init
+        plugged = {id(m) for ffn in self._aux_modules for m in ffn.modules()}  # these keep their own init
         for module in self.modules():
             if id(module) not in plugged:
                 self._init_weights(module)
-        std_out = 0.02 / math.sqrt(2 * c.n_layer)   # GPT-2: scale the projections into the residual stream
+        std_out = 0.02 / math.sqrt(2 * c.n_layer)  # GPT-2: scale the projections into the residual stream
         for name, p in self.named_parameters():
             if name.endswith(("attn.proj.weight", "ffn.proj.weight", "ffn.down.weight")):
                 nn.init.normal_(p, mean=0.0, std=std_out)
@@ -167,9 +190,16 @@ class DecoderLM(nn.Module):
                 n -= self.lm_head.weight.numel()
         return n
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
-                positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
-                kv_cache: KVCache | None = None, last_only: bool = False):
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        positions: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        last_only: bool = False,
+    ):
         """idx (batch, seq) token ids -> (logits (batch, seq, vocab), loss or None).
 
         positions: (seq,) or (batch, seq) position of each token (default: counting on from the cache);
@@ -182,13 +212,16 @@ class DecoderLM(nn.Module):
         b, t = idx.shape
         start = kv_cache.pos if kv_cache is not None else 0
         if start + t > c.context_length:
-            raise ValueError(f"sequence of {start + t} tokens is longer than the context length {c.context_length}")
+            raise ValueError(
+                f"sequence of {start + t} tokens is longer than the context length {c.context_length}"
+            )
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= c.vocab_size):
-            raise ValueError(f"token ids must lie in [0, {c.vocab_size}), got min {int(idx.min())}, "
-                             f"max {int(idx.max())}")
+            raise ValueError(
+                f"token ids must lie in [0, {c.vocab_size}), got min {int(idx.min())}, max {int(idx.max())}"
+            )
         if positions is None:
-            positions = torch.arange(start, start + t, device=idx.device)                  # (seq,)
-        x = self.tok_emb(idx)                                                               # (batch, seq, d_model)
+            positions = torch.arange(start, start + t, device=idx.device)  # (seq,)
+        x = self.tok_emb(idx)  # (batch, seq, d_model)
         if self.pos_emb is not None:
             x = x + self.pos_emb(positions)
         x = self.drop(x)
@@ -201,11 +234,13 @@ class DecoderLM(nn.Module):
             x = self.norm_f(x)
         if last_only:
             x = x[:, -1:]
-        logits = self.lm_head(x)                                                            # (batch, seq, vocab)
+        logits = self.lm_head(x)  # (batch, seq, vocab)
         if targets is None:
             return logits, None
         if targets.shape != idx.shape:
-            raise ValueError(f"targets must have the shape of idx {tuple(idx.shape)}, got {tuple(targets.shape)}")
+            raise ValueError(
+                f"targets must have the shape of idx {tuple(idx.shape)}, got {tuple(targets.shape)}"
+            )
         ce = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
         self.last_ce_loss = ce.detach()
         loss = ce
@@ -219,8 +254,15 @@ class DecoderLM(nn.Module):
         """An empty preallocated cache for ``batch`` sequences of up to ``max_len`` tokens."""
         c = self.config
         p = self.lm_head.weight
-        return KVCache(c.n_layer, batch, c.n_kv_head, max_len or c.context_length, c.head_dim,
-                       device=p.device, dtype=p.dtype)
+        return KVCache(
+            c.n_layer,
+            batch,
+            c.n_kv_head,
+            max_len or c.context_length,
+            c.head_dim,
+            device=p.device,
+            dtype=p.dtype,
+        )
 
     def to_hf(self):
         """A ``transformers.LlamaForCausalLM`` with these weights (raises ValueError if Llama cannot express

@@ -27,7 +27,9 @@ def default_d_ff(kind: str, d_model: int) -> int:
 class MLP(nn.Module):
     """Two-matrix MLP with GELU or squared-ReLU activation."""
 
-    def __init__(self, d_model: int, d_ff: int, activation: str = "gelu", bias: bool = False, dropout: float = 0.0):
+    def __init__(
+        self, d_model: int, d_ff: int, activation: str = "gelu", bias: bool = False, dropout: float = 0.0
+    ):
         super().__init__()
         if activation not in ("gelu", "relu2"):
             raise ValueError(f"MLP activation must be 'gelu' or 'relu2', got {activation!r}")
@@ -57,12 +59,13 @@ class SwiGLU(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)                  # 2 x (batch, seq, d_ff)
+        gate, up = self.gate_up(x).chunk(2, dim=-1)  # 2 x (batch, seq, d_ff)
         return self.dropout(self.down(F.silu(gate) * up))
 
 
-def make_feedforward(kind: str, d_model: int, d_ff: int | None = None, bias: bool = False,
-                     dropout: float = 0.0) -> nn.Module:
+def make_feedforward(
+    kind: str, d_model: int, d_ff: int | None = None, bias: bool = False, dropout: float = 0.0
+) -> nn.Module:
     """Build the feed-forward named ``kind`` (one of ``FFNS``); ``d_ff=None`` uses :func:`default_d_ff`."""
     d_ff = d_ff or default_d_ff(kind, d_model)
     if kind == "swiglu":

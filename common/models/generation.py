@@ -23,7 +23,7 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
         if top_k <= 0:
             raise ValueError(f"top_k must be a positive integer, got {top_k}")
         if top_k < logits.shape[-1]:
-            kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]               # (batch, 1)
+            kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (batch, 1)
             logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None:
         if not 0.0 < top_p <= 1.0:
@@ -38,8 +38,13 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
     return logits
 
 
-def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
-                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """(batch, vocab) logits -> (batch,) next tokens; temperature 0 is greedy (argmax)."""
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
@@ -50,9 +55,18 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
 
 
 @torch.inference_mode()
-def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
-             top_k: int | None = None, top_p: float | None = None, stop_tokens=None,
-             pad_id: int = 0, use_cache: bool = True, generator: torch.Generator | None = None) -> list[list[int]]:
+def generate(
+    model,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_tokens=None,
+    pad_id: int = 0,
+    use_cache: bool = True,
+    generator: torch.Generator | None = None,
+) -> list[list[int]]:
     """Continue each prompt (a list of token ids) by up to ``max_new_tokens`` tokens.
 
     Returns the new tokens of each prompt, cut before its first stop token (``stop_tokens``: an id or a
@@ -66,22 +80,27 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
     lengths = [len(p) for p in prompts]
     width = max(lengths)
     if width + max_new_tokens > ctx:
-        raise ValueError(f"longest prompt ({width}) + max_new_tokens ({max_new_tokens}) exceeds the "
-                         f"context length {ctx}")
-    stops = set() if stop_tokens is None else ({stop_tokens} if isinstance(stop_tokens, int) else set(stop_tokens))
+        raise ValueError(
+            f"longest prompt ({width}) + max_new_tokens ({max_new_tokens}) exceeds the context length {ctx}"
+        )
+    stops = (
+        set()
+        if stop_tokens is None
+        else ({stop_tokens} if isinstance(stop_tokens, int) else set(stop_tokens))
+    )
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
 
     batch, total = len(prompts), width + max_new_tokens
-    tokens = torch.full((batch, total), pad_id, dtype=torch.long, device=device)     # (batch, prompt + new)
-    valid = torch.ones(batch, total, dtype=torch.bool, device=device)                # False at padding
+    tokens = torch.full((batch, total), pad_id, dtype=torch.long, device=device)  # (batch, prompt + new)
+    valid = torch.ones(batch, total, dtype=torch.bool, device=device)  # False at padding
     for i, p in enumerate(prompts):
-        tokens[i, width - len(p):width] = torch.tensor(p, dtype=torch.long)
-        valid[i, :width - len(p)] = False
+        tokens[i, width - len(p) : width] = torch.tensor(p, dtype=torch.long)
+        valid[i, : width - len(p)] = False
     padded = len(set(lengths)) > 1
     # position of each column in its row: 0 at the row's first real token (padding gets 0 too)
-    positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)                        # (batch, total)
+    positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)  # (batch, total)
 
     def mask_for(q_start: int, q_end: int) -> torch.Tensor | None:
         """Boolean (batch, 1, q, keys) mask for queries q_start..q_end-1 over keys 0..q_end-1."""
@@ -98,16 +117,26 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
     stop_tensor = torch.tensor(sorted(stops), dtype=torch.long, device=device)
     end = width
     for step in range(max_new_tokens):
-        if cache is None:                       # recompute everything so far
-            logits, _ = model(tokens[:, :end], positions=positions[:, :end], attn_mask=mask_for(0, end),
-                              last_only=True)
-        elif step == 0:                         # prefill: the whole prompt in one pass
-            logits, _ = model(tokens[:, :end], positions=positions[:, :end] if padded else None,
-                              attn_mask=mask_for(0, end), kv_cache=cache, last_only=True)
-        else:                                   # one new token per row
-            logits, _ = model(tokens[:, end - 1:end], positions=positions[:, end - 1:end] if padded else None,
-                              attn_mask=valid[:, None, None, :end] if padded else None, kv_cache=cache)
-        nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)          # (batch,)
+        if cache is None:  # recompute everything so far
+            logits, _ = model(
+                tokens[:, :end], positions=positions[:, :end], attn_mask=mask_for(0, end), last_only=True
+            )
+        elif step == 0:  # prefill: the whole prompt in one pass
+            logits, _ = model(
+                tokens[:, :end],
+                positions=positions[:, :end] if padded else None,
+                attn_mask=mask_for(0, end),
+                kv_cache=cache,
+                last_only=True,
+            )
+        else:  # one new token per row
+            logits, _ = model(
+                tokens[:, end - 1 : end],
+                positions=positions[:, end - 1 : end] if padded else None,
+                attn_mask=valid[:, None, None, :end] if padded else None,
+                kv_cache=cache,
+            )
+        nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)  # (batch,)
         tokens[:, end] = nxt
         end += 1
         if stops:

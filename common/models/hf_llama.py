@@ -31,13 +31,24 @@ def llama_config(config: DecoderConfig):
     if problems:
         raise ValueError("LlamaForCausalLM cannot express this DecoderConfig: " + "; ".join(problems))
     return LlamaConfig(
-        vocab_size=config.vocab_size, hidden_size=config.d_model, intermediate_size=config.ffn_dim,
-        num_hidden_layers=config.n_layer, num_attention_heads=config.n_head,
-        num_key_value_heads=config.n_kv_head, head_dim=config.head_dim, hidden_act="silu",
-        max_position_embeddings=config.context_length, rms_norm_eps=config.norm_eps,
+        vocab_size=config.vocab_size,
+        hidden_size=config.d_model,
+        intermediate_size=config.ffn_dim,
+        num_hidden_layers=config.n_layer,
+        num_attention_heads=config.n_head,
+        num_key_value_heads=config.n_kv_head,
+        head_dim=config.head_dim,
+        hidden_act="silu",
+        max_position_embeddings=config.context_length,
+        rms_norm_eps=config.norm_eps,
         rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
-        tie_word_embeddings=config.tie_embeddings, attention_bias=config.bias, mlp_bias=config.bias,
-        attention_dropout=0.0, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+        tie_word_embeddings=config.tie_embeddings,
+        attention_bias=config.bias,
+        mlp_bias=config.bias,
+        attention_dropout=0.0,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
     )
 
 
@@ -49,11 +60,16 @@ def decoder_to_hf(model: DecoderLM):
     c = model.config
     hf = LlamaForCausalLM(llama_config(c)).to(dtype=model.lm_head.weight.dtype)
     h, kv, hd = c.n_head, c.n_kv_head, c.head_dim
-    sd = {"model.embed_tokens.weight": model.tok_emb.weight, "model.norm.weight": _norm_weight(model.norm_f, c),
-          "lm_head.weight": model.lm_head.weight}
+    sd = {
+        "model.embed_tokens.weight": model.tok_emb.weight,
+        "model.norm.weight": _norm_weight(model.norm_f, c),
+        "lm_head.weight": model.lm_head.weight,
+    }
     for i, block in enumerate(model.blocks):
         p = f"model.layers.{i}."
-        for name, t in zip(("q_proj", "k_proj", "v_proj"), block.attn.qkv.weight.split((h * hd, kv * hd, kv * hd))):
+        for name, t in zip(
+            ("q_proj", "k_proj", "v_proj"), block.attn.qkv.weight.split((h * hd, kv * hd, kv * hd))
+        ):
             sd[p + f"self_attn.{name}.weight"] = t
         sd[p + "self_attn.o_proj.weight"] = block.attn.proj.weight
         gate, up = block.ffn.gate_up.weight.chunk(2, dim=0)
@@ -62,7 +78,9 @@ def decoder_to_hf(model: DecoderLM):
         sd[p + "input_layernorm.weight"] = _norm_weight(block.norm1, c)
         sd[p + "post_attention_layernorm.weight"] = _norm_weight(block.norm2, c)
         if c.bias:
-            for name, t in zip(("q_proj", "k_proj", "v_proj"), block.attn.qkv.bias.split((h * hd, kv * hd, kv * hd))):
+            for name, t in zip(
+                ("q_proj", "k_proj", "v_proj"), block.attn.qkv.bias.split((h * hd, kv * hd, kv * hd))
+            ):
                 sd[p + f"self_attn.{name}.bias"] = t
             sd[p + "self_attn.o_proj.bias"] = block.attn.proj.bias
             gate_b, up_b = block.ffn.gate_up.bias.chunk(2)
@@ -73,7 +91,9 @@ def decoder_to_hf(model: DecoderLM):
     missing, unexpected = hf.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, strict=False)
     missing = [k for k in missing if not (c.tie_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
-        raise RuntimeError(f"weight mapping to Llama is incomplete: missing {missing}, unexpected {unexpected}")
+        raise RuntimeError(
+            f"weight mapping to Llama is incomplete: missing {missing}, unexpected {unexpected}"
+        )
     if c.tie_embeddings:
         hf.tie_weights()
     return hf.to(model.lm_head.weight.device).eval()
@@ -101,26 +121,46 @@ def decoder_from_hf(hf_model) -> DecoderLM:
     if problems:
         raise ValueError("cannot convert this Llama: " + "; ".join(problems))
     config = DecoderConfig(
-        vocab_size=hc.vocab_size, context_length=hc.max_position_embeddings, n_layer=hc.num_hidden_layers,
-        d_model=hc.hidden_size, n_head=hc.num_attention_heads, n_kv_head=hc.num_key_value_heads,
-        d_ff=hc.intermediate_size, norm="rmsnorm", norm_eps=hc.rms_norm_eps, norm_placement="pre", pos="rope",
-        rope_theta=float(rope.get("rope_theta", 10000.0)), qk_norm=False, ffn="swiglu",
-        tie_embeddings=bool(hc.tie_word_embeddings), bias=bool(hc.attention_bias), dropout=0.0)
+        vocab_size=hc.vocab_size,
+        context_length=hc.max_position_embeddings,
+        n_layer=hc.num_hidden_layers,
+        d_model=hc.hidden_size,
+        n_head=hc.num_attention_heads,
+        n_kv_head=hc.num_key_value_heads,
+        d_ff=hc.intermediate_size,
+        norm="rmsnorm",
+        norm_eps=hc.rms_norm_eps,
+        norm_placement="pre",
+        pos="rope",
+        rope_theta=float(rope.get("rope_theta", 10000.0)),
+        qk_norm=False,
+        ffn="swiglu",
+        tie_embeddings=bool(hc.tie_word_embeddings),
+        bias=bool(hc.attention_bias),
+        dropout=0.0,
+    )
     sd = hf_model.state_dict()
-    ours = {"tok_emb.weight": sd["model.embed_tokens.weight"], "norm_f.weight": sd["model.norm.weight"],
-            "lm_head.weight": sd.get("lm_head.weight", sd["model.embed_tokens.weight"])}
+    ours = {
+        "tok_emb.weight": sd["model.embed_tokens.weight"],
+        "norm_f.weight": sd["model.norm.weight"],
+        "lm_head.weight": sd.get("lm_head.weight", sd["model.embed_tokens.weight"]),
+    }
     for i in range(config.n_layer):
         p, q = f"model.layers.{i}.", f"blocks.{i}."
         ours[q + "attn.qkv.weight"] = torch.cat([sd[p + f"self_attn.{n}_proj.weight"] for n in "qkv"])
         ours[q + "attn.proj.weight"] = sd[p + "self_attn.o_proj.weight"]
-        ours[q + "ffn.gate_up.weight"] = torch.cat([sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"]])
+        ours[q + "ffn.gate_up.weight"] = torch.cat(
+            [sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"]]
+        )
         ours[q + "ffn.down.weight"] = sd[p + "mlp.down_proj.weight"]
         ours[q + "norm1.weight"] = sd[p + "input_layernorm.weight"]
         ours[q + "norm2.weight"] = sd[p + "post_attention_layernorm.weight"]
         if config.bias:
             ours[q + "attn.qkv.bias"] = torch.cat([sd[p + f"self_attn.{n}_proj.bias"] for n in "qkv"])
             ours[q + "attn.proj.bias"] = sd[p + "self_attn.o_proj.bias"]
-            ours[q + "ffn.gate_up.bias"] = torch.cat([sd[p + "mlp.gate_proj.bias"], sd[p + "mlp.up_proj.bias"]])
+            ours[q + "ffn.gate_up.bias"] = torch.cat(
+                [sd[p + "mlp.gate_proj.bias"], sd[p + "mlp.up_proj.bias"]]
+            )
             ours[q + "ffn.down.bias"] = sd[p + "mlp.down_proj.bias"]
     weight = hf_model.lm_head.weight
     model = DecoderLM(config).to(device=weight.device, dtype=weight.dtype)

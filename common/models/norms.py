@@ -18,7 +18,7 @@ NORMS = ("layernorm", "rmsnorm", "rmsnorm_noweight")
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm over the last dimension; ``bias=False`` drops the additive term (as in OLMo, GPT-NeoX variants)."""
+    """LayerNorm over the last dimension; ``bias=False`` drops the additive term (as in OLMo)."""
 
     def __init__(self, dim: int, eps: float = 1e-5, bias: bool = True):
         super().__init__()

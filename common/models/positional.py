@@ -26,17 +26,21 @@ class SinusoidalPositionalEncoding(nn.Module):
         super().__init__()
         if d_model % 2:
             raise ValueError(f"sinusoidal encoding needs an even d_model, got {d_model}")
-        position = torch.arange(max_len, dtype=torch.float32)[:, None]                   # (max_len, 1)
-        div_term = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model))
+        position = torch.arange(max_len, dtype=torch.float32)[:, None]  # (max_len, 1)
+        div_term = torch.exp(
+            torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model)
+        )
         pe = torch.zeros(max_len, d_model)
         pe[:, 0::2] = torch.sin(position * div_term)
         pe[:, 1::2] = torch.cos(position * div_term)
-        self.register_buffer("pe", pe, persistent=False)                                 # (max_len, d_model)
+        self.register_buffer("pe", pe, persistent=False)  # (max_len, d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         seq = x.shape[1]
         if seq > self.pe.shape[0]:
-            raise ValueError(f"sequence of length {seq} is longer than the positional table ({self.pe.shape[0]})")
+            raise ValueError(
+                f"sequence of length {seq} is longer than the positional table ({self.pe.shape[0]})"
+            )
         return x + self.pe[:seq]
 
 
@@ -44,7 +48,8 @@ class RotaryEmbedding(nn.Module):
     """Precomputed cos/sin tables for RoPE, looked up by position.
 
     ``forward(positions)`` takes (seq,) or (batch, seq) integer positions and returns ``cos, sin`` of
-    shape (seq, head_dim) or (batch, 1, seq, head_dim), ready to broadcast against (batch, heads, seq, head_dim).
+    shape (seq, head_dim) or (batch, 1, seq, head_dim), ready to broadcast
+    against (batch, heads, seq, head_dim).
     """
 
     def __init__(self, head_dim: int, max_len: int, theta: float = 10000.0):
@@ -52,14 +57,14 @@ class RotaryEmbedding(nn.Module):
         if head_dim % 2:
             raise ValueError(f"RoPE needs an even head dimension, got {head_dim}")
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)        # (max_len, head_dim/2)
-        emb = torch.cat((freqs, freqs), dim=-1)                                           # (max_len, head_dim)
+        freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (max_len, head_dim/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (max_len, head_dim)
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cos, sin = self.cos[positions], self.sin[positions]
-        if positions.dim() == 2:                                  # (batch, seq, hd) -> (batch, 1, seq, hd)
+        if positions.dim() == 2:  # (batch, seq, hd) -> (batch, 1, seq, hd)
             cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         return cos, sin
 

@@ -38,8 +38,16 @@ class FeedForward(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-    def __init__(self, d_model: int, n_head: int, d_ff: int, dropout: float = 0.0, norm_first: bool = False,
-                 activation: str = "relu", eps: float = 1e-5):
+    def __init__(
+        self,
+        d_model: int,
+        n_head: int,
+        d_ff: int,
+        dropout: float = 0.0,
+        norm_first: bool = False,
+        activation: str = "relu",
+        eps: float = 1e-5,
+    ):
         super().__init__()
         self.norm_first = norm_first
         self.self_attn = MultiHeadAttention(d_model, n_head, dropout)
@@ -59,8 +67,16 @@ class EncoderLayer(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, d_model: int, n_head: int, d_ff: int, dropout: float = 0.0, norm_first: bool = False,
-                 activation: str = "relu", eps: float = 1e-5):
+    def __init__(
+        self,
+        d_model: int,
+        n_head: int,
+        d_ff: int,
+        dropout: float = 0.0,
+        norm_first: bool = False,
+        activation: str = "relu",
+        eps: float = 1e-5,
+    ):
         super().__init__()
         self.norm_first = norm_first
         self.self_attn = MultiHeadAttention(d_model, n_head, dropout)
@@ -75,8 +91,13 @@ class DecoderLayer(nn.Module):
     def _ca(self, x, memory, pad):
         return self.drop2(self.cross_attn(x, memory, memory, key_padding_mask=pad))
 
-    def forward(self, x: torch.Tensor, memory: torch.Tensor, tgt_key_padding_mask: torch.Tensor | None = None,
-                memory_key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        memory: torch.Tensor,
+        tgt_key_padding_mask: torch.Tensor | None = None,
+        memory_key_padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         if self.norm_first:
             x = x + self._sa(self.norm1(x), tgt_key_padding_mask)
             x = x + self._ca(self.norm2(x), memory, memory_key_padding_mask)
@@ -92,14 +113,27 @@ class Transformer(nn.Module):
     The decoder's self-attention is always causal. Padding masks are True at padding positions.
     """
 
-    def __init__(self, d_model: int = 512, n_head: int = 8, num_encoder_layers: int = 6,
-                 num_decoder_layers: int = 6, d_ff: int = 2048, dropout: float = 0.1,
-                 norm_first: bool = False, activation: str = "relu", eps: float = 1e-5):
+    def __init__(
+        self,
+        d_model: int = 512,
+        n_head: int = 8,
+        num_encoder_layers: int = 6,
+        num_decoder_layers: int = 6,
+        d_ff: int = 2048,
+        dropout: float = 0.1,
+        norm_first: bool = False,
+        activation: str = "relu",
+        eps: float = 1e-5,
+    ):
         super().__init__()
-        self.encoder_layers = nn.ModuleList(EncoderLayer(d_model, n_head, d_ff, dropout, norm_first, activation, eps)
-                                            for _ in range(num_encoder_layers))
-        self.decoder_layers = nn.ModuleList(DecoderLayer(d_model, n_head, d_ff, dropout, norm_first, activation, eps)
-                                            for _ in range(num_decoder_layers))
+        self.encoder_layers = nn.ModuleList(
+            EncoderLayer(d_model, n_head, d_ff, dropout, norm_first, activation, eps)
+            for _ in range(num_encoder_layers)
+        )
+        self.decoder_layers = nn.ModuleList(
+            DecoderLayer(d_model, n_head, d_ff, dropout, norm_first, activation, eps)
+            for _ in range(num_decoder_layers)
+        )
         # Pre-LN leaves each stack's output unnormalised; Post-LN already ends on a LayerNorm
         self.encoder_norm = nn.LayerNorm(d_model, eps=eps) if norm_first else None
         self.decoder_norm = nn.LayerNorm(d_model, eps=eps) if norm_first else None
@@ -110,14 +144,21 @@ class Transformer(nn.Module):
             x = layer(x, src_key_padding_mask)
         return self.encoder_norm(x) if self.encoder_norm is not None else x
 
-    def decode(self, tgt: torch.Tensor, memory: torch.Tensor, tgt_key_padding_mask: torch.Tensor | None = None,
-               memory_key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def decode(
+        self,
+        tgt: torch.Tensor,
+        memory: torch.Tensor,
+        tgt_key_padding_mask: torch.Tensor | None = None,
+        memory_key_padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         x = tgt
         for layer in self.decoder_layers:
             x = layer(x, memory, tgt_key_padding_mask, memory_key_padding_mask)
         return self.decoder_norm(x) if self.decoder_norm is not None else x
 
-    def forward(self, src, tgt, src_key_padding_mask=None, tgt_key_padding_mask=None, memory_key_padding_mask=None):
+    def forward(
+        self, src, tgt, src_key_padding_mask=None, tgt_key_padding_mask=None, memory_key_padding_mask=None
+    ):
         memory = self.encode(src, src_key_padding_mask)
         return self.decode(tgt, memory, tgt_key_padding_mask, memory_key_padding_mask)
 
@@ -126,30 +167,44 @@ class Seq2SeqTransformer(nn.Module):
     """Token-level encoder-decoder: embeddings scaled by sqrt(d_model), sinusoidal positions, the
     :class:`Transformer`, and a linear layer to target-vocabulary logits."""
 
-    def __init__(self, src_vocab: int, tgt_vocab: int, d_model: int = 128, n_head: int = 4,
-                 num_encoder_layers: int = 3, num_decoder_layers: int = 3, d_ff: int = 512,
-                 dropout: float = 0.1, norm_first: bool = False, max_len: int = 256, pad_id: int = 0):
+    def __init__(
+        self,
+        src_vocab: int,
+        tgt_vocab: int,
+        d_model: int = 128,
+        n_head: int = 4,
+        num_encoder_layers: int = 3,
+        num_decoder_layers: int = 3,
+        d_ff: int = 512,
+        dropout: float = 0.1,
+        norm_first: bool = False,
+        max_len: int = 256,
+        pad_id: int = 0,
+    ):
         super().__init__()
         self.d_model, self.pad_id, self.max_len = d_model, pad_id, max_len
         self.src_emb = nn.Embedding(src_vocab, d_model)
         self.tgt_emb = nn.Embedding(tgt_vocab, d_model)
         self.pos = SinusoidalPositionalEncoding(d_model, max_len)
         self.drop = nn.Dropout(dropout)
-        self.transformer = Transformer(d_model, n_head, num_encoder_layers, num_decoder_layers, d_ff, dropout,
-                                       norm_first)
+        self.transformer = Transformer(
+            d_model, n_head, num_encoder_layers, num_decoder_layers, d_ff, dropout, norm_first
+        )
         self.generator = nn.Linear(d_model, tgt_vocab)
         # the paper's scaling: embeddings of std d_model^-0.5, times sqrt(d_model) in _embed, are of the
         # same size as the positional table (torch's default std 1 would drown the positions)
         for emb in (self.src_emb, self.tgt_emb):
-            nn.init.normal_(emb.weight, std=d_model ** -0.5)
+            nn.init.normal_(emb.weight, std=d_model**-0.5)
 
     def _embed(self, emb: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
         if ids.dim() != 2:
             raise ValueError(f"token ids must be (batch, seq), got shape {tuple(ids.shape)}")
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= emb.num_embeddings):
-            raise ValueError(f"token ids must lie in [0, {emb.num_embeddings}), got min {int(ids.min())}, "
-                             f"max {int(ids.max())}")
-        return self.drop(self.pos(emb(ids) * math.sqrt(self.d_model)))     # (batch, seq, d_model)
+            raise ValueError(
+                f"token ids must lie in [0, {emb.num_embeddings}), got min {int(ids.min())}, "
+                f"max {int(ids.max())}"
+            )
+        return self.drop(self.pos(emb(ids) * math.sqrt(self.d_model)))  # (batch, seq, d_model)
 
     def encode(self, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         src_pad = src == self.pad_id
@@ -157,10 +212,10 @@ class Seq2SeqTransformer(nn.Module):
 
     def decode(self, tgt: torch.Tensor, memory: torch.Tensor, src_pad: torch.Tensor) -> torch.Tensor:
         h = self.transformer.decode(self._embed(self.tgt_emb, tgt), memory, tgt == self.pad_id, src_pad)
-        return self.generator(h)                                              # (batch, T, tgt_vocab)
+        return self.generator(h)  # (batch, T, tgt_vocab)
 
     def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
-        """src (batch, S), tgt_in (batch, T) (target shifted right, starting with BOS) -> logits (batch, T, V)."""
+        """src (batch, S), tgt_in (batch, T) (the target shifted right, BOS first) -> logits (batch, T, V)."""
         memory, src_pad = self.encode(src)
         return self.decode(tgt_in, memory, src_pad)
 
