@@ -31,8 +31,10 @@ def sh(*cmd: str) -> None:
 
 
 def setup() -> None:
-    digest = hashlib.sha256(b"".join((ROOT / f).read_bytes() for f in ("requirements.txt", "pyproject.toml"))
-                            + sys.executable.encode()).hexdigest()
+    digest = hashlib.sha256(
+        b"".join((ROOT / f).read_bytes() for f in ("requirements.txt", "pyproject.toml"))
+        + sys.executable.encode()
+    ).hexdigest()
     if STAMP.exists() and STAMP.read_text() == digest:
         return
     pip = [sys.executable, "-m", "pip", "install", "--quiet"]

@@ -56,11 +56,15 @@ def main(argv=None) -> dict:
     print(f"Compute dtype: {dtype} ({why})")
 
     check = matmul_check(args.device, size)
-    print(f"\n{size}x{size} matmul on {args.device}: fp32 rel. error {check['matmul_fp32_rel_err']:.1e} "
-          f"({check['matmul_fp32_gflops']:.1f} GFLOP/s); {check['low_dtype']} rel. error "
-          f"{check['matmul_low_rel_err']:.1e} ({check['matmul_low_gflops']:.1f} GFLOP/s)")
+    print(
+        f"\n{size}x{size} matmul on {args.device}: fp32 rel. error {check['matmul_fp32_rel_err']:.1e} "
+        f"({check['matmul_fp32_gflops']:.1f} GFLOP/s); {check['low_dtype']} rel. error "
+        f"{check['matmul_low_rel_err']:.1e} ({check['matmul_low_gflops']:.1f} GFLOP/s)"
+    )
     if check["matmul_fp32_rel_err"] > 1e-4:
-        raise RuntimeError(f"fp32 matmul is off by {check['matmul_fp32_rel_err']:.1e}: the device is not healthy")
+        raise RuntimeError(
+            f"fp32 matmul is off by {check['matmul_fp32_rel_err']:.1e}: the device is not healthy"
+        )
 
     t = report["torch"]
     figures = {
@@ -75,8 +79,11 @@ def main(argv=None) -> dict:
     for name, p in report["packages"].items():
         if name == "torch":
             continue
-        figures[p["name"]] = (p["version"] if p["imports"] else f"{p['version']} (does not import)") \
-            if p["version"] else "not installed"
+        figures[p["name"]] = (
+            (p["version"] if p["imports"] else f"{p['version']} (does not import)")
+            if p["version"]
+            else "not installed"
+        )
     figures.update(check)
     figures["warning_text"] = " | ".join(report["warnings"])
     return figures

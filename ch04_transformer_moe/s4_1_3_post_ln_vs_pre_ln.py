@@ -48,7 +48,7 @@ def init_like_2017(model) -> None:
 
 
 def layer_grad_norms(model, batches) -> list[float]:
-    """Mean over ``batches`` of each block's gradient norm (all its parameters together) at the current weights."""
+    """Mean over ``batches`` of each block's gradient norm (all its parameters together), current weights."""
     totals = torch.zeros(len(model.blocks))
     for x, y in batches:
         model.zero_grad(set_to_none=True)
@@ -70,8 +70,12 @@ def plot(path, grad_norms: dict, curves: dict, lr: float) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for name, norms in grad_norms.items():
         left.plot(range(1, len(norms) + 1), norms, marker="o", label=name)
-    left.set(xlabel="layer (1 = next to the input)", ylabel="gradient norm at initialisation",
-             title="Gradients per layer at initialisation", yscale="log")
+    left.set(
+        xlabel="layer (1 = next to the input)",
+        ylabel="gradient norm at initialisation",
+        title="Gradients per layer at initialisation",
+        yscale="log",
+    )
     left.legend()
     for name, losses in curves.items():
         right.plot(range(1, len(losses) + 1), losses, label=name)
@@ -88,13 +92,25 @@ def main(argv=None) -> dict:
     parser = script_parser(__doc__)
     parser.add_argument("--layers", type=int, default=None, help="decoder layers (default 8; quick 3)")
     parser.add_argument("--d-model", type=int, default=None, help="model width (default 128; quick 64)")
-    parser.add_argument("--steps", type=int, default=None, help="training steps for each model (default 300; quick 15)")
-    parser.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate, used from step 0 (no warm-up)")
-    parser.add_argument("--batch-size", type=int, default=None, help="sequences per step (default 16; quick 8)")
-    parser.add_argument("--init", choices=["2017", "gpt2"], default="2017",
-                        help="weights at the start: the 2017 Transformer's (Xavier, unit embeddings; the "
-                             "paper's setting) or DecoderLM's GPT-2 style default")
-    parser.add_argument("--grad-batches", type=int, default=None, help="batches averaged for the gradient norms")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="training steps for each model (default 300; quick 15)"
+    )
+    parser.add_argument(
+        "--lr", type=float, default=3e-3, help="AdamW learning rate, used from step 0 (no warm-up)"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="sequences per step (default 16; quick 8)"
+    )
+    parser.add_argument(
+        "--init",
+        choices=["2017", "gpt2"],
+        default="2017",
+        help="weights at the start: the 2017 Transformer's (Xavier, unit embeddings; the "
+        "paper's setting) or DecoderLM's GPT-2 style default",
+    )
+    parser.add_argument(
+        "--grad-batches", type=int, default=None, help="batches averaged for the gradient norms"
+    )
     parser.add_argument("--out", default=None, help="output folder (default runs/s4_1_3_post_ln_vs_pre_ln/)")
     args = parse_args(parser, argv)
     q = args.quick
@@ -111,10 +127,23 @@ def main(argv=None) -> dict:
     tokenizer = get_tokenizer(vocab, text=text)
     data = TokenData.from_text(text, tokenizer, context_length=context)
     # the 2017 recipe: LayerNorm, learned positions, GELU; only norm_placement differs
-    base = DecoderConfig(vocab_size=vocab, context_length=context, n_layer=layers, d_model=d_model,
-                         n_head=4, n_kv_head=4, norm="layernorm", pos="learned", ffn="gelu", bias=True)
-    print(f"two {layers}-layer decoders, {args.init} initialisation, d_model {d_model}, on {len(data.train):,} training tokens "
-          f"({args.device_reason})")
+    base = DecoderConfig(
+        vocab_size=vocab,
+        context_length=context,
+        n_layer=layers,
+        d_model=d_model,
+        n_head=4,
+        n_kv_head=4,
+        norm="layernorm",
+        pos="learned",
+        ffn="gelu",
+        bias=True,
+    )
+    print(
+        f"two {layers}-layer decoders, {args.init} initialisation, d_model {d_model}, "
+        f"on {len(data.train):,} training tokens "
+        f"({args.device_reason})"
+    )
 
     g = torch.Generator().manual_seed(args.seed)
     grad_batches = [data.get_batch("train", batch_size, generator=g) for _ in range(n_grad_batches)]
@@ -126,8 +155,10 @@ def main(argv=None) -> dict:
             init_like_2017(models[placement])
         grad_norms[f"{placement}-LN"] = layer_grad_norms(models[placement], grad_batches)
 
-    print("\ngradient norm of each layer at initialisation (mean of "
-          f"{n_grad_batches} batches)\n  layer   post-LN     pre-LN")
+    print(
+        "\ngradient norm of each layer at initialisation (mean of "
+        f"{n_grad_batches} batches)\n  layer   post-LN     pre-LN"
+    )
     for i, (a, b) in enumerate(zip(grad_norms["post-LN"], grad_norms["pre-LN"]), start=1):
         print(f"  {i:>5}   {a:.3e}   {b:.3e}")
     for name, norms in grad_norms.items():
@@ -135,27 +166,41 @@ def main(argv=None) -> dict:
         figures[f"{key}_grad_last_over_first"] = norms[-1] / norms[0]
         print(f"{name}: last layer / first layer = {norms[-1] / norms[0]:.2f}")
 
-    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=args.lr, use_muon=False, warmup_steps=0,
-                      warmdown_frac=0.0, grad_clip=0.0, eval_every=0, eval_batches=4 if q else 16,
-                      seed=args.seed, dtype="fp32")
+    cfg = TrainConfig(
+        steps=steps,
+        batch_size=batch_size,
+        lr=args.lr,
+        use_muon=False,
+        warmup_steps=0,
+        warmdown_frac=0.0,
+        grad_clip=0.0,
+        eval_every=0,
+        eval_batches=4 if q else 16,
+        seed=args.seed,
+        dtype="fp32",
+    )
     print(f"\ntraining both for {steps} steps, AdamW lr {args.lr:g} from the first step, no clipping")
     for placement, model in models.items():
         name = f"{placement}-LN"
         result = train(model, data, cfg, device=args.device)
         curves[name] = result["losses"]
         key = name.replace("-", "").lower()
-        tail = result["losses"][-max(1, steps // 10):]
+        tail = result["losses"][-max(1, steps // 10) :]
         diverged = not all(math.isfinite(v) for v in result["losses"]) or len(result["losses"]) < steps
         figures[f"{key}_final_train_loss"] = sum(tail) / len(tail)
         figures[f"{key}_val_loss"] = result["val_loss"]
         figures[f"{key}_diverged"] = diverged
-        print(f"{name}: mean train loss over the last {len(tail)} steps {sum(tail) / len(tail):.4f}, "
-              f"val loss {result['val_loss']:.4f}{'  (DIVERGED)' if diverged else ''}")
+        print(
+            f"{name}: mean train loss over the last {len(tail)} steps {sum(tail) / len(tail):.4f}, "
+            f"val loss {result['val_loss']:.4f}{'  (DIVERGED)' if diverged else ''}"
+        )
 
     gap = figures["postln_val_loss"] - figures["preln_val_loss"]
     figures["val_loss_gap_post_minus_pre"] = gap
-    print(f"\nPost-LN ends {abs(gap):.3f} nats per token {'above' if gap > 0 else 'below'} Pre-LN "
-          "on validation after the same steps")
+    print(
+        f"\nPost-LN ends {abs(gap):.3f} nats per token {'above' if gap > 0 else 'below'} Pre-LN "
+        "on validation after the same steps"
+    )
     png = os.path.join(out, "post_vs_pre_ln.png")
     plot(png, grad_norms, curves, args.lr)
     print(f"plot: {png}")

@@ -46,8 +46,13 @@ def capture_rng_state(generators: dict[str, torch.Generator] | None = None) -> d
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "python": [version, list(internal), gauss],
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "generators": {name: g.get_state() for name, g in (generators or {}).items()},
@@ -61,8 +66,9 @@ def restore_rng_state(state: dict, generators: dict[str, torch.Generator] | None
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
+    np.random.set_state(
+        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -70,8 +76,14 @@ def restore_rng_state(state: dict, generators: dict[str, torch.Generator] | None
         g.set_state(state["generators"][name])
 
 
-def save_checkpoint(directory: str | os.PathLike, model: torch.nn.Module, optimizer=None, step: int = 0,
-                    rng_state: dict | None = None, extra: dict | None = None) -> Path:
+def save_checkpoint(
+    directory: str | os.PathLike,
+    model: torch.nn.Module,
+    optimizer=None,
+    step: int = 0,
+    rng_state: dict | None = None,
+    extra: dict | None = None,
+) -> Path:
     """Write ``model`` weights and the training state into ``directory`` atomically; return the folder.
 
     ``rng_state`` defaults to the generators' state now; pass the state captured at the start of
@@ -99,11 +111,16 @@ def save_checkpoint(directory: str | os.PathLike, model: torch.nn.Module, optimi
 
 
 def has_checkpoint(directory: str | os.PathLike | None) -> bool:
-    return directory is not None and (Path(directory) / STATE).is_file() and (Path(directory) / WEIGHTS).is_file()
+    return (
+        directory is not None
+        and (Path(directory) / STATE).is_file()
+        and (Path(directory) / WEIGHTS).is_file()
+    )
 
 
-def load_checkpoint(directory: str | os.PathLike, model: torch.nn.Module, optimizer=None,
-                    device: str | torch.device = "cpu") -> dict:
+def load_checkpoint(
+    directory: str | os.PathLike, model: torch.nn.Module, optimizer=None, device: str | torch.device = "cpu"
+) -> dict:
     """Load weights (and optimizer state) from ``directory`` into ``model``; return the state dict.
 
     The caller restores the RNGs with :func:`restore_rng_state` (``state["rng"]``) when resuming.
@@ -119,8 +136,9 @@ def load_checkpoint(directory: str | os.PathLike, model: torch.nn.Module, optimi
     except Exception as e:  # noqa: BLE001 - truncated zip, bad pickle, ...
         raise CheckpointError(f"{directory / STATE} is unreadable: {type(e).__name__}: {e}") from e
     if file_sha256(directory / WEIGHTS) != state.get("weights_sha256"):
-        raise CheckpointError(f"{directory / WEIGHTS} does not match the checksum in {STATE} "
-                              "(interrupted write or edited file)")
+        raise CheckpointError(
+            f"{directory / WEIGHTS} does not match the checksum in {STATE} (interrupted write or edited file)"
+        )
     load_model(model, str(directory / WEIGHTS), strict=True, device=str(device))
     if optimizer is not None:
         if state["optimizer"] is None:

@@ -39,16 +39,47 @@ EOT = "<|endoftext|>"
 # Standard-library modules whose docstrings join the corpus, in this order.  Missing ones (the
 # stdlib changes between Python versions) are skipped, so the corpus stays deterministic per version.
 STDLIB_MODULES = (
-    "abc", "argparse", "ast", "base64", "bisect", "calendar", "collections", "configparser",
-    "contextlib", "copy", "csv", "dataclasses", "difflib", "enum", "fractions", "functools",
-    "heapq", "inspect", "ipaddress", "json", "logging", "pathlib", "pickle", "pprint", "random",
-    "shutil", "statistics", "string", "subprocess", "tarfile", "textwrap", "threading", "typing",
-    "unittest/case", "urllib/parse", "zipfile",
+    "abc",
+    "argparse",
+    "ast",
+    "base64",
+    "bisect",
+    "calendar",
+    "collections",
+    "configparser",
+    "contextlib",
+    "copy",
+    "csv",
+    "dataclasses",
+    "difflib",
+    "enum",
+    "fractions",
+    "functools",
+    "heapq",
+    "inspect",
+    "ipaddress",
+    "json",
+    "logging",
+    "pathlib",
+    "pickle",
+    "pprint",
+    "random",
+    "shutil",
+    "statistics",
+    "string",
+    "subprocess",
+    "tarfile",
+    "textwrap",
+    "threading",
+    "typing",
+    "unittest/case",
+    "urllib/parse",
+    "zipfile",
 )
 
 
 def cache_dir(override: str | os.PathLike | None = None) -> Path:
-    """Where trained tokenizers and models are cached: ``override``, ``$BOOK_CACHE_DIR`` or ``<repo>/.cache``."""
+    """Where trained tokenizers and models live: ``override``, ``$BOOK_CACHE_DIR``, ``<repo>/.cache``."""
     path = Path(override or os.environ.get(CACHE_ENV) or REPO_ROOT / ".cache")
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -66,6 +97,7 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
 
 
 # ----------------------------------------------------------------------------- the corpus
+
 
 def _module_docstrings(relpath: str) -> str | None:
     stdlib = Path(sysconfig.get_paths()["stdlib"])
@@ -128,14 +160,17 @@ def split_text(text: str, val_fraction: float = 0.1, chunk_chars: int = 4096) ->
         chunks.append(current)
     every = round(1 / val_fraction)
     if len(chunks) < every:
-        raise ValueError(f"text too short to split: {len(chunks)} chunks of ~{chunk_chars} characters, "
-                         f"need at least {every} for val_fraction={val_fraction}")
+        raise ValueError(
+            f"text too short to split: {len(chunks)} chunks of ~{chunk_chars} characters, "
+            f"need at least {every} for val_fraction={val_fraction}"
+        )
     train = [c for i, c in enumerate(chunks) if i % every != every - 1]
     val = [c for i, c in enumerate(chunks) if i % every == every - 1]
     return train, val
 
 
 # ----------------------------------------------------------------------------- the tokenizer
+
 
 def train_tokenizer(texts: list[str], vocab_size: int):
     """Train a byte-level BPE tokenizer (GPT-2 style) on ``texts`` with the ``tokenizers`` library."""
@@ -146,8 +181,12 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOT],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tokenizer.train_from_iterator(texts, trainer=trainer)
     return tokenizer
 
@@ -201,6 +240,7 @@ def token_byte_lengths(tokenizer) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- tokens and batches
 
+
 @dataclass
 class TokenData:
     """Token streams for training and validation, with what is needed to batch them and to compute bpb.
@@ -229,12 +269,19 @@ class TokenData:
                 ids.append(eot)
             return torch.tensor(ids, dtype=torch.long)
 
-        data = cls(encode(train_chunks), encode(val_chunks), context_length,
-                   token_byte_lengths(tokenizer), tokenizer.get_vocab_size())
+        data = cls(
+            encode(train_chunks),
+            encode(val_chunks),
+            context_length,
+            token_byte_lengths(tokenizer),
+            tokenizer.get_vocab_size(),
+        )
         for split in ("train", "val"):
             if len(data.tokens(split)) <= context_length:
-                raise ValueError(f"{split} split has {len(data.tokens(split))} tokens, not more than "
-                                 f"context_length={context_length}: use a longer text or a shorter context")
+                raise ValueError(
+                    f"{split} split has {len(data.tokens(split))} tokens, not more than "
+                    f"context_length={context_length}: use a longer text or a shorter context"
+                )
         return data
 
     def tokens(self, split: str) -> torch.Tensor:
@@ -245,10 +292,13 @@ class TokenData:
     @property
     def bytes_per_token(self) -> dict[str, float]:
         """Average UTF-8 bytes per token of each split."""
-        return {s: self.token_bytes[self.tokens(s)].sum().item() / len(self.tokens(s)) for s in ("train", "val")}
+        return {
+            s: self.token_bytes[self.tokens(s)].sum().item() / len(self.tokens(s)) for s in ("train", "val")
+        }
 
-    def get_batch(self, split: str, batch_size: int, generator: torch.Generator | None = None,
-                  rows: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def get_batch(
+        self, split: str, batch_size: int, generator: torch.Generator | None = None, rows: slice | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Random windows: x (batch, context) and y = x shifted left by one token.
 
         ``rows`` takes a slice of the sampled batch: data-parallel ranks draw the same global batch

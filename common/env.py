@@ -20,8 +20,8 @@ import platform
 import random
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from common.runner import SkipScript
 
@@ -55,6 +55,7 @@ INSTALL_HINTS = {
 
 # ----------------------------------------------------------------------------- device, dtype, seed
 
+
 def choose_device(requested: str = "auto") -> tuple[str, str]:
     """Return (device, reason).  ``auto`` prefers cuda, then mps, then cpu.
 
@@ -71,8 +72,10 @@ def choose_device(requested: str = "auto") -> tuple[str, str]:
             return "mps", "auto: no CUDA, Apple MPS is available"
         return "cpu", "auto: no CUDA or MPS device found"
     if requested == "cuda" and not has_cuda:
-        raise SkipScript("--device cuda asked for, but torch sees no CUDA device",
-                         "install a CUDA build of torch on a machine with an NVIDIA GPU")
+        raise SkipScript(
+            "--device cuda asked for, but torch sees no CUDA device",
+            "install a CUDA build of torch on a machine with an NVIDIA GPU",
+        )
     if requested == "mps" and not has_mps:
         raise SkipScript("--device mps asked for, but torch sees no MPS device", "needs Apple silicon")
     if requested not in {"cpu", "cuda", "mps"}:
@@ -80,7 +83,7 @@ def choose_device(requested: str = "auto") -> tuple[str, str]:
     return requested, f"asked for {requested}"
 
 
-def choose_dtype(device: str) -> tuple["object", str]:
+def choose_dtype(device: str) -> tuple[object, str]:
     """Return (torch dtype for autocast/compute, reason): bf16 where the hardware does it well."""
     import torch
 
@@ -119,6 +122,7 @@ def require(name: str, hint: str | None = None):
 
 # ----------------------------------------------------------------------------- the report
 
+
 def _version(dist: str) -> str | None:
     try:
         return metadata.version(dist)
@@ -156,8 +160,22 @@ def _cpu_model_and_flags() -> tuple[str, list[str]]:
             model = m.group(1).strip()
         m = re.search(r"^(?:flags|Features)\s*:\s*(.+)$", text, re.M)
         if m:
-            wanted = {"sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni",
-                      "amx_bf16", "amx_tile", "amx_int8", "neon", "asimd", "sve", "bf16"}
+            wanted = {
+                "sse4_2",
+                "avx",
+                "avx2",
+                "fma",
+                "avx512f",
+                "avx512_bf16",
+                "avx512_vnni",
+                "amx_bf16",
+                "amx_tile",
+                "amx_int8",
+                "neon",
+                "asimd",
+                "sve",
+                "bf16",
+            }
             flags = sorted(set(m.group(1).split()) & wanted)
     except OSError:
         pass
@@ -187,8 +205,13 @@ def _torch_info() -> dict:
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
-            info["gpus"].append({"name": p.name, "memory_gib": round(p.total_memory / 2**30, 1),
-                                 "capability": f"{p.major}.{p.minor}"})
+            info["gpus"].append(
+                {
+                    "name": p.name,
+                    "memory_gib": round(p.total_memory / 2**30, 1),
+                    "capability": f"{p.major}.{p.minor}",
+                }
+            )
     return info
 
 
@@ -222,48 +245,75 @@ def _installed(r: dict, name: str) -> bool:
 INCOMPATIBILITIES = [
     Incompatibility(
         lambda r: _v(r, "numpy") >= (2,) and () < _v(r, "torch") < (2, 3),
-        lambda r: f"NumPy {r['packages']['numpy']['version']} with torch {r['packages']['torch']['version']}: "
-                  "torch before 2.3 was built against NumPy 1.x and breaks on NumPy 2 "
-                  "(the book hit it with torch 1.10.1); pip install 'numpy<2' or a newer torch"),
+        lambda r: (
+            f"NumPy {r['packages']['numpy']['version']} with torch {r['packages']['torch']['version']}: "
+            "torch before 2.3 was built against NumPy 1.x and breaks on NumPy 2 "
+            "(the book hit it with torch 1.10.1); pip install 'numpy<2' or a newer torch"
+        ),
+    ),
     Incompatibility(
         lambda r: _installed(r, "transformers") and () < _v(r, "torch") < (2, 1),
-        lambda r: "transformers' pretrained models need torch 2.1 or newer; "
-                  f"torch is {r['packages']['torch']['version']}"),
+        lambda r: (
+            "transformers' pretrained models need torch 2.1 or newer; "
+            f"torch is {r['packages']['torch']['version']}"
+        ),
+    ),
     Incompatibility(
         lambda r: (_installed(r, "auto_gptq") or _installed(r, "awq")) and _v(r, "torch")[:2] != (2, 3),
-        lambda r: "the book's quantization runs (auto-gptq/autoawq kernels) used torch 2.3.1; with torch "
-                  f"{r['packages']['torch']['version']} their compiled kernels may not load"),
+        lambda r: (
+            "the book's quantization runs (auto-gptq/autoawq kernels) used torch 2.3.1; with torch "
+            f"{r['packages']['torch']['version']} their compiled kernels may not load"
+        ),
+    ),
     Incompatibility(
         lambda r: _installed(r, "auto_gptq") and not _imports(r, "auto_gptq"),
-        lambda r: f"auto-gptq {r['packages']['auto_gptq']['version']} is installed but does not import "
-                  f"({r['packages']['auto_gptq']['error']}): auto-gptq 0.7.1 needs transformers<5 (it imports "
-                  f"no_init_weights, which transformers 5 moved); transformers is "
-                  f"{r['packages']['transformers']['version']}. Chapter 7 uses the book's own GPTQ instead"),
+        lambda r: (
+            f"auto-gptq {r['packages']['auto_gptq']['version']} is installed but does not import "
+            f"({r['packages']['auto_gptq']['error']}): auto-gptq 0.7.1 needs transformers<5 (it imports "
+            f"no_init_weights, which transformers 5 moved); transformers is "
+            f"{r['packages']['transformers']['version']}. Chapter 7 uses the book's own GPTQ instead"
+        ),
+    ),
     Incompatibility(
         lambda r: _installed(r, "awq") and _v(r, "torch")[:2] != (2, 6),
-        lambda r: f"autoawq {r['packages']['awq']['version']} is pinned to torch 2.6 and deprecated; "
-                  f"torch is {r['packages']['torch']['version']}. Chapter 7 uses the book's own AWQ"),
+        lambda r: (
+            f"autoawq {r['packages']['awq']['version']} is pinned to torch 2.6 and deprecated; "
+            f"torch is {r['packages']['torch']['version']}. Chapter 7 uses the book's own AWQ"
+        ),
+    ),
     Incompatibility(
         lambda r: _installed(r, "awq") and not _imports(r, "awq"),
-        lambda r: f"autoawq is installed but does not import ({r['packages']['awq']['error']})"),
+        lambda r: f"autoawq is installed but does not import ({r['packages']['awq']['error']})",
+    ),
     Incompatibility(
         lambda r: _installed(r, "deepspeed") and not _installed(r, "tree"),
-        lambda r: "deepspeed is installed without dm-tree, which the book's DeepSpeed setup needed: "
-                  "pip install dm-tree"),
+        lambda r: (
+            "deepspeed is installed without dm-tree, which the book's DeepSpeed setup needed: "
+            "pip install dm-tree"
+        ),
+    ),
     Incompatibility(
         lambda r: _installed(r, "deepspeed") and not _imports(r, "deepspeed"),
-        lambda r: f"deepspeed is installed but does not import ({r['packages']['deepspeed']['error']})"),
+        lambda r: f"deepspeed is installed but does not import ({r['packages']['deepspeed']['error']})",
+    ),
     Incompatibility(
         lambda r: _installed(r, "fmoe") and not _imports(r, "fmoe"),
-        lambda r: f"fastmoe is installed but does not import ({r['packages']['fmoe']['error']}); "
-                  "chapter 6 falls back to the book's pure-PyTorch FMoE"),
+        lambda r: (
+            f"fastmoe is installed but does not import ({r['packages']['fmoe']['error']}); "
+            "chapter 6 falls back to the book's pure-PyTorch FMoE"
+        ),
+    ),
     Incompatibility(
         lambda r: _installed(r, "tensorrt") and not r["torch"].get("gpus"),
-        lambda r: "tensorrt is installed but there is no CUDA GPU: TensorRT sections skip"),
+        lambda r: "tensorrt is installed but there is no CUDA GPU: TensorRT sections skip",
+    ),
     Incompatibility(
         lambda r: _v(r, "torch") >= (2, 9) and _installed(r, "onnx") and not _installed(r, "onnxscript"),
-        lambda r: "torch's ONNX exporter (dynamo=True, the default since torch 2.9) needs onnxscript: "
-                  "pip install onnxscript"),
+        lambda r: (
+            "torch's ONNX exporter (dynamo=True, the default since torch 2.9) needs onnxscript: "
+            "pip install onnxscript"
+        ),
+    ),
 ]
 
 
@@ -285,8 +335,13 @@ def environment_report() -> dict:
         if import_name == "torch":
             continue
         report["packages"][import_name] = package_status(import_name)
-    report["packages"]["torch"] = {"name": "torch", "import": "torch", "version": report["torch"]["version"],
-                                   "imports": report["torch"]["version"] is not None, "error": None}
+    report["packages"]["torch"] = {
+        "name": "torch",
+        "import": "torch",
+        "version": report["torch"]["version"],
+        "imports": report["torch"]["version"] is not None,
+        "error": None,
+    }
     report["warnings"] = [inc.message(report) for inc in INCOMPATIBILITIES if inc.applies(report)]
     return report
 
@@ -323,7 +378,9 @@ def format_report(r: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
     report = environment_report()

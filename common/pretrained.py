@@ -38,18 +38,62 @@ RECIPE_VERSION = 1
 SPECS = {
     "tiny": {
         "vocab_size": 2048,
-        "model": dict(context_length=128, n_layer=4, d_model=128, n_head=4, n_kv_head=4, norm="rmsnorm",
-                      pos="rope", ffn="swiglu", tie_embeddings=False, bias=False, dropout=0.0),
-        "train": dict(steps=160, batch_size=32, grad_accum=1, lr=4e-3, muon_lr=0.02, warmup_steps=10,
-                      warmdown_frac=0.4, grad_clip=1.0, eval_every=40, eval_batches=16, dtype="auto"),
+        "model": dict(
+            context_length=128,
+            n_layer=4,
+            d_model=128,
+            n_head=4,
+            n_kv_head=4,
+            norm="rmsnorm",
+            pos="rope",
+            ffn="swiglu",
+            tie_embeddings=False,
+            bias=False,
+            dropout=0.0,
+        ),
+        "train": dict(
+            steps=160,
+            batch_size=32,
+            grad_accum=1,
+            lr=4e-3,
+            muon_lr=0.02,
+            warmup_steps=10,
+            warmdown_frac=0.4,
+            grad_clip=1.0,
+            eval_every=40,
+            eval_batches=16,
+            dtype="auto",
+        ),
         "seed": 0,
     },
     "test": {
         "vocab_size": 512,
-        "model": dict(context_length=64, n_layer=2, d_model=64, n_head=2, n_kv_head=2, norm="rmsnorm",
-                      pos="rope", ffn="swiglu", tie_embeddings=False, bias=False, dropout=0.0),
-        "train": dict(steps=30, batch_size=8, grad_accum=1, lr=4e-3, muon_lr=0.02, warmup_steps=3,
-                      warmdown_frac=0.4, grad_clip=1.0, eval_every=0, eval_batches=4, dtype="fp32"),
+        "model": dict(
+            context_length=64,
+            n_layer=2,
+            d_model=64,
+            n_head=2,
+            n_kv_head=2,
+            norm="rmsnorm",
+            pos="rope",
+            ffn="swiglu",
+            tie_embeddings=False,
+            bias=False,
+            dropout=0.0,
+        ),
+        "train": dict(
+            steps=30,
+            batch_size=8,
+            grad_accum=1,
+            lr=4e-3,
+            muon_lr=0.02,
+            warmup_steps=3,
+            warmdown_frac=0.4,
+            grad_clip=1.0,
+            eval_every=0,
+            eval_batches=4,
+            dtype="fp32",
+        ),
         "seed": 0,
     },
 }
@@ -59,8 +103,9 @@ def spec_key(name: str, text: str) -> str:
     """Hash of everything that decides the weights: the spec, the corpus, the recipe version."""
     if name not in SPECS:
         raise ValueError(f"unknown pretrained model {name!r}; choose one of {', '.join(SPECS)}")
-    payload = json.dumps({"spec": SPECS[name], "corpus": corpus_hash(text), "recipe": RECIPE_VERSION},
-                         sort_keys=True)
+    payload = json.dumps(
+        {"spec": SPECS[name], "corpus": corpus_hash(text), "recipe": RECIPE_VERSION}, sort_keys=True
+    )
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
@@ -87,8 +132,13 @@ def _load(folder: Path, name: str, device: str):
     return model.to(device).eval(), info
 
 
-def pretrained_lm(name: str = "tiny", device: str = "cpu", retrain: bool = False, progress: bool = True,
-                  cache: str | os.PathLike | None = None):
+def pretrained_lm(
+    name: str = "tiny",
+    device: str = "cpu",
+    retrain: bool = False,
+    progress: bool = True,
+    cache: str | os.PathLike | None = None,
+):
     """``(model, tokenizer, info)``: the named small LM, trained on first use and then loaded from the cache.
 
     ``info`` holds ``val_loss`` (nats per token), ``val_bpb`` (bits per byte), ``params``, ``steps``,
@@ -113,11 +163,19 @@ def pretrained_lm(name: str = "tiny", device: str = "cpu", retrain: bool = False
     torch.manual_seed(spec["seed"])
     model = _build(name)
     if progress:
-        print(f"pretrained_lm({name!r}): training a {model.num_params():,}-parameter decoder LM on "
-              f"{len(data.train):,} tokens (first use; cached in {folder})")
+        print(
+            f"pretrained_lm({name!r}): training a {model.num_params():,}-parameter decoder LM on "
+            f"{len(data.train):,} tokens (first use; cached in {folder})"
+        )
     ckpt_dir = folder / "train-checkpoint"
-    cfg = TrainConfig(**spec["train"], seed=spec["seed"], ckpt_dir=str(ckpt_dir), ckpt_every=100,
-                      resume=not retrain, progress=progress)
+    cfg = TrainConfig(
+        **spec["train"],
+        seed=spec["seed"],
+        ckpt_dir=str(ckpt_dir),
+        ckpt_every=100,
+        resume=not retrain,
+        progress=progress,
+    )
     start = time.perf_counter()
     result = train(model, data, cfg, device=device)
     info = {

@@ -31,7 +31,8 @@ import sys
 import time
 import traceback
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 SKIP_EXIT_CODE = 77
 QUICK_ENV = "BOOK_QUICK"
@@ -52,13 +53,24 @@ def quick_from_env() -> bool:
 
 def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = parser.add_argument_group("common flags (every section script)")
-    g.add_argument("--quick", action="store_true",
-                   help=f"small sizes that finish in seconds on 2 CPU cores (also: {QUICK_ENV}=1)")
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
-                   help="where to run; auto picks cuda, then mps, then cpu")
+    g.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"small sizes that finish in seconds on 2 CPU cores (also: {QUICK_ENV}=1)",
+    )
+    g.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda", "mps"],
+        help="where to run; auto picks cuda, then mps, then cpu",
+    )
     g.add_argument("--seed", type=int, default=0, help="seed for python, numpy and torch")
-    g.add_argument("--json", metavar="PATH", default=None,
-                   help="write the returned figures, status and warnings as JSON to PATH")
+    g.add_argument(
+        "--json",
+        metavar="PATH",
+        default=None,
+        help="write the returned figures, status and warnings as JSON to PATH",
+    )
     return parser
 
 
@@ -164,7 +176,15 @@ def run_script(main: Callable[[list[str] | None], dict], argv: list[str] | None 
     if status == "PASS":
         print_figures(figures)
     if known.json:
-        write_json(known.json, {"status": status, "reason": reason, "seconds": seconds,
-                                "figures": figures, "warnings": captured})
+        write_json(
+            known.json,
+            {
+                "status": status,
+                "reason": reason,
+                "seconds": seconds,
+                "figures": figures,
+                "warnings": captured,
+            },
+        )
     sys.stdout.flush()
     sys.exit(code)

@@ -69,12 +69,16 @@ class MuonWithAdamW:
 
     def load_state_dict(self, state: dict) -> None:
         if set(state) != set(self.optimizers):
-            raise ValueError(f"optimizer state has {sorted(state)}, this optimizer has {sorted(self.optimizers)}")
+            raise ValueError(
+                f"optimizer state has {sorted(state)}, this optimizer has {sorted(self.optimizers)}"
+            )
         for name, opt in self.optimizers.items():
             opt.load_state_dict(state[name])
 
 
-def split_parameters(model: nn.Module) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[str, nn.Parameter]]]:
+def split_parameters(
+    model: nn.Module,
+) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[str, nn.Parameter]]]:
     """(Muon parameters, AdamW parameters) by name.
 
     Muon takes the 2-D weight matrices of the hidden layers.  AdamW takes the embeddings (token and
@@ -96,10 +100,17 @@ def split_parameters(model: nn.Module) -> tuple[list[tuple[str, nn.Parameter]], 
     return muon, adamw
 
 
-def build_optimizer(model: nn.Module, lr: float = 3e-3, muon_lr: float = 0.02, weight_decay: float = 0.0,
-                    betas: tuple[float, float] = (0.9, 0.95), muon_momentum: float = 0.95,
-                    use_muon: bool = True) -> MuonWithAdamW:
-    """AdamW (``lr``) for embeddings, head, norms, biases; ``torch.optim.Muon`` (``muon_lr``) for hidden matrices.
+def build_optimizer(
+    model: nn.Module,
+    lr: float = 3e-3,
+    muon_lr: float = 0.02,
+    weight_decay: float = 0.0,
+    betas: tuple[float, float] = (0.9, 0.95),
+    muon_momentum: float = 0.95,
+    use_muon: bool = True,
+) -> MuonWithAdamW:
+    """AdamW (``lr``) for embeddings, head, norms, biases; ``torch.optim.Muon`` (``muon_lr``) for hidden
+    matrices.
 
     Muon orthogonalises each matrix's momentum with a Newton-Schulz iteration (in bf16, as torch
     does) and scales the step by sqrt(max(1, rows/cols)) (its "original" adjustment).  Weight decay
@@ -111,8 +122,9 @@ def build_optimizer(model: nn.Module, lr: float = 3e-3, muon_lr: float = 0.02, w
     groups = [{"params": [p for _, p in adamw_params], "weight_decay": 0.0}]
     optimizers = {}
     if use_muon and muon_params:
-        optimizers["muon"] = torch.optim.Muon([p for _, p in muon_params], lr=muon_lr,
-                                              weight_decay=weight_decay, momentum=muon_momentum)
+        optimizers["muon"] = torch.optim.Muon(
+            [p for _, p in muon_params], lr=muon_lr, weight_decay=weight_decay, momentum=muon_momentum
+        )
     elif muon_params:
         groups.append({"params": [p for _, p in muon_params], "weight_decay": weight_decay})
     optimizers["adamw"] = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=1e-8)
@@ -122,19 +134,24 @@ def build_optimizer(model: nn.Module, lr: float = 3e-3, muon_lr: float = 0.02, w
     return combined
 
 
-def lr_at(step: int, total_steps: int, warmup_steps: int = 0, warmdown_steps: int = 0,
-          final_ratio: float = 0.0) -> float:
+def lr_at(
+    step: int, total_steps: int, warmup_steps: int = 0, warmdown_steps: int = 0, final_ratio: float = 0.0
+) -> float:
     """Learning-rate multiplier at ``step`` (0-based): linear warm-up, constant 1, linear warm-down.
 
     Warm-up rises over the first ``warmup_steps`` steps to 1 (step 0 gets 1/warmup_steps);
     warm-down falls over the last ``warmdown_steps`` steps toward ``final_ratio``.
     """
     if total_steps <= 0 or warmup_steps < 0 or warmdown_steps < 0:
-        raise ValueError(f"need total_steps > 0 and non-negative warm-up/down, got {total_steps}, "
-                         f"{warmup_steps}, {warmdown_steps}")
+        raise ValueError(
+            f"need total_steps > 0 and non-negative warm-up/down, got {total_steps}, "
+            f"{warmup_steps}, {warmdown_steps}"
+        )
     if warmup_steps + warmdown_steps > total_steps:
-        raise ValueError(f"warmup_steps + warmdown_steps = {warmup_steps + warmdown_steps} exceeds "
-                         f"total_steps = {total_steps}")
+        raise ValueError(
+            f"warmup_steps + warmdown_steps = {warmup_steps + warmdown_steps} exceeds "
+            f"total_steps = {total_steps}"
+        )
     if not 0 <= step < total_steps:
         raise ValueError(f"step {step} outside [0, {total_steps})")
     if step < warmup_steps:
@@ -202,8 +219,14 @@ def _autocast(device: str, dtype: torch.dtype):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data, batch_size: int = 8, max_batches: int | None = None,
-             device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
+def evaluate(
+    model: nn.Module,
+    data,
+    batch_size: int = 8,
+    max_batches: int | None = None,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> dict:
     """Validation loss (nats per token) and bits per byte over ``data.val_batches``.
 
     The loss is the plain cross-entropy of the logits (no auxiliary terms).  Bits per byte sums the
@@ -239,22 +262,22 @@ class TrainConfig:
     steps: int = 200
     batch_size: int = 8
     grad_accum: int = 1
-    lr: float = 3e-3                  # AdamW: embeddings, head, norms, biases
-    muon_lr: float = 0.02             # Muon: hidden matrices
+    lr: float = 3e-3  # AdamW: embeddings, head, norms, biases
+    muon_lr: float = 0.02  # Muon: hidden matrices
     use_muon: bool = True
     weight_decay: float = 0.0
     warmup_steps: int = 10
-    warmdown_frac: float = 0.3        # share of the steps spent decaying the learning rate
+    warmdown_frac: float = 0.3  # share of the steps spent decaying the learning rate
     final_lr_ratio: float = 0.0
-    grad_clip: float = 1.0            # 0 turns clipping off
-    eval_every: int = 50              # 0: only at the end
+    grad_clip: float = 1.0  # 0 turns clipping off
+    eval_every: int = 50  # 0: only at the end
     eval_batches: int = 8
     eval_batch_size: int | None = None
     ckpt_dir: str | None = None
-    ckpt_every: int = 0               # 0: only at the end (and on Ctrl-C) when ckpt_dir is set
+    ckpt_every: int = 0  # 0: only at the end (and on Ctrl-C) when ckpt_dir is set
     resume: bool = False
-    seed: int = 0                     # seeds the batch sampler
-    dtype: str = "auto"               # auto (common.env.choose_dtype) | fp32 | bf16 | fp16
+    seed: int = 0  # seeds the batch sampler
+    dtype: str = "auto"  # auto (common.env.choose_dtype) | fp32 | bf16 | fp16
     progress: bool = True
     find_unused_parameters: bool = False  # DDP: set for models that skip parameters (MoE experts)
 
@@ -282,7 +305,9 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
-def train(model: nn.Module, data, cfg: TrainConfig, device: str = "cpu", optimizer=None, callback=None) -> dict:
+def train(
+    model: nn.Module, data, cfg: TrainConfig, device: str = "cpu", optimizer=None, callback=None
+) -> dict:
     """Train ``model`` on ``data`` for ``cfg.steps`` optimizer steps; return the history and final figures.
 
     ``callback(step, record)`` runs after every step (``record``: loss, lr multiplier, grad norm);
@@ -298,11 +323,16 @@ def train(model: nn.Module, data, cfg: TrainConfig, device: str = "cpu", optimiz
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        model = DDP(raw_model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None,
-                    find_unused_parameters=cfg.find_unused_parameters)
+        model = DDP(
+            raw_model,
+            device_ids=[torch.device(device).index] if device.startswith("cuda") else None,
+            find_unused_parameters=cfg.find_unused_parameters,
+        )
     dtype = resolve_dtype(cfg.dtype, device)
     scaler = torch.amp.GradScaler(torch.device(device).type) if dtype == torch.float16 else None
-    optimizer = optimizer or build_optimizer(raw_model, cfg.lr, cfg.muon_lr, cfg.weight_decay, use_muon=cfg.use_muon)
+    optimizer = optimizer or build_optimizer(
+        raw_model, cfg.lr, cfg.muon_lr, cfg.weight_decay, use_muon=cfg.use_muon
+    )
     sampler = torch.Generator().manual_seed(cfg.seed)
     history = {"losses": [], "lrs": [], "grad_norms": [], "val": []}
     start_step, resumed_from = 0, None
@@ -314,19 +344,32 @@ def train(model: nn.Module, data, cfg: TrainConfig, device: str = "cpu", optimiz
 
     def save(step: int, rng_state: dict) -> None:
         if cfg.ckpt_dir and rank == 0:
-            ckpt.save_checkpoint(cfg.ckpt_dir, raw_model, optimizer, step, rng_state,
-                                 {"history": history, "config": asdict(cfg)})
+            ckpt.save_checkpoint(
+                cfg.ckpt_dir,
+                raw_model,
+                optimizer,
+                step,
+                rng_state,
+                {"history": history, "config": asdict(cfg)},
+            )
 
     def run_eval(step: int) -> dict:
-        result = evaluate(raw_model, data, cfg.eval_batch_size or cfg.batch_size, cfg.eval_batches, device, dtype)
+        result = evaluate(
+            raw_model, data, cfg.eval_batch_size or cfg.batch_size, cfg.eval_batches, device, dtype
+        )
         record = {"step": step, "loss": result["loss"], "bpb": result["bpb"]}
         history["val"].append(record)
         return record
 
     micro, rows = cfg.batch_size, slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)
     warmdown = cfg.warmdown_steps
-    bar = tqdm(total=cfg.steps, initial=start_step, desc="train", disable=not cfg.progress or rank != 0,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=cfg.steps,
+        initial=start_step,
+        desc="train",
+        disable=not cfg.progress or rank != 0,
+        dynamic_ncols=True,
+    )
     rng_at_step = ckpt.capture_rng_state({"sampler": sampler})
     step, t0, tokens = start_step, time.perf_counter(), 0
     raw_model.train()
@@ -350,8 +393,9 @@ def train(model: nn.Module, data, cfg: TrainConfig, device: str = "cpu", optimiz
             if scaler:
                 for opt in optimizer.optimizers.values():
                     scaler.unscale_(opt)
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(),
-                                                       cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                raw_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+            )
             if scaler:
                 for opt in optimizer.optimizers.values():
                     scaler.step(opt)
@@ -377,8 +421,10 @@ def train(model: nn.Module, data, cfg: TrainConfig, device: str = "cpu", optimiz
                 val = run_eval(step)
                 postfix["val"] = f"{val['loss']:.3f}"
                 if cfg.progress and rank == 0:
-                    bar.write(f"step {step:>5}: train loss {record['loss']:.4f}  val loss {val['loss']:.4f}  "
-                              f"val bpb {val['bpb']:.4f}")
+                    bar.write(
+                        f"step {step:>5}: train loss {record['loss']:.4f}  val loss {val['loss']:.4f}  "
+                        f"val bpb {val['bpb']:.4f}"
+                    )
             bar.set_postfix(postfix)
             bar.update(1)
             if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.steps:
@@ -396,6 +442,12 @@ def train(model: nn.Module, data, cfg: TrainConfig, device: str = "cpu", optimiz
     seconds = time.perf_counter() - t0
     final = run_eval(step)
     save(step, rng_at_step)
-    return {**history, "val_loss": final["loss"], "val_bpb": final["bpb"], "steps": step,
-            "seconds": seconds, "tokens_per_second": tokens * world / max(seconds, 1e-9),
-            "resumed_from": resumed_from}
+    return {
+        **history,
+        "val_loss": final["loss"],
+        "val_bpb": final["bpb"],
+        "steps": step,
+        "seconds": seconds,
+        "tokens_per_second": tokens * world / max(seconds, 1e-9),
+        "resumed_from": resumed_from,
+    }

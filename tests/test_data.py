@@ -107,7 +107,7 @@ def test_batches_shapes_and_shift(small_tok):
     # every row is a real window of the training stream, continued by y's last token
     stream = data.train.tolist()
     for row_x, row_y in zip(x.tolist(), y.tolist()):
-        starts = [i for i in range(len(stream) - 16) if stream[i:i + 16] == row_x]
+        starts = [i for i in range(len(stream) - 16) if stream[i : i + 16] == row_x]
         assert any(stream[s + 16] == row_y[-1] for s in starts)
     # same generator state -> same batch; rows slice the same global batch (data parallel)
     x2, _ = data.get_batch("train", 5, generator=torch.Generator().manual_seed(0))
@@ -123,7 +123,7 @@ def test_val_batches_fixed_order_cover_stream(small_tok):
     xs = torch.cat([x for x, _ in batches]).flatten()
     n = (len(data.val) - 1) // 16 * 16
     assert torch.equal(xs, data.val[:n])
-    assert torch.equal(torch.cat([y for _, y in batches]).flatten(), data.val[1:n + 1])
+    assert torch.equal(torch.cat([y for _, y in batches]).flatten(), data.val[1 : n + 1])
     assert len(list(data.val_batches(4, max_batches=2))) == 2
 
 

@@ -30,8 +30,13 @@ def test_report_on_this_machine(report):
 
 def test_missing_package_is_reported_not_raised():
     p = env.package_status("surely_not_a_real_package_xyz")
-    assert p == {"name": "surely_not_a_real_package_xyz", "import": "surely_not_a_real_package_xyz",
-                 "version": None, "imports": False, "error": "not installed"}
+    assert p == {
+        "name": "surely_not_a_real_package_xyz",
+        "import": "surely_not_a_real_package_xyz",
+        "version": None,
+        "imports": False,
+        "error": "not installed",
+    }
 
 
 def test_require_raises_skip_with_hint():
@@ -44,8 +49,13 @@ def test_require_raises_skip_with_hint():
 def _fake(report, **packages):
     r = json.loads(json.dumps(report))
     for name, (version, imports, error) in packages.items():
-        r["packages"][name] = {"name": env.PACKAGES.get(name, name), "import": name, "version": version,
-                               "imports": imports, "error": error}
+        r["packages"][name] = {
+            "name": env.PACKAGES.get(name, name),
+            "import": name,
+            "version": version,
+            "imports": imports,
+            "error": error,
+        }
     return [inc.message(r) for inc in env.INCOMPATIBILITIES if inc.applies(r)]
 
 
@@ -61,12 +71,18 @@ def test_cli_names_a_real_broken_autogptq_install(tmp_path):
     """An installed distribution (dist-info metadata) whose import fails as auto-gptq 0.7.1's does."""
     (tmp_path / "auto_gptq").mkdir()
     (tmp_path / "auto_gptq" / "__init__.py").write_text(
-        "from transformers.modeling_utils import no_init_weights_that_moved as no_init_weights\n")
+        "from transformers.modeling_utils import no_init_weights_that_moved as no_init_weights\n"
+    )
     info = tmp_path / "auto_gptq-0.7.1.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: auto-gptq\nVersion: 0.7.1\n")
-    out = subprocess.run([sys.executable, "-m", "common.env"], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO_ROOT}"})
+    out = subprocess.run(
+        [sys.executable, "-m", "common.env"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO_ROOT}"},
+    )
     assert out.returncode == 0, out.stderr
     assert "auto-gptq    0.7.1  DOES NOT IMPORT: ImportError" in out.stdout
     warnings = out.stdout.split("Warnings", 1)[1]
@@ -76,7 +92,9 @@ def test_cli_names_a_real_broken_autogptq_install(tmp_path):
 def test_numpy2_with_old_torch(report):
     w = _fake(report, numpy=("2.0.1", True, None), torch=("1.10.1", True, None))
     assert any("NumPy 2.0.1 with torch 1.10.1" in x for x in w)
-    assert not any("NumPy" in x for x in _fake(report, numpy=("1.26.4", True, None), torch=("1.10.1", True, None)))
+    assert not any(
+        "NumPy" in x for x in _fake(report, numpy=("1.26.4", True, None), torch=("1.10.1", True, None))
+    )
 
 
 def test_deepspeed_without_dm_tree(report):
@@ -86,7 +104,9 @@ def test_deepspeed_without_dm_tree(report):
 def test_autoawq_pinned_torch(report):
     w = _fake(report, awq=("0.2.9", True, None), torch=("2.13.0", True, None))
     assert any("pinned to torch 2.6" in x for x in w)
-    assert not any("pinned" in x for x in _fake(report, awq=("0.2.9", True, None), torch=("2.6.0", True, None)))
+    assert not any(
+        "pinned" in x for x in _fake(report, awq=("0.2.9", True, None), torch=("2.6.0", True, None))
+    )
 
 
 def test_this_machine_has_no_false_alarms(report):
@@ -96,8 +116,9 @@ def test_this_machine_has_no_false_alarms(report):
 
 
 def test_cli_json():
-    out = subprocess.run([sys.executable, "-m", "common.env", "--json"], capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "common.env", "--json"], capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
     assert {"os", "cpu", "torch", "packages", "warnings"} <= set(data)

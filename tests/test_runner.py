@@ -50,8 +50,13 @@ def run(script, *flags, env=None):
     full_env = {k: v for k, v in os.environ.items() if k != "BOOK_QUICK"}
     full_env.update({"PYTHONPATH": str(REPO_ROOT), **(env or {})})
     out = script.parent / "out.json"
-    proc = subprocess.run([sys.executable, str(script), "--json", str(out), *flags], capture_output=True,
-                          text=True, env=full_env, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(script), "--json", str(out), *flags],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=120,
+    )
     payload = json.loads(out.read_text()) if out.exists() else None
     return proc, payload
 
@@ -105,8 +110,13 @@ def test_bad_flag_is_a_failure_not_a_skip(script):
 def test_help_lists_common_flags(script):
     from tests.conftest import REPO_ROOT
 
-    proc = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(script), "--help"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        timeout=120,
+    )
     for flag in ("--quick", "--device", "--seed", "--json", "--mode"):
         assert flag in proc.stdout
 
@@ -120,7 +130,9 @@ def test_parse_args_seeds_and_picks_device(monkeypatch):
     assert args.device == "cpu" and args.quick is False and args.device_reason
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA; the test checks the CPU-only path")
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="this machine has CUDA; the test checks the CPU-only path"
+)
 def test_asking_for_missing_cuda_skips():
     with pytest.raises(SkipScript, match="no CUDA"):
         parse_args(script_parser(), ["--device", "cuda"])

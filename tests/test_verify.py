@@ -14,7 +14,7 @@ from tests.conftest import REPO_ROOT
 from verify.harness import discover
 from verify.report import compare_reports
 
-HEADER = 'from common.runner import run_script, script_parser\n'
+HEADER = "from common.runner import run_script, script_parser\n"
 SCRIPTS = {
     "s1_1_pass.py": '''
         """passes"""
@@ -72,8 +72,9 @@ def make_tree(root, scripts):
     chapter = root / "ch99_fake"
     chapter.mkdir(parents=True)
     for name, body in scripts.items():
-        (chapter / name).write_text(HEADER + textwrap.dedent(body)
-                                    + '\nif __name__ == "__main__":\n    run_script(main)\n')
+        (chapter / name).write_text(
+            HEADER + textwrap.dedent(body) + '\nif __name__ == "__main__":\n    run_script(main)\n'
+        )
     return root
 
 
@@ -81,8 +82,9 @@ def harness(root, out, *flags, env_extra=None, wait=True):
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env_extra or {})}
     cmd = [sys.executable, "-m", "verify", "--root", str(root), "--out", str(out), *flags]
     if not wait:
-        return subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True)
+        return subprocess.Popen(
+            cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
     return subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -105,8 +107,14 @@ def run(tmp_path_factory):
     pid_file = root / "hang.pid"
     proc = harness(root, out, "--quick", "--timeout", "6", env_extra={"HANG_PID_FILE": str(pid_file)})
     report = json.loads((out / "report.json").read_text())
-    return {"proc": proc, "report": report, "by": {e["name"].split("/")[-1]: e for e in report["scripts"]},
-            "out": out, "root": root, "hang_pid": int(pid_file.read_text())}
+    return {
+        "proc": proc,
+        "report": report,
+        "by": {e["name"].split("/")[-1]: e for e in report["scripts"]},
+        "out": out,
+        "root": root,
+        "hang_pid": int(pid_file.read_text()),
+    }
 
 
 def test_schema(run):
@@ -133,9 +141,15 @@ def test_statuses_and_reasons(run):
     assert by["s1_4_hang.py"]["status"] == "TIMEOUT" and "6 s" in by["s1_4_hang.py"]["reason"]
     assert 6 <= by["s1_4_hang.py"]["seconds"] < 30
     crash = by["s1_5_crash.py"]
-    assert crash["status"] == "FAIL" and crash["reason"] == "killed by signal SIGSEGV" and crash["exit_code"] == -11
+    assert (
+        crash["status"] == "FAIL"
+        and crash["reason"] == "killed by signal SIGSEGV"
+        and crash["exit_code"] == -11
+    )
     assert by["s1_6_warn.py"]["status"] == "PASS"
-    assert by["s1_6_warn.py"]["warnings"] and by["s1_6_warn.py"]["warnings"][0].startswith("FutureWarning: old API")
+    assert by["s1_6_warn.py"]["warnings"] and by["s1_6_warn.py"]["warnings"][0].startswith(
+        "FutureWarning: old API"
+    )
     garbage = by["s1_7_garbage.py"]
     assert garbage["status"] == "PASS" and "unreadable figures file" in garbage["reason"]
 
@@ -196,7 +210,9 @@ def test_interrupt_keeps_the_lines_written(tmp_path):
     assert proc.returncode == 130
     report = json.loads((root / "out" / "report.json").read_text())
     assert [(e["name"].split("/")[-1], e["status"]) for e in report["scripts"]] == [
-        ("s1_1_pass.py", "PASS"), ("s1_2_interrupt.py", "FAIL")]
+        ("s1_1_pass.py", "PASS"),
+        ("s1_2_interrupt.py", "FAIL"),
+    ]
     assert "interrupted" in report["scripts"][1]["reason"]
 
 

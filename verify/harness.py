@@ -103,8 +103,16 @@ def _warnings_from_log(log_path: Path) -> list[str]:
     return [f"{m.group(1)}: {m.group(2)}" for m in map(_WARNING_RE.match, text.splitlines()) if m]
 
 
-def run_one(rel_path: str, *, root: Path, out_dir: Path, quick: bool, device: str, timeout: float,
-            python: str = sys.executable) -> dict:
+def run_one(
+    rel_path: str,
+    *,
+    root: Path,
+    out_dir: Path,
+    quick: bool,
+    device: str,
+    timeout: float,
+    python: str = sys.executable,
+) -> dict:
     """Run one section script; return its report entry."""
     module = rel_path[:-3].replace("/", ".").replace(os.sep, ".")
     stem = module.replace(".", "__")
@@ -117,20 +125,38 @@ def run_one(rel_path: str, *, root: Path, out_dir: Path, quick: bool, device: st
 
     cmd = [python, "-m", module, "--json", str(fig_path), "--device", device] + (["--quick"] if quick else [])
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(root), str(REPO_ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(root), str(REPO_ROOT)] + [p for p in [env.get("PYTHONPATH")] if p]
+    )
     env["PYTHONUNBUFFERED"] = "1"
     env.setdefault("MPLBACKEND", "Agg")
     if quick:
         env[QUICK_ENV] = "1"
 
-    entry = {"name": rel_path, "status": "FAIL", "reason": "", "exit_code": -1, "seconds": 0.0,
-             "peak_rss_mb": 0.0, "warnings": [], "figures": {}, "log": str(log_path)}
+    entry = {
+        "name": rel_path,
+        "status": "FAIL",
+        "reason": "",
+        "exit_code": -1,
+        "seconds": 0.0,
+        "peak_rss_mb": 0.0,
+        "warnings": [],
+        "figures": {},
+        "log": str(log_path),
+    }
     start = time.monotonic()
     with open(log_path, "wb") as log:
         log.write(f"$ {' '.join(cmd)}\n".encode())
         log.flush()
-        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            cwd=root,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         timed_out, rusage, status = False, None, None
         try:
             while True:
@@ -191,8 +217,10 @@ def write_report(report: dict, out_dir: Path) -> None:
 def _progress_line(i: int, n: int, e: dict) -> str:
     figs = ", ".join(f"{k}={_short(v)}" for k, v in list(e["figures"].items())[:2])
     why = f"  ({e['reason'][:90]})" if e["reason"] and e["status"] != "PASS" else ""
-    return (f"[{i:>{len(str(n))}}/{n}] {e['status']:<7} {e['name']:<55} {e['seconds']:>7.1f} s "
-            f"{e['peak_rss_mb']:>7.0f} MB  {figs}{why}")
+    return (
+        f"[{i:>{len(str(n))}}/{n}] {e['status']:<7} {e['name']:<55} {e['seconds']:>7.1f} s "
+        f"{e['peak_rss_mb']:>7.0f} MB  {figs}{why}"
+    )
 
 
 def _short(v) -> str:
@@ -200,18 +228,38 @@ def _short(v) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="run every script in quick mode")
-    parser.add_argument("--only", action="append", metavar="PATTERN",
-                        help="run only scripts whose path contains PATTERN or matches it as a glob (repeatable)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
-                        help="passed to every script as --device")
-    parser.add_argument("--timeout", type=float, default=None,
-                        help="per-script time limit in seconds (default 300 quick, 1800 full)")
-    parser.add_argument("--out", default=str(REPO_ROOT / "verify" / "out"), help="output folder for the report")
-    parser.add_argument("--compare", metavar="OLD_REPORT_JSON", help="print what changed against an earlier report")
+    parser.add_argument(
+        "--only",
+        action="append",
+        metavar="PATTERN",
+        help="run only scripts whose path contains PATTERN or matches it as a glob (repeatable)",
+    )
+    parser.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda", "mps"],
+        help="passed to every script as --device",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="per-script time limit in seconds (default 300 quick, 1800 full)",
+    )
+    parser.add_argument(
+        "--out", default=str(REPO_ROOT / "verify" / "out"), help="output folder for the report"
+    )
+    parser.add_argument(
+        "--compare", metavar="OLD_REPORT_JSON", help="print what changed against an earlier report"
+    )
     parser.add_argument("--list", action="store_true", help="list the scripts that would run, then exit")
-    parser.add_argument("--root", default=str(REPO_ROOT), help=argparse.SUPPRESS)  # tests use a throwaway tree
+    parser.add_argument(
+        "--root", default=str(REPO_ROOT), help=argparse.SUPPRESS
+    )  # tests use a throwaway tree
     args = parser.parse_args(argv)
 
     root = Path(args.root).resolve()
@@ -232,22 +280,38 @@ def main(argv=None) -> int:
     environment = environment_report()
     print(format_report(environment), flush=True)
     report = {"environment": environment, "scripts": [], "summary": {}}
-    environment["run"] = {"quick": args.quick, "device": args.device, "timeout": timeout,
-                     "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)}
+    environment["run"] = {
+        "quick": args.quick,
+        "device": args.device,
+        "timeout": timeout,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "command": " ".join(sys.argv),
+    }
     write_report(report, out_dir)
     mode = "quick" if args.quick else "full"
-    print(f"\nrunning {len(scripts)} scripts ({mode} mode, device {args.device}, limit {timeout:g} s each)",
-          flush=True)
+    print(
+        f"\nrunning {len(scripts)} scripts ({mode} mode, device {args.device}, limit {timeout:g} s each)",
+        flush=True,
+    )
 
     interrupted = False
     for i, rel in enumerate(scripts, 1):
         try:
-            entry = run_one(rel, root=root, out_dir=out_dir, quick=args.quick, device=args.device,
-                            timeout=timeout)
+            entry = run_one(
+                rel, root=root, out_dir=out_dir, quick=args.quick, device=args.device, timeout=timeout
+            )
         except KeyboardInterrupt:
-            entry = {"name": rel, "status": "FAIL", "reason": "interrupted: the harness was stopped",
-                     "exit_code": 130, "seconds": 0.0, "peak_rss_mb": 0.0, "warnings": [], "figures": {},
-                     "log": ""}
+            entry = {
+                "name": rel,
+                "status": "FAIL",
+                "reason": "interrupted: the harness was stopped",
+                "exit_code": 130,
+                "seconds": 0.0,
+                "peak_rss_mb": 0.0,
+                "warnings": [],
+                "figures": {},
+                "log": "",
+            }
             interrupted = True
         report["scripts"].append(entry)
         write_report(report, out_dir)

@@ -40,13 +40,17 @@ def format_markdown(report: dict) -> str:
         "",
         f"- OS: {env.get('os')}; CPU: {env.get('cpu')} ({env.get('cores')} cores; "
         f"{', '.join(env.get('cpu_flags', [])) or 'SIMD unknown'}); memory {env.get('memory_gib')} GiB",
-        f"- Python {env.get('python')}; torch {t.get('version')} (CUDA {t.get('cuda')}, cuDNN {t.get('cudnn')}); "
+        f"- Python {env.get('python')}; torch {t.get('version')} "
+        f"(CUDA {t.get('cuda')}, cuDNN {t.get('cudnn')}); "
         f"GPU: {gpus}",
-        "- Packages: " + "; ".join(
+        "- Packages: "
+        + "; ".join(
             f"{p['name']} {p['version']}" + ("" if p["imports"] else " (does not import)")
-            for p in env.get("packages", {}).values() if p.get("version")),
-        "- Not installed: " + (", ".join(p["name"] for p in env.get("packages", {}).values()
-                                         if not p.get("version")) or "none"),
+            for p in env.get("packages", {}).values()
+            if p.get("version")
+        ),
+        "- Not installed: "
+        + (", ".join(p["name"] for p in env.get("packages", {}).values() if not p.get("version")) or "none"),
         "",
         "## Version warnings",
         "",
@@ -64,21 +68,30 @@ def format_markdown(report: dict) -> str:
     ]
     for e in report["scripts"]:
         figs = "; ".join(f"{k} = {_fmt(v)}" for k, v in list(e.get("figures", {}).items())[:3])
-        lines.append(f"| `{e['name']}` | {e['status']} | {_cell(e.get('reason', ''))[:160]} | "
-                     f"{e.get('seconds', 0):.1f} | {e.get('peak_rss_mb', 0):.0f} | {_cell(figs)} |")
+        lines.append(
+            f"| `{e['name']}` | {e['status']} | {_cell(e.get('reason', ''))[:160]} | "
+            f"{e.get('seconds', 0):.1f} | {e.get('peak_rss_mb', 0):.0f} | {_cell(figs)} |"
+        )
     warned = [e for e in report["scripts"] if e.get("warnings")]
     if warned:
         lines += ["", "## Warnings raised by the scripts", ""]
         for e in warned:
             uniq = list(dict.fromkeys(e["warnings"]))
-            lines.append(f"- `{e['name']}`: " + "; ".join(_cell(w)[:200] for w in uniq[:5])
-                         + (f" (and {len(uniq) - 5} more)" if len(uniq) > 5 else ""))
+            lines.append(
+                f"- `{e['name']}`: "
+                + "; ".join(_cell(w)[:200] for w in uniq[:5])
+                + (f" (and {len(uniq) - 5} more)" if len(uniq) > 5 else "")
+            )
     return "\n".join(lines) + "\n"
 
 
 def _moved(a, b) -> bool:
-    if isinstance(a, bool) or isinstance(b, bool) or not isinstance(a, (int, float)) \
-            or not isinstance(b, (int, float)):
+    if (
+        isinstance(a, bool)
+        or isinstance(b, bool)
+        or not isinstance(a, (int, float))
+        or not isinstance(b, (int, float))
+    ):
         return a != b
     if math.isnan(a) or math.isnan(b):
         return not (math.isnan(a) and math.isnan(b))
@@ -97,8 +110,10 @@ def compare_reports(old: dict, new: dict) -> str:
             continue
         o = before[name]
         if o["status"] != e["status"]:
-            lines.append(f"  status    {name}: {o['status']} -> {e['status']}"
-                         + (f" ({e['reason']})" if e.get("reason") else ""))
+            lines.append(
+                f"  status    {name}: {o['status']} -> {e['status']}"
+                + (f" ({e['reason']})" if e.get("reason") else "")
+            )
         for k in sorted(set(o.get("figures", {})) | set(e.get("figures", {}))):
             a, b = o.get("figures", {}).get(k), e.get("figures", {}).get(k)
             if a is None or b is None:

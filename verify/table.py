@@ -20,7 +20,7 @@ BEGIN, END = "<!-- section-table:begin -->", "<!-- section-table:end -->"
 
 
 def purpose(path: Path) -> tuple[str, str]:
-    """(section, one-line purpose) from a script's docstring: 'Section 4.2.2: Switch ...' -> ('4.2.2', ...)."""
+    """(section, purpose) from a script's docstring: 'Section 4.2.2: Switch ...' -> ('4.2.2', ...)."""
     doc = ast.get_docstring(ast.parse(path.read_text())) or ""
     first = doc.strip().splitlines()[0] if doc.strip() else ""
     m = re.match(r"Section\s+([\d.]+)\s*[:\-–]\s*(.*)", first)
