@@ -22,10 +22,11 @@ BEGIN, END = "<!-- section-table:begin -->", "<!-- section-table:end -->"
 def purpose(path: Path) -> tuple[str, str]:
     """(section, purpose) from a script's docstring: 'Section 4.2.2: Switch ...' -> ('4.2.2', ...)."""
     doc = ast.get_docstring(ast.parse(path.read_text())) or ""
-    first = doc.strip().splitlines()[0] if doc.strip() else ""
-    m = re.match(r"Section\s+([\d.]+)\s*[:\-–]\s*(.*)", first)
+    first = " ".join(doc.strip().split("\n\n")[0].split())  # the first paragraph, on one line
+    m = re.match(r"Section\s+([\d.]+)\s*(\([^)]*\))?\s*[:\-–]\s*(.*)", first)
     if m:
-        return m.group(1), m.group(2).rstrip(".")
+        note = f" ({m.group(2)[1:-1]})" if m.group(2) else ""
+        return m.group(1), m.group(3).rstrip(".") + note
     m = re.search(r"s(\d+)_(\d+)_(\d+)_", path.name)
     return (".".join(m.groups()) if m else "", first.rstrip("."))
 
