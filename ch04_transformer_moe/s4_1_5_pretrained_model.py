@@ -1,0 +1,83 @@
+"""Section 4.1.5: the small pretrained model that the later chapters quantize, prune and distil.
+
+No model hub is needed: :func:`common.pretrained.pretrained_lm` trains a Llama-style decoder LM
+(RMSNorm, RoPE, SwiGLU, pre-norm) on the embedded corpus the first time it is asked for, with a
+progress bar, and caches it under ``.cache/`` keyed by its config, its training recipe and the corpus.
+Later calls load the safetensors weights after checking their SHA-256, so a truncated or edited
+cache is retrained, never trusted.  This script shows the model a later chapter gets: its size, how
+long it took to train, its validation loss and bits per byte, and what it writes.
+
+    python -m ch04_transformer_moe.s4_1_5_pretrained_model             # the book's "tiny" model
+    python -m ch04_transformer_moe.s4_1_5_pretrained_model --retrain   # train it again, timed
+    python -m ch04_transformer_moe.s4_1_5_pretrained_model --quick     # the seconds-sized "test" model
+
+A reader sees whether the model came from the cache or was trained now (and how long training took,
+then or now), its parameter count, validation loss (nats per token) against a uniform guess, bits
+per byte, and a greedy and a sampled continuation of a few prompts.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from common.models.generation import generate
+from common.pretrained import SPECS, pretrained_lm
+from common.runner import parse_args, run_script, script_parser
+
+PROMPTS = ["The return value of", "A class is"]
+
+
+def main(argv=None) -> dict:
+    parser = script_parser(__doc__)
+    parser.add_argument(
+        "--name", choices=sorted(SPECS), default=None, help="which model (default tiny; quick: test)"
+    )
+    parser.add_argument("--retrain", action="store_true", help="ignore the cache and train the model now")
+    parser.add_argument("--new-tokens", type=int, default=None, help="tokens per continuation (quick: 12)")
+    args = parse_args(parser, argv)
+    name = args.name or ("test" if args.quick else "tiny")
+    new_tokens = args.new_tokens or (12 if args.quick else 40)
+    if new_tokens < 1:
+        parser.error("--new-tokens must be >= 1")
+
+    model, tokenizer, info = pretrained_lm(name, device=args.device, retrain=args.retrain)
+    cfg = info["config"]
+    how = "loaded from the cache" if info["cached"] else "trained now"
+    print(
+        f"\npretrained_lm({name!r}): {how}; {info['params']:,} parameters "
+        f"({cfg['n_layer']} layers, d_model {cfg['d_model']}, {cfg['n_head']} heads, "
+        f"vocab {cfg['vocab_size']}, context {cfg['context_length']})"
+    )
+    print(
+        f"training: {info['steps']} steps on {info['train_tokens']:,} tokens in {info['seconds']:.0f} s "
+        f"({info['tokens_per_second']:,.0f} tokens/s){' when it was cached' if info['cached'] else ''}"
+    )
+    uniform = math.log(cfg["vocab_size"])
+    print(
+        f"validation: {info['val_loss']:.3f} nats per token (a uniform guess: {uniform:.2f}), "
+        f"{info['val_bpb']:.3f} bits per byte"
+    )
+
+    prompts = [tokenizer.encode(p).ids for p in PROMPTS]
+    stop = tokenizer.token_to_id("<|endoftext|>")
+    greedy = generate(model, prompts, new_tokens, stop_tokens=stop)
+    g = torch.Generator(device=args.device).manual_seed(args.seed)
+    sampled = generate(model, prompts, new_tokens, temperature=0.8, top_k=50, stop_tokens=stop, generator=g)
+    print("\ncontinuations (greedy | temperature 0.8, top-k 50):")
+    for prompt, a, b in zip(PROMPTS, greedy, sampled):
+        print(f"  {prompt!r}\n    greedy : {tokenizer.decode(a)!r}\n    sampled: {tokenizer.decode(b)!r}")
+    return {
+        "model": name,
+        "cached": info["cached"],
+        "params": info["params"],
+        "train_seconds": info["seconds"],
+        "val_loss": info["val_loss"],
+        "val_bpb": info["val_bpb"],
+        "uniform_loss": uniform,
+    }
+
+
+if __name__ == "__main__":
+    run_script(main)
