@@ -244,3 +244,24 @@ def test_report_written_after_every_script(tmp_path):
     while pid_alive(child) and time.time() < deadline:
         time.sleep(0.2)
     assert not pid_alive(child)
+
+
+def test_update_refreshes_part_of_a_report(tmp_path):
+    root = make_tree(tmp_path / "book", {k: SCRIPTS[k] for k in ("s1_1_pass.py", "s1_6_warn.py")})
+    out = tmp_path / "out"
+    first = harness(root, out, "--quick", "--only", "s1_1")
+    assert first.returncode == 0, first.stdout + first.stderr
+    second = harness(root, out, "--quick", "--only", "s1_6", "--update")
+    assert second.returncode == 0, second.stdout + second.stderr
+    report = json.loads((out / "report.json").read_text())
+    names = [e["name"].split("/")[-1] for e in report["scripts"]]
+    assert names == ["s1_1_pass.py", "s1_6_warn.py"]  # the kept entry, then the new one, in book order
+    assert report["environment"]["run"]["kept_from_earlier_run"] == ["ch99_fake/s1_1_pass.py"]
+    assert report["summary"]["PASS"] == 2
+    without = harness(root, out, "--quick", "--only", "s1_6")  # no --update: a fresh report
+    assert [e["name"] for e in json.loads((out / "report.json").read_text())["scripts"]] == [
+        "ch99_fake/s1_6_warn.py"
+    ]
+    assert without.returncode == 0
+    mixed = harness(root, out, "--only", "s1_1", "--update")  # a full run cannot update a quick report
+    assert mixed.returncode != 0 and "quick-mode report" in mixed.stderr

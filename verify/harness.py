@@ -227,6 +227,18 @@ def _short(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
+def _kept_entries(old_report: Path, running: list[str], quick: bool) -> list[dict]:
+    """The entries of an earlier report for the scripts not run now (``--update``)."""
+    if not old_report.exists():
+        return []
+    old = json.loads(old_report.read_text())
+    old_quick = old.get("environment", {}).get("run", {}).get("quick")
+    if old_quick is not None and old_quick != quick:
+        mode = "quick" if old_quick else "full"
+        raise SystemExit(f"--update: {old_report} is a {mode}-mode report; run in the same mode")
+    return [e for e in old["scripts"] if e["name"] not in running]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -258,6 +270,12 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--list", action="store_true", help="list the scripts that would run, then exit")
     parser.add_argument(
+        "--update",
+        action="store_true",
+        help="keep the entries of the report already in --out for the scripts not run now "
+        "(refresh part of a report, e.g. with --only); the earlier run must be in the same mode",
+    )
+    parser.add_argument(
         "--root", default=str(REPO_ROOT), help=argparse.SUPPRESS
     )  # tests use a throwaway tree
     args = parser.parse_args(argv)
@@ -280,6 +298,7 @@ def main(argv=None) -> int:
     environment = environment_report()
     print(format_report(environment), flush=True)
     report = {"environment": environment, "scripts": [], "summary": {}}
+    kept = _kept_entries(out_dir / "report.json", scripts, args.quick) if args.update else []
     environment["run"] = {
         "quick": args.quick,
         "device": args.device,
@@ -287,6 +306,10 @@ def main(argv=None) -> int:
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         "command": " ".join(sys.argv),
     }
+    if kept:
+        environment["run"]["kept_from_earlier_run"] = [e["name"] for e in kept]
+    order = {name: i for i, name in enumerate(discover(root))}
+    report["scripts"] = list(kept)
     write_report(report, out_dir)
     mode = "quick" if args.quick else "full"
     print(
@@ -314,6 +337,7 @@ def main(argv=None) -> int:
             }
             interrupted = True
         report["scripts"].append(entry)
+        report["scripts"].sort(key=lambda e: order.get(e["name"], len(order)))
         write_report(report, out_dir)
         print(_progress_line(i, len(scripts), entry), flush=True)
         if interrupted:
