@@ -66,7 +66,7 @@ def test_from_hf_matches_llama_logits_and_loss(kw):
     ref = hf(idx, labels=labels)
     # our targets are already shifted: targets[:, t] is the token after idx[:, t]
     targets = torch.cat([labels[:, 1:], torch.full((3, 1), -100)], dim=1)
-    logits, loss = ours(idx, targets)
+    logits, loss = ours(idx, targets, return_logits=True)
     torch.testing.assert_close(logits, ref.logits, atol=ATOL, rtol=0)
     torch.testing.assert_close(loss, ref.loss, atol=ATOL, rtol=0)
     assert ours.num_params() == sum(p.numel() for p in hf.parameters())
@@ -250,7 +250,7 @@ def test_ffn_factory_plugs_in_layers_and_adds_their_aux_loss():
     assert isinstance(model.blocks[1].ffn, _ToyMoE) and not isinstance(model.blocks[0].ffn, _ToyMoE)
     assert torch.all(model.blocks[1].ffn.lin.weight == 0.5)  # a plugged-in layer keeps its own initialisation
     idx = torch.randint(0, 101, (2, 9))
-    logits, loss = model(idx, idx)
+    logits, loss = model(idx, idx, return_logits=True)
     ce = nn.functional.cross_entropy(logits.view(-1, 101), idx.view(-1))
     torch.testing.assert_close(model.last_ce_loss, ce.detach())
     torch.testing.assert_close(loss, ce + model.blocks[1].ffn.aux_loss)

@@ -7,7 +7,9 @@ Llama, and :meth:`DecoderLM.to_hf` / :meth:`DecoderLM.from_hf` convert to and fr
 ``LlamaForCausalLM``.
 
 ``forward(idx, targets)`` follows nanoGPT: ``targets`` are already shifted (targets[:, t] is the token
-after idx[:, t]), -100 marks positions to ignore.
+after idx[:, t]), -100 marks positions to ignore. With targets the loss comes from the fused linear +
+cross-entropy (:mod:`common.models.fused_cross_entropy`), which never materialises the (tokens, vocab)
+logits, so the returned logits are None unless ``return_logits=True`` asks for them.
 """
 
 from __future__ import annotations
@@ -17,11 +19,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from common.models.attention import CausalSelfAttention, KVCache
 from common.models.feedforward import FFNS, MLP, SwiGLU, default_d_ff, make_feedforward
+from common.models.fused_cross_entropy import linear_cross_entropy
 from common.models.norms import NORMS, make_norm
 from common.models.positional import RotaryEmbedding
 
@@ -199,16 +201,27 @@ class DecoderLM(nn.Module):
         attn_mask: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         last_only: bool = False,
+        return_logits: bool = False,
     ):
         """idx (batch, seq) token ids -> (logits (batch, seq, vocab), loss or None).
 
         positions: (seq,) or (batch, seq) position of each token (default: counting on from the cache);
         attn_mask: boolean (batch, 1, seq, keys), True = may attend (default: causal);
         kv_cache: a :class:`KVCache` to read and extend; last_only: compute logits for the last position only.
+        targets (batch, seq): the loss is the mean cross-entropy over targets that are not -100 (plus any
+        ``aux_loss`` of plugged-in feed-forwards); it is computed chunk by chunk from the hidden states, so
+        logits are returned as None unless ``return_logits`` is True (which computes them in full as well).
         """
         c = self.config
         if idx.dim() != 2:
             raise ValueError(f"idx must be (batch, seq) token ids, got shape {tuple(idx.shape)}")
+        if targets is not None:
+            if targets.shape != idx.shape:
+                raise ValueError(
+                    f"targets must have the shape of idx {tuple(idx.shape)}, got {tuple(targets.shape)}"
+                )
+            if last_only:
+                raise ValueError("last_only computes the last position's logits only; it cannot take targets")
         b, t = idx.shape
         start = kv_cache.pos if kv_cache is not None else 0
         if start + t > c.context_length:
@@ -232,23 +245,18 @@ class DecoderLM(nn.Module):
             kv_cache.pos += t
         if self.norm_f is not None:
             x = self.norm_f(x)
-        if last_only:
-            x = x[:, -1:]
-        logits = self.lm_head(x)  # (batch, seq, vocab)
         if targets is None:
-            return logits, None
-        if targets.shape != idx.shape:
-            raise ValueError(
-                f"targets must have the shape of idx {tuple(idx.shape)}, got {tuple(targets.shape)}"
-            )
-        ce = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+            if last_only:
+                x = x[:, -1:]
+            return self.lm_head(x), None  # (batch, seq, vocab)
+        ce = linear_cross_entropy(x, self.lm_head.weight, targets)
         self.last_ce_loss = ce.detach()
         loss = ce
         for ffn in self._aux_modules:
             aux = getattr(ffn, "aux_loss", None)
             if aux is not None:
                 loss = loss + aux
-        return logits, loss
+        return (self.lm_head(x) if return_logits else None), loss
 
     def new_kv_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         """An empty preallocated cache for ``batch`` sequences of up to ``max_len`` tokens."""
