@@ -6,7 +6,10 @@
    prompt, same weights, both must produce the same tokens) and vs our own decoding without the cache
    (recomputing the whole sequence for every new token); tokens per second;
 2. training: one step (forward, backward, AdamW step) of our DecoderLM vs LlamaForCausalLM at the same
-   config and batch, with the same optimizer.
+   config and batch, with the same optimizer;
+3. the loss head alone (lm_head + cross-entropy, forward and backward, on the training batch's hidden
+   states): ``F.cross_entropy(F.linear(h, W), y)`` vs our fused chunked version at several chunk sizes
+   (``--ce-chunks``), the measurement behind ``fused_cross_entropy.LOGITS_PER_CHUNK``.
 
 Each measurement is warmed up, then repeated, alternating the contenders so that a noisy machine hurts
 both alike; the table shows medians, the ratios and whether each goal is met, and the JSON keeps every
@@ -22,9 +25,11 @@ import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 
 from common.env import choose_device, seed_everything
 from common.models.decoder import DecoderConfig, DecoderLM
+from common.models.fused_cross_entropy import linear_cross_entropy
 from common.models.generation import generate
 from common.runner import write_json
 
@@ -118,6 +123,29 @@ def bench_train(model: DecoderLM, hf, batch: int, seq: int, repeats: int, device
     return race({"ours train step": step_ours, "HF train step": step_hf}, repeats, device), losses
 
 
+def bench_loss_head(model: DecoderLM, tokens: int, chunks: list[int], repeats: int, device: str, seed: int):
+    """Forward + backward of the loss head alone: unfused vs fused at each chunk size (tokens per chunk)."""
+    g = torch.Generator().manual_seed(seed)
+    c = model.config
+    h = torch.randn(tokens, c.d_model, generator=g).to(device).requires_grad_()
+    w = model.lm_head.weight.detach().clone().requires_grad_()
+    y = torch.randint(0, c.vocab_size, (tokens,), generator=g).to(device)
+
+    def unfused():
+        F.cross_entropy(F.linear(h, w), y, ignore_index=-100).backward()
+        h.grad = w.grad = None
+
+    def fused(chunk):
+        def run():
+            linear_cross_entropy(h, w, y, chunk_size=chunk).backward()
+            h.grad = w.grad = None
+
+        return run
+
+    contenders = {"unfused": unfused, **{f"fused, chunk {n}": fused(n) for n in chunks}}
+    return race(contenders, repeats, device)
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -129,6 +157,12 @@ def main(argv=None) -> dict:
     )
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per contender (quick: 2)")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights and inputs")
+    parser.add_argument(
+        "--ce-chunks",
+        default="256,512,1024,2048",
+        help="comma-separated tokens per chunk to time the fused loss head at (the default chunk is "
+        "LOGITS_PER_CHUNK // vocab)",
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -163,7 +197,10 @@ def main(argv=None) -> dict:
 
     dec_times, same_tokens = bench_decode(model, hf, prompt_len, new_tokens, repeats, device, args.seed)
     train_times, losses = bench_train(model, hf, batch, seq, repeats, device, args.seed)
+    chunks = sorted({min(int(n), batch * seq) for n in args.ce_chunks.split(",")})
+    head_times = bench_loss_head(model, batch * seq, chunks, repeats, device, args.seed)
     med = {k: statistics.median(v) for k, v in {**dec_times, **train_times}.items()}
+    head_med = {k: statistics.median(v) for k, v in head_times.items()}
 
     rows = [
         ("decode tokens/s: ours (KV cache)", new_tokens / med["ours (KV cache)"]),
@@ -181,6 +218,10 @@ def main(argv=None) -> dict:
     print("-" * 48)
     for name, value in rows:
         print(f"{name:<36}{value:>12.1f}")
+    print(f"\nloss head fwd+bwd, {batch * seq} tokens x vocab {cfg.vocab_size}  {'ms':>10}{'vs unfused':>12}")
+    print("-" * 60)
+    for name, value in head_med.items():
+        print(f"{name:<48}{1e3 * value:>10.1f}{head_med['unfused'] / value:>11.2f}x")
     print(f"\n{'ratio':<36}{'measured':>10}{'goal':>8}  met")
     print("-" * 60)
     for name, value in ratios.items():
@@ -209,6 +250,8 @@ def main(argv=None) -> dict:
         "repeats": repeats,
         "seconds": {k: v for k, v in {**dec_times, **train_times}.items()},
         "median_seconds": med,
+        "loss_head_seconds": head_times,
+        "loss_head_median_seconds": head_med,
         "values": dict(rows),
         "ratios": ratios,
         "goals": GOALS,

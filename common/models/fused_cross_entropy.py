@@ -47,7 +47,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         safe_targets = torch.where(valid, targets, 0)  # ignored rows gather a dummy column
         loss_sum = torch.zeros((), device=h.device, dtype=torch.float32)
         grad_h = torch.empty(h.shape, device=h.device, dtype=torch.float32) if needs_grad else None
-        grad_w = torch.zeros(weight.shape, device=h.device, dtype=torch.float32) if needs_grad else None
+        grad_w = None  # (vocab, d_model) fp32, summed over the chunks
         w = weight.to(compute_dtype)
         with torch.autocast(device_type, enabled=False):
             for start in range(0, h.shape[0], chunk_size):
@@ -66,7 +66,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 scale = row_scale[start:end, None]  # (chunk, 1)
                 grad_h[start:end] = (g @ w).float() * scale
                 h_scaled = (h_c.float() * scale).to(compute_dtype)
-                if compute_dtype == torch.float32:
+                if grad_w is None:
+                    grad_w = (g.T @ h_scaled).float()
+                elif compute_dtype == torch.float32:
                     grad_w.addmm_(g.T, h_scaled)  # in place, no (vocab, d_model) temporary
                 else:  # accumulate the low-precision products in fp32
                     grad_w += (g.T @ h_scaled).float()
