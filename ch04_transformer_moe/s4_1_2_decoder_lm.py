@@ -184,7 +184,7 @@ def main(argv=None) -> dict:
     for label, kw in methods.items():
         gen = torch.Generator(device=device).manual_seed(args.seed)
         new = generate(model, prompts[:1], n, generator=gen, **kw)[0]
-        print(f"   {label:<20} {prompts_text[0]}{tokenizer.decode(new)!r}")
+        print(f"   {label:<20} {prompts_text[0]!r} -> {tokenizer.decode(new)!r}")
 
     t0 = time.perf_counter()
     cached = generate(model, prompts, n)
@@ -201,7 +201,7 @@ def main(argv=None) -> dict:
         f"   a batch of {len(prompts)} prompts of lengths {[len(p) for p in prompts]} (left-padded), greedy:"
     )
     for text_, new in zip(prompts_text, cached):
-        print(f"     {text_}{tokenizer.decode(new)!r}")
+        print(f"     {text_!r} -> {tokenizer.decode(new)!r}")
     print(
         f"   batched = one at a time: {figures['batched_equals_unbatched']}; KV cache = full recomputation: "
         f"{figures['cached_equals_uncached']}"
