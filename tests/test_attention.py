@@ -193,6 +193,15 @@ def test_rmsnorm_matches_llama_and_torch():
     ours = RMSNorm(16, eps=1e-5)
     ours.weight.data.copy_(ref.weight.data)
     torch.testing.assert_close(ours(x), ref(x), atol=ATOL, rtol=0)
+    # training: outputs and gradients of input and weight
+    x_ours, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    grad = torch.randn(4, 5, 16)
+    y_ours, y_ref = ours(x_ours), ref(x_ref)
+    y_ours.backward(grad)
+    y_ref.backward(grad)
+    torch.testing.assert_close(y_ours, y_ref, atol=ATOL, rtol=0)
+    torch.testing.assert_close(x_ours.grad, x_ref.grad, atol=ATOL, rtol=0)
+    torch.testing.assert_close(ours.weight.grad, ref.weight.grad, atol=ATOL, rtol=1e-5)
     noweight = make_norm("rmsnorm_noweight", 16, 1e-5)
     assert noweight.weight is None and not list(noweight.parameters())
     torch.testing.assert_close(
