@@ -125,7 +125,7 @@ def test_schema(run):
     for e in r["scripts"]:
         assert set(e) == keys, e
         assert e["status"] in {"PASS", "FAIL", "SKIP", "TIMEOUT"}
-        assert os.path.exists(e["log"])
+        assert (run["out"] / e["log"]).exists()
     assert [e["name"] for e in r["scripts"]] == [f"ch99_fake/{n}" for n in SCRIPTS]
 
 

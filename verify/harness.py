@@ -142,7 +142,7 @@ def run_one(
         "peak_rss_mb": 0.0,
         "warnings": [],
         "figures": {},
-        "log": str(log_path),
+        "log": str(log_path.relative_to(out_dir)),  # relative to the report folder
     }
     start = time.monotonic()
     with open(log_path, "wb") as log:
