@@ -37,7 +37,7 @@ def test_trains_a_real_lm_on_first_use(first):
     assert info["val_loss"] < math.log(model.config.vocab_size) - 0.8
     assert 0 < info["val_bpb"] < 8 and info["seconds"] > 0
     # and the tokenizer it returns is the one it was trained with: a prompt's loss agrees
-    ids = torch.tensor([tokenizer.encode("The \"if\" statement is used for conditional execution").ids])
+    ids = torch.tensor([tokenizer.encode('The "if" statement is used for conditional execution').ids])
     _, loss = model(ids[:, :-1], ids[:, 1:])
     assert loss.item() < math.log(model.config.vocab_size)
 

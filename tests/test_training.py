@@ -75,8 +75,11 @@ def test_lr_schedule_shape():
     assert m[15:] == pytest.approx([0.1 + 0.9 * k / 5 for k in (5, 4, 3, 2, 1)])  # linear warm-down
     assert all(a >= b for a, b in zip(m[14:], m[15:]))
     assert [lr_at(s, 5) for s in range(5)] == [1.0] * 5
-    for bad in [dict(step=0, total_steps=0), dict(step=5, total_steps=5),
-                dict(step=0, total_steps=5, warmup_steps=3, warmdown_steps=3)]:
+    for bad in [
+        dict(step=0, total_steps=0),
+        dict(step=5, total_steps=5),
+        dict(step=0, total_steps=5, warmup_steps=3, warmdown_steps=3),
+    ]:
         with pytest.raises(ValueError):
             lr_at(**bad)
 
@@ -98,8 +101,12 @@ def test_muon_for_hidden_matrices_adamw_for_the_rest(tie):
     # one step moves the Muon matrices exactly as torch's Muon alone would
     reference = StandInLM(tie=tie)
     reference.load_state_dict(model.state_dict())
-    ref_muon = torch.optim.Muon([reference.up.weight, reference.down.weight, reference.mix.weight],
-                                lr=0.02, weight_decay=0.0, momentum=0.95)
+    ref_muon = torch.optim.Muon(
+        [reference.up.weight, reference.down.weight, reference.mix.weight],
+        lr=0.02,
+        weight_decay=0.0,
+        momentum=0.95,
+    )
     x = torch.randint(0, V, (2, T))
     for m in (model, reference):
         m.eval()
@@ -144,7 +151,7 @@ def test_bits_per_byte_hand_calculation():
     stream = torch.arange(3 * T + 1) % V
     data = TokenData(stream, stream, T, token_bytes=torch.arange(V) % 4, vocab_size=V)
     result = evaluate(UniformLM(), data, batch_size=2)
-    targets = [t for t in stream.tolist()[1:3 * T + 1]]  # 3 windows of T, each target = next token
+    targets = [t for t in stream.tolist()[1 : 3 * T + 1]]  # 3 windows of T, each target = next token
     text_targets = [t for t in targets if t % 4]
     hand_bpb = len(text_targets) * math.log2(V) / sum(t % 4 for t in targets)
     assert result["tokens"] == 3 * T
@@ -156,8 +163,9 @@ def test_training_learns(data):
     torch.manual_seed(0)
     model = StandInLM()
     before = evaluate(model, data, batch_size=8)["loss"]
-    result = train(model, data, TrainConfig(steps=40, batch_size=8, warmup_steps=5, eval_every=20,
-                                            progress=False))
+    result = train(
+        model, data, TrainConfig(steps=40, batch_size=8, warmup_steps=5, eval_every=20, progress=False)
+    )
     assert len(result["losses"]) == 40 and result["steps"] == 40
     assert [v["step"] for v in result["val"]] == [20, 40]
     assert result["val_loss"] < before - 1.0  # uniform is ln 32 = 3.47; the chain is far more predictable
@@ -212,7 +220,9 @@ def test_checkpoint_files_safe_and_verified(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
     assert other.head.weight is other.tok.weight  # tying survives
     muon_state = other_opt.optimizers["muon"].state_dict()["state"]
-    assert torch.equal(muon_state[0]["momentum_buffer"], opt.optimizers["muon"].state_dict()["state"][0]["momentum_buffer"])
+    assert torch.equal(
+        muon_state[0]["momentum_buffer"], opt.optimizers["muon"].state_dict()["state"][0]["momentum_buffer"]
+    )
 
     weights = tmp_path / ckpt.WEIGHTS
     weights.write_bytes(weights.read_bytes()[:-10] + b"0123456789")
@@ -234,7 +244,12 @@ def test_rng_state_round_trip():
     state = ckpt.capture_rng_state({"g": g})
     first = (random.random(), np.random.rand(), torch.rand(1).item(), torch.rand(1, generator=g).item())
     ckpt.restore_rng_state(state, {"g": g})
-    assert (random.random(), np.random.rand(), torch.rand(1).item(), torch.rand(1, generator=g).item()) == first
+    assert (
+        random.random(),
+        np.random.rand(),
+        torch.rand(1).item(),
+        torch.rand(1, generator=g).item(),
+    ) == first
 
 
 # ----------------------------------------------------------------------------- data parallel
@@ -262,8 +277,13 @@ def _train_both(batch_size):
 
 
 def _ddp_worker(rank, world, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
     torch.set_num_threads(1)
     from common.training import cleanup_distributed, setup_distributed
 
