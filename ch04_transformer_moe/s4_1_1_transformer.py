@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common.models.transformer import Seq2SeqTransformer
+from common.plotting import pyplot, save_figure
 from common.runner import parse_args, run_script, script_parser
 
 ONES = [
@@ -150,7 +151,6 @@ def main(argv=None) -> dict:
     parser.add_argument("--layers", type=int, default=2, help="encoder and decoder layers each (quick: 1)")
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate")
     parser.add_argument("--norm-first", action="store_true", help="Pre-LN instead of the paper's Post-LN")
-    parser.add_argument("--out", default=None, help="output folder (default runs/s4_1_1_transformer/)")
     args = parse_args(parser, argv)
     if args.quick:
         args.steps, args.batch_size, args.max_number, args.n_test, args.d_model, args.layers = (
@@ -161,7 +161,6 @@ def main(argv=None) -> dict:
             64,
             1,
         )
-    out_dir = args.out or os.path.join("runs", "s4_1_1_transformer")
     device = args.device
 
     src_vocab = CharVocab("abcdefghijklmnopqrstuvwxyz -")
@@ -227,13 +226,7 @@ def main(argv=None) -> dict:
         print(f"  {words!r:<60} -> {pred!r:>9}  {'ok' if pred == target else 'WRONG, want ' + target}")
     print(f"exact match on {len(test_numbers)} held-out numbers: {acc:.1%}")
 
-    os.makedirs(out_dir, exist_ok=True)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = pyplot().subplots(figsize=(6, 3.5))
     ax.plot(losses, lw=0.8)
     ax.set(
         xlabel="step",
@@ -241,10 +234,7 @@ def main(argv=None) -> dict:
         yscale="log",
         title=f"number words -> digits: exact match {acc:.1%}",
     )
-    fig.tight_layout()
-    plot_path = os.path.join(out_dir, "loss.png")
-    fig.savefig(plot_path, dpi=120)
-    plt.close(fig)
+    plot_path = save_figure(fig, os.path.join(args.out, "loss.png"))
     print(f"loss curve: {plot_path}")
     return {
         "params": n_params,

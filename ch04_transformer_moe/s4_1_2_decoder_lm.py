@@ -30,6 +30,7 @@ from tqdm import tqdm
 from common.data import EOT, TokenData, get_tokenizer, load_corpus
 from common.models.decoder import PRESETS, DecoderConfig, DecoderLM
 from common.models.generation import generate
+from common.plotting import pyplot, save_figure
 from common.runner import parse_args, run_script, script_parser
 
 VARIANTS = {
@@ -75,11 +76,9 @@ def main(argv=None) -> dict:
         "--context", type=int, default=128, help="context length of the demo model (quick: 64)"
     )
     parser.add_argument("--new-tokens", type=int, default=48, help="tokens generated per prompt (quick: 16)")
-    parser.add_argument("--out", default=None, help="output folder (default runs/s4_1_2_decoder_lm/)")
     args = parse_args(parser, argv)
     if args.quick:
         args.steps, args.d_model, args.layers, args.context, args.new_tokens = 40, 64, 2, 64, 16
-    out_dir = args.out or os.path.join("runs", "s4_1_2_decoder_lm")
     device = args.device
     figures: dict = {}
 
@@ -212,19 +211,10 @@ def main(argv=None) -> dict:
         "(see benchmarks/bench_decoder.py for a fair race)"
     )
 
-    os.makedirs(out_dir, exist_ok=True)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = pyplot().subplots(figsize=(6, 3.5))
     ax.plot(losses, lw=0.8)
     ax.set(xlabel="step", ylabel="cross-entropy (nats / token)", title="decoder LM on the embedded corpus")
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "loss.png"), dpi=120)
-    plt.close(fig)
-    print(f"\nloss curve: {os.path.join(out_dir, 'loss.png')}")
+    print(f"\nloss curve: {save_figure(fig, os.path.join(args.out, 'loss.png'))}")
     return figures
 
 

@@ -29,6 +29,7 @@ import os
 import torch
 
 from common.data import TokenData, get_tokenizer, load_corpus
+from common.plotting import pyplot, save_figure
 from common.runner import parse_args, run_script, script_parser
 from common.training import TrainConfig, train
 
@@ -62,12 +63,7 @@ def layer_grad_norms(model, batches) -> list[float]:
 
 
 def plot(path, grad_norms: dict, curves: dict, lr: float) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (left, right) = pyplot().subplots(1, 2, figsize=(11, 4))
     for name, norms in grad_norms.items():
         left.plot(range(1, len(norms) + 1), norms, marker="o", label=name)
     left.set(
@@ -81,9 +77,7 @@ def plot(path, grad_norms: dict, curves: dict, lr: float) -> None:
         right.plot(range(1, len(losses) + 1), losses, label=name)
     right.set(xlabel="step", ylabel="training loss", title=f"AdamW, lr {lr:g}, no warm-up")
     right.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> dict:
@@ -111,7 +105,6 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--grad-batches", type=int, default=None, help="batches averaged for the gradient norms"
     )
-    parser.add_argument("--out", default=None, help="output folder (default runs/s4_1_3_post_ln_vs_pre_ln/)")
     args = parse_args(parser, argv)
     q = args.quick
     layers = args.layers or (3 if q else 8)
@@ -120,8 +113,6 @@ def main(argv=None) -> dict:
     batch_size = args.batch_size or (8 if q else 16)
     n_grad_batches = args.grad_batches or (2 if q else 8)
     context, vocab = (32, 512) if q else (128, 2048)
-    out = args.out or os.path.join("runs", "s4_1_3_post_ln_vs_pre_ln")
-    os.makedirs(out, exist_ok=True)
 
     text = load_corpus()
     tokenizer = get_tokenizer(vocab, text=text)
@@ -201,7 +192,7 @@ def main(argv=None) -> dict:
         f"\nPost-LN ends {abs(gap):.3f} nats per token {'above' if gap > 0 else 'below'} Pre-LN "
         "on validation after the same steps"
     )
-    png = os.path.join(out, "post_vs_pre_ln.png")
+    png = os.path.join(args.out, "post_vs_pre_ln.png")
     plot(png, grad_norms, curves, args.lr)
     print(f"plot: {png}")
     return figures

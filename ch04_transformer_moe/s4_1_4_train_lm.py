@@ -26,6 +26,7 @@ import os
 import torch
 
 from common.data import TokenData, get_tokenizer, load_corpus
+from common.plotting import pyplot, save_figure
 from common.runner import parse_args, run_script, script_parser
 from common.training import TrainConfig, cleanup_distributed, setup_distributed, train
 
@@ -35,12 +36,7 @@ PROMPTS = ['The "if" statement', "A dictionary is", "Return the number of"]
 
 
 def plot_losses(path: str, result: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = pyplot().subplots(figsize=(7, 4))
     ax.plot(range(1, len(result["losses"]) + 1), result["losses"], label="train (per step)")
     if result["val"]:
         ax.plot(
@@ -48,9 +44,7 @@ def plot_losses(path: str, result: dict) -> None:
         )
     ax.set(xlabel="step", ylabel="cross-entropy (nats per token)", title="Decoder LM on the embedded corpus")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> dict:
@@ -108,12 +102,9 @@ def main(argv=None) -> dict:
     )
     parser.add_argument("--samples", type=int, default=3, help="continuations to generate at the end")
     parser.add_argument("--max-new-tokens", type=int, default=40, help="tokens per generated continuation")
-    parser.add_argument("--out", default=None, help="output folder (default runs/s4_1_4_train_lm/)")
     args = parse_args(parser, argv)
     q = args.quick
     dist = setup_distributed(args.device)
-    out = args.out or os.path.join("runs", "s4_1_4_train_lm")
-    os.makedirs(out, exist_ok=True)
     say = print if dist.is_main else (lambda *a, **k: None)
 
     vocab = args.vocab_size or (512 if q else 2048)
@@ -139,7 +130,7 @@ def main(argv=None) -> dict:
         grad_clip=args.grad_clip,
         eval_every=args.eval_every or (6 if q else 40),
         eval_batches=4 if q else 16,
-        ckpt_dir=os.path.join(out, "checkpoint"),
+        ckpt_dir=os.path.join(args.out, "checkpoint"),
         ckpt_every=args.ckpt_every or (6 if q else 50),
         resume=args.resume,
         seed=args.seed,
@@ -191,7 +182,7 @@ def main(argv=None) -> dict:
     say("\nsamples (temperature 0.8, top-k 50):")
     for prompt, ids in zip(PROMPTS, continuations):
         say(f"  {prompt!r} -> {tokenizer.decode(ids)!r}")
-    png = os.path.join(out, "loss.png")
+    png = os.path.join(args.out, "loss.png")
     plot_losses(png, result)
     say(f"plot: {png}; checkpoint: {cfg.ckpt_dir}")
     return {

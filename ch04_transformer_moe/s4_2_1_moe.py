@@ -26,23 +26,17 @@ import time
 import torch
 
 from common.moe import TopKMoE
+from common.plotting import pyplot, save_figure
 from common.runner import parse_args, run_script, script_parser
 
 
 def plot_loads(path: str, counts: list[int], k: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = pyplot().subplots(figsize=(6, 3.5))
     ax.bar(range(len(counts)), counts)
     ax.axhline(sum(counts) / len(counts), color="k", ls="--", label="perfect balance")
     ax.set(xlabel="expert", ylabel="tokens routed", title=f"Expert load, top-{k} routing (untrained router)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def timed(fn):
@@ -58,7 +52,6 @@ def main(argv=None) -> dict:
     parser.add_argument("--experts", type=int, default=8, help="number of experts E")
     parser.add_argument("--k", type=int, default=2, help="experts per token (top-k)")
     parser.add_argument("--tokens", type=int, default=2048, help="tokens in the batch (8 sequences)")
-    parser.add_argument("--out", default="runs/s4_2_1_moe", help="output folder for the plot")
     args = parse_args(parser, argv)
     if args.quick:
         args.d_model, args.d_ff, args.tokens = 64, 128, 256
@@ -116,7 +109,6 @@ def main(argv=None) -> dict:
     counts = stats.counts.tolist()
     print(f"tokens per expert: {counts}")
     print(f"max/mean load {stats.max_over_mean:.3f}, coefficient of variation {stats.cv:.3f}")
-    os.makedirs(args.out, exist_ok=True)
     plot_loads(os.path.join(args.out, "expert_load.png"), counts, args.k)
     print(f"plot: {os.path.join(args.out, 'expert_load.png')}")
     return {

@@ -27,23 +27,17 @@ import os
 import torch
 
 from common.moe import SwitchMoE, expert_capacity
+from common.plotting import pyplot, save_figure
 from common.runner import parse_args, run_script, script_parser
 
 FACTORS = (1.0, 1.25, 2.0)
 
 
 def plot(path: str, rows: list[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = pyplot().subplots(figsize=(5, 3.5))
     ax.plot([r["capacity_factor"] for r in rows], [100 * r["dropped"] for r in rows], "o-")
     ax.set(xlabel="capacity factor", ylabel="tokens dropped (%)", title="Switch router: drops vs capacity")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> dict:
@@ -61,7 +55,6 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--dropped", choices=["zero", "passthrough"], default="zero", help="what a dropped token outputs"
     )
-    parser.add_argument("--out", default="runs/s4_2_2_switch_router", help="output folder for the plot")
     args = parse_args(parser, argv)
     if args.quick:
         args.d_model, args.d_ff, args.tokens = 64, 128, 512
@@ -125,7 +118,6 @@ def main(argv=None) -> dict:
         f"eval is deterministic: {bool(torch.equal(eval_choice, eval_again))}"
     )
 
-    os.makedirs(args.out, exist_ok=True)
     plot(os.path.join(args.out, "dropped_vs_capacity.png"), rows)
     print(f"plot: {os.path.join(args.out, 'dropped_vs_capacity.png')}")
     figures = {f"dropped_cf{r['capacity_factor']:g}": r["dropped"] for r in rows}

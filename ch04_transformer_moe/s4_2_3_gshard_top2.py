@@ -24,18 +24,14 @@ import os
 import torch
 
 from common.moe import GShardMoE, expert_capacity
+from common.plotting import pyplot, save_figure
 from common.runner import parse_args, run_script, script_parser
 
 FACTORS = (0.5, 1.0, 2.0)
 
 
 def plot(path: str, rows: list[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = pyplot().subplots(figsize=(6, 3.5))
     for rr in (False, True):
         sel = [r for r in rows if r["random_routing"] == rr]
         label = "random routing" if rr else "always both"
@@ -53,9 +49,7 @@ def plot(path: str, rows: list[dict]) -> None:
         )
     ax.set(xlabel="capacity factor", ylabel="%", title="GShard top-2: what does not get an expert")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> dict:
@@ -64,7 +58,6 @@ def main(argv=None) -> dict:
     parser.add_argument("--d-ff", type=int, default=1024, help="width of each expert")
     parser.add_argument("--experts", type=int, default=16, help="number of experts")
     parser.add_argument("--tokens", type=int, default=4096, help="tokens in the batch")
-    parser.add_argument("--out", default="runs/s4_2_3_gshard_top2", help="output folder for the plot")
     args = parse_args(parser, argv)
     if args.quick:
         args.d_model, args.d_ff, args.tokens = 64, 128, 512
@@ -122,7 +115,6 @@ def main(argv=None) -> dict:
     )
     print(f"balance loss E·Σ f·P (first choices) = {rows[0]['balance_loss']:.4f} (1.0 = balanced)")
 
-    os.makedirs(args.out, exist_ok=True)
     plot(os.path.join(args.out, "top2_drops.png"), rows)
     print(f"plot: {os.path.join(args.out, 'top2_drops.png')}")
     figures = {}

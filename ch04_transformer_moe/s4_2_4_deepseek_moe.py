@@ -29,16 +29,12 @@ import torch
 from tqdm.auto import tqdm
 
 from common.moe import DeepSeekMoE
+from common.plotting import pyplot, save_figure
 from common.runner import parse_args, run_script, script_parser
 
 
 def plot(path: str, curves: dict[str, list[float]]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    fig, ax = pyplot().subplots(figsize=(6.5, 3.8))
     for label, ys in curves.items():
         ax.plot(range(1, len(ys) + 1), ys, label=label)
     ax.axhline(1.0, color="k", ls=":", lw=1)
@@ -49,9 +45,7 @@ def plot(path: str, curves: dict[str, list[float]]) -> None:
         title="DeepSeek-V3 auxiliary-loss-free balancing (no aux loss in either run)",
     )
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def build(args, gamma: float) -> DeepSeekMoE:
@@ -105,7 +99,6 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch", type=int, default=16, help="sequences per step")
     parser.add_argument("--seq", type=int, default=64, help="tokens per sequence")
     parser.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
-    parser.add_argument("--out", default="runs/s4_2_4_deepseek_moe", help="output folder for the plot")
     args = parse_args(parser, argv)
     if args.quick:
         args.d_model, args.d_ff, args.steps, args.batch, args.seq = 32, 128, 60, 8, 32
@@ -167,7 +160,6 @@ def main(argv=None) -> dict:
         f"{float(b.max()):+.4f} (requires_grad={b.requires_grad})"
     )
 
-    os.makedirs(args.out, exist_ok=True)
     plot(
         os.path.join(args.out, "load_balance.png"),
         {"no bias update": plain, f"bias update γ={args.gamma:g}": biased},

@@ -29,6 +29,7 @@ from torch import nn
 
 from common.data import TokenData, get_tokenizer, load_corpus
 from common.moe import MoELayer, TopKMoE, merge_loads
+from common.plotting import pyplot, save_figure
 from common.runner import parse_args, run_script, script_parser
 from common.training import TrainConfig, train
 
@@ -63,12 +64,7 @@ def active_params(model: nn.Module) -> int:
 
 
 def plot(path: str, results: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, ax = pyplot().subplots(figsize=(6.5, 4))
     for name, r in results.items():
         ax.plot(range(1, len(r["losses"]) + 1), r["losses"], alpha=0.4, label=f"{name} train")
         ax.plot(
@@ -80,9 +76,7 @@ def plot(path: str, results: dict) -> None:
         title="MoE LM vs dense LM, same active parameters",
     )
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> dict:
@@ -104,7 +98,6 @@ def main(argv=None) -> dict:
     parser.add_argument("--context", type=int, default=128, help="context length in tokens")
     parser.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary")
     parser.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
-    parser.add_argument("--out", default="runs/s4_2_5_moe_lm", help="output folder for the plot")
     args = parse_args(parser, argv)
     if args.every < 1 or args.first_dense < 0:
         raise ValueError("--every must be >= 1 and --first-dense >= 0")
@@ -187,7 +180,6 @@ def main(argv=None) -> dict:
         )
     loads = merge_loads([layer.last_stats for layer in moe_layers])
 
-    os.makedirs(args.out, exist_ok=True)
     plot(os.path.join(args.out, "val_loss.png"), results)
     print(
         f"\nvalidation loss: dense {results['dense']['val_loss']:.4f} "

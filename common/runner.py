@@ -66,6 +66,12 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     g.add_argument("--seed", type=int, default=0, help="seed for python, numpy and torch")
     g.add_argument(
+        "--out",
+        metavar="DIR",
+        default=None,
+        help="folder for plots, checkpoints and other outputs (default runs/<script name>/)",
+    )
+    g.add_argument(
         "--json",
         metavar="PATH",
         default=None,
@@ -85,11 +91,15 @@ def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace
     """Parse ``argv``, turn on quick mode from the environment, seed everything and pick the device.
 
     ``args.device`` becomes the chosen device name ("cpu", "cuda", "mps"); ``args.device_reason``
-    says why.  Asking for cuda or mps where there is none raises :class:`SkipScript`.
+    says why.  Asking for cuda or mps where there is none raises :class:`SkipScript`.  ``args.out``
+    defaults to ``runs/<name of the calling script>`` (created by whoever writes there first).
     """
     from common import env
 
     args = parser.parse_args(argv)
+    if args.out is None:
+        caller = sys._getframe(1).f_globals.get("__file__") or "script"
+        args.out = os.path.join("runs", os.path.splitext(os.path.basename(caller))[0])
     args.quick = bool(args.quick or quick_from_env())
     env.seed_everything(args.seed)
     args.device, args.device_reason = env.choose_device(args.device)

@@ -117,7 +117,7 @@ def test_help_lists_common_flags(script):
         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
         timeout=120,
     )
-    for flag in ("--quick", "--device", "--seed", "--json", "--mode"):
+    for flag in ("--quick", "--device", "--seed", "--json", "--out", "--mode"):
         assert flag in proc.stdout
 
 
@@ -128,6 +128,9 @@ def test_parse_args_seeds_and_picks_device(monkeypatch):
     parse_args(script_parser(), ["--seed", "7"])
     assert (random.random(), torch.rand(1).item()) == a
     assert args.device == "cpu" and args.quick is False and args.device_reason
+    assert args.out == os.path.join("runs", "test_runner")  # named after the calling script
+    assert parse_args(script_parser(), ["--out", "elsewhere"]).out == "elsewhere"
+    assert not os.path.exists(args.out)  # nothing is created until a script writes there
 
 
 @pytest.mark.skipif(
