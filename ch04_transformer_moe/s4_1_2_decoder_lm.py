@@ -25,13 +25,13 @@ import os
 import time
 
 import torch
-from tqdm import tqdm
 
 from common.data import EOT, TokenData, get_tokenizer, load_corpus
 from common.models.decoder import PRESETS, DecoderConfig, DecoderLM
 from common.models.generation import generate
 from common.plotting import pyplot, save_figure
 from common.runner import parse_args, run_script, script_parser
+from common.training import TrainConfig, train
 
 VARIANTS = {
     "baseline (Llama-style)": {},
@@ -139,28 +139,27 @@ def main(argv=None) -> dict:
         f"(d_model {cfg.d_model}, {cfg.n_layer} layers, "
         f"GQA 4/2, tied) on {len(data.train):,} tokens of the embedded corpus for {args.steps} steps"
     )
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.0)
-    warmup = max(1, args.steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
-    g = torch.Generator().manual_seed(args.seed)
-    losses = []
-    for _ in (bar := tqdm(range(args.steps), desc="training", mininterval=1.0)):
-        x, y = data.get_batch("train", 16, generator=g)
-        _, loss = model(x.to(device), y.to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    # the training loop of common.training (section 4.1.4 teaches it); plain AdamW here, evaluated at the end
+    cfg_train = TrainConfig(
+        steps=args.steps,
+        batch_size=16,
+        lr=3e-3,
+        use_muon=False,
+        warmup_steps=max(1, args.steps // 10),
+        warmdown_frac=0.0,
+        eval_every=0,
+        eval_batches=4,
+        eval_batch_size=16,
+        seed=args.seed,
+        dtype="fp32",
+    )
+    result = train(model, data, cfg_train, device=device)
+    losses = result["losses"]
     k = max(1, min(10, args.steps // 10))
     figures["train_loss_initial"] = sum(losses[:k]) / k
     figures["train_loss_final"] = sum(losses[-k:]) / k
+    figures["val_loss"] = result["val_loss"]
     model.eval()
-    with torch.no_grad():
-        val = [model(x.to(device), y.to(device))[1].item() for x, y in data.val_batches(16, max_batches=4)]
-    figures["val_loss"] = sum(val) / len(val)
     print(
         f"   loss {figures['train_loss_initial']:.2f} -> {figures['train_loss_final']:.2f}; "
         f"validation {figures['val_loss']:.2f} nats/token"
