@@ -35,64 +35,30 @@ from common.data import TokenData, atomic_write_bytes, cache_dir, corpus_hash, g
 # Bump when the training code changes in a way that changes the weights.
 RECIPE_VERSION = 1
 
+# Llama-style: what ``to_hf`` can express, so later chapters may hand the model to transformers too
+_ARCH = dict(norm="rmsnorm", pos="rope", ffn="swiglu", tie_embeddings=False, bias=False, dropout=0.0)
+_SCHEDULE = dict(grad_accum=1, lr=4e-3, muon_lr=0.02, warmdown_frac=0.4, grad_clip=1.0)
+
 SPECS = {
     "tiny": {
         "vocab_size": 2048,
-        "model": dict(
-            context_length=128,
-            n_layer=4,
-            d_model=128,
-            n_head=4,
-            n_kv_head=4,
-            norm="rmsnorm",
-            pos="rope",
-            ffn="swiglu",
-            tie_embeddings=False,
-            bias=False,
-            dropout=0.0,
-        ),
+        "model": dict(context_length=128, n_layer=4, d_model=128, n_head=4, n_kv_head=4, **_ARCH),
         "train": dict(
             steps=160,
             batch_size=32,
-            grad_accum=1,
-            lr=4e-3,
-            muon_lr=0.02,
             warmup_steps=10,
-            warmdown_frac=0.4,
-            grad_clip=1.0,
             eval_every=40,
             eval_batches=16,
             dtype="auto",
+            **_SCHEDULE,
         ),
         "seed": 0,
     },
     "test": {
         "vocab_size": 512,
-        "model": dict(
-            context_length=64,
-            n_layer=2,
-            d_model=64,
-            n_head=2,
-            n_kv_head=2,
-            norm="rmsnorm",
-            pos="rope",
-            ffn="swiglu",
-            tie_embeddings=False,
-            bias=False,
-            dropout=0.0,
-        ),
+        "model": dict(context_length=64, n_layer=2, d_model=64, n_head=2, n_kv_head=2, **_ARCH),
         "train": dict(
-            steps=30,
-            batch_size=8,
-            grad_accum=1,
-            lr=4e-3,
-            muon_lr=0.02,
-            warmup_steps=3,
-            warmdown_frac=0.4,
-            grad_clip=1.0,
-            eval_every=0,
-            eval_batches=4,
-            dtype="fp32",
+            steps=30, batch_size=8, warmup_steps=3, eval_every=0, eval_batches=4, dtype="fp32", **_SCHEDULE
         ),
         "seed": 0,
     },
