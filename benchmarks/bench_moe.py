@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.moe import DeepSeekMoE, TopKMoE
+from common.moe.experts import SwiGLU
 
 
 @dataclass
@@ -95,19 +96,6 @@ class Floor(nn.Module):
     def forward(self, x):
         gate, up = self.gate_up(x).chunk(2, dim=-1)
         return self.down(F.silu(gate) * up)
-
-
-class SwiGLUExpert(nn.Module):
-    """The expert module handed to DeepSpeed's MoE (it deep-copies one per expert)."""
-
-    def __init__(self, d_model: int, d_ff: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(d_model, d_ff, bias=False)
-        self.up_proj = nn.Linear(d_model, d_ff, bias=False)
-        self.down_proj = nn.Linear(d_ff, d_model, bias=False)
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 def _init_dist():
@@ -177,7 +165,7 @@ def build_variants(c: Config) -> dict:
         for cf in c.ds_capacity:
             ds = MoE(
                 c.d_model,
-                SwiGLUExpert(c.d_model, c.d_expert),
+                SwiGLU(c.d_model, c.d_expert),  # DeepSpeed deep-copies it per expert
                 num_experts=c.experts,
                 ep_size=1,
                 k=c.k,
