@@ -9,7 +9,6 @@ from torch import nn
 from common.models.decoder import DecoderConfig, DecoderLM
 
 ATOL = 1e-5
-pytest.importorskip("transformers")
 
 
 def tiny(**kw) -> DecoderConfig:

@@ -61,7 +61,6 @@ def test_cached_logits_equal_full_forward():
 
 
 def test_greedy_matches_hf_generate():
-    pytest.importorskip("transformers")
     model = model_for(n_kv_head=2)
     hf = model.to_hf()
     for p in PROMPTS[:2]:
@@ -79,7 +78,6 @@ def test_greedy_matches_hf_generate():
 
 
 def test_top_k_and_top_p_match_hf_warpers():
-    pytest.importorskip("transformers")
     from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
     torch.manual_seed(0)

@@ -14,7 +14,6 @@ import torch.nn.functional as F
 
 from common.moe import DeepSeekMoE, GShardMoE, SwitchMoE, TopKMoE, balance_loss
 
-transformers = pytest.importorskip("transformers")
 ATOL = 1e-5
 
 

@@ -36,8 +36,7 @@ def test_script_quick(path, tmp_path):
     payload = json.loads(fig.read_text()) if fig.exists() else {}
     if proc.returncode == SKIP_EXIT_CODE:
         reason = payload.get("reason", "")
-        assert GPU_ONLY.search(reason), f"{path} skipped on the CPU for a reason that applies here: {reason!r}"
+        assert GPU_ONLY.search(reason), f"{path} skipped on the CPU for a reason that holds here: {reason!r}"
         pytest.skip(f"{path}: {reason}")
     assert proc.returncode == 0, f"{path} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     assert payload["status"] == "PASS" and payload["figures"], payload
-
