@@ -265,3 +265,23 @@ def test_update_refreshes_part_of_a_report(tmp_path):
     assert without.returncode == 0
     mixed = harness(root, out, "--only", "s1_1", "--update")  # a full run cannot update a quick report
     assert mixed.returncode != 0 and "quick-mode report" in mixed.stderr
+
+
+def test_peak_rss_is_the_scripts_own(tmp_path):
+    """A light script reports little, a heavy one at least what it allocated: the harness's own
+    memory (the environment report imports torch, transformers, ...) must not leak into either."""
+    heavy = '''
+        """holds 400 MB"""
+        def main(argv=None):
+            block = bytearray(400 * 2**20)  # zero-filled, so every page is touched
+            return {"mb": len(block) // 2**20}
+    '''
+    root = make_tree(tmp_path / "book", {"s1_1_pass.py": SCRIPTS["s1_1_pass.py"], "s1_2_heavy.py": heavy})
+    proc = harness(root, tmp_path / "out", "--quick")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rss = {
+        e["name"].split("/")[-1]: e["peak_rss_mb"]
+        for e in json.loads((tmp_path / "out" / "report.json").read_text())["scripts"]
+    }
+    assert rss["s1_2_heavy.py"] >= 400
+    assert rss["s1_1_pass.py"] < 150, rss

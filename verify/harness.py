@@ -227,6 +227,25 @@ def _short(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
+def collect_environment() -> dict:
+    """The environment report, built in a child process.
+
+    Building it imports torch, transformers, deepspeed and the rest; done here it would leave the
+    harness at several hundred MB, and every script forked from it would report at least that much
+    as its peak RSS (Linux keeps a child's high-water mark across exec).
+    """
+    proc = subprocess.run(
+        [sys.executable, "-m", "common.env", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO_ROOT,
+    )
+    if proc.returncode != 0:
+        raise SystemExit(f"python -m common.env --json failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout)
+
+
 def _kept_entries(old_report: Path, running: list[str], quick: bool) -> list[dict]:
     """The entries of an earlier report for the scripts not run now (``--update``)."""
     if not old_report.exists():
@@ -292,10 +311,10 @@ def main(argv=None) -> int:
     out_dir = Path(args.out).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    from common.env import environment_report, format_report
+    from common.env import format_report
 
     print("collecting the environment report ...", flush=True)
-    environment = environment_report()
+    environment = collect_environment()
     print(format_report(environment), flush=True)
     report = {"environment": environment, "scripts": [], "summary": {}}
     kept = _kept_entries(out_dir / "report.json", scripts, args.quick) if args.update else []
