@@ -109,6 +109,37 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, from glibc's malloc.h
+_KEEP_BYTES = 1 << 30
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed memory for reuse instead of returning it to the system.
+
+    PyTorch's CPU allocator keeps no cache: it asks malloc for every tensor and frees it when the
+    tensor dies. glibc serves blocks above its mmap threshold (at most 32 MiB by default) with a fresh
+    ``mmap`` and unmaps them on free, so every large tensor, a training step's activations and
+    gradients included, starts on untouched pages and pays a page fault per 4 KiB on first write.
+    On this project's CPU machine that makes a 50 MB copy 4x slower. Raising the mmap and trim
+    thresholds keeps such blocks in the heap for the next tensor (what jemalloc or tcmalloc, which
+    PyTorch's CPU performance guide suggests preloading, do anyway). Freed memory then stays with the
+    process until it exits; peak use is unchanged.
+
+    Returns True where it took effect (glibc), False elsewhere (macOS, Windows, musl): a no-op there.
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, _KEEP_BYTES)) and bool(
+        libc.mallopt(_M_TRIM_THRESHOLD, 2 * _KEEP_BYTES - 1)
+    )
+
+
 def require(name: str, hint: str | None = None):
     """Import an optional package or raise :class:`SkipScript` with the reason and the install hint."""
     try:

@@ -88,7 +88,8 @@ def script_parser(doc: str | None = None, **kwargs) -> argparse.ArgumentParser:
 
 
 def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
-    """Parse ``argv``, turn on quick mode from the environment, seed everything and pick the device.
+    """Parse ``argv``, turn on quick mode from the environment, seed everything, keep freed memory for
+    reuse (:func:`common.env.keep_freed_memory`) and pick the device.
 
     ``args.device`` becomes the chosen device name ("cpu", "cuda", "mps"); ``args.device_reason``
     says why.  Asking for cuda or mps where there is none raises :class:`SkipScript`.  ``args.out``
@@ -102,6 +103,7 @@ def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace
         args.out = os.path.join("runs", os.path.splitext(os.path.basename(caller))[0])
     args.quick = bool(args.quick or quick_from_env())
     env.seed_everything(args.seed)
+    env.keep_freed_memory()  # large CPU tensors reuse freed pages instead of page-faulting anew
     args.device, args.device_reason = env.choose_device(args.device)
     return args
 
