@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from common.models.decoder import DecoderConfig, DecoderLM
-from common.models.generation import filter_logits, generate, sample_next
+from common.models.generation import (
+    COLUMN_MAJOR_MIN_TOKENS,
+    column_major_weights,
+    filter_logits,
+    generate,
+    sample_next,
+)
 
 PROMPTS = [[5, 6, 7, 8, 9], [11, 12], [20, 21, 22, 23, 24, 25, 26, 27], [3]]
 
@@ -131,3 +137,50 @@ def test_generate_rejects_bad_requests():
         generate(model, [[1]], 2, temperature=1.0, top_p=0.0)
     with pytest.raises(ValueError, match="token ids"):
         generate(model, [[1, 200]], 2)
+
+
+def test_long_cpu_generation_runs_on_column_major_weights_and_restores_them():
+    model = model_for(tie_embeddings=True)
+    before = {n: (p, p.detach().clone()) for n, p in model.named_parameters()}
+    seen = []
+    hook = model.lm_head.register_forward_pre_hook(lambda m, a: seen.append(m.weight.stride()))
+    generate(model, [PROMPTS[0]], COLUMN_MAJOR_MIN_TOKENS)
+    generate(model, [PROMPTS[0]], COLUMN_MAJOR_MIN_TOKENS - 1)  # short: not worth the copies
+    hook.remove()
+    vocab = model.config.vocab_size
+    assert seen[0] == (1, vocab) and seen[COLUMN_MAJOR_MIN_TOKENS] == (model.config.d_model, 1)
+    for n, p in model.named_parameters():
+        assert p is before[n][0] and p.is_contiguous() and torch.equal(p, before[n][1]), n
+        assert not p.is_inference()
+    model.train()
+    _, loss = model(torch.tensor([PROMPTS[0]]), torch.tensor([PROMPTS[0]]))
+    loss.backward()  # still an ordinary, trainable model
+    assert model.lm_head.weight.grad is not None
+
+
+def test_column_major_weights_are_restored_when_the_block_raises():
+    model = model_for()
+    with pytest.raises(KeyboardInterrupt):
+        with column_major_weights(model):
+            assert not model.lm_head.weight.is_contiguous()
+            raise KeyboardInterrupt
+    assert all(p.is_contiguous() for p in model.parameters())
+
+
+def test_moe_lm_decodes_on_column_major_expert_banks_with_the_tokens_of_recomputation():
+    from common.moe import TopKMoE
+
+    torch.manual_seed(0)
+    config = DecoderConfig(vocab_size=97, context_length=64, n_layer=2, d_model=32, n_head=4, n_kv_head=2)
+    model = DecoderLM(config, ffn_factory=lambda i, c: TopKMoE(c.d_model, 24, 8, k=2)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    experts = model.blocks[0].ffn.experts
+    seen = []
+    hook = model.blocks[0].ffn.register_forward_pre_hook(lambda m, a: seen.append(experts.gate_up.stride()))
+    cached = generate(model, PROMPTS, 24)
+    hook.remove()
+    assert seen[0][1:] == (1, experts.gate_up.shape[1])  # each expert's (out, in) matrix column-major
+    assert cached == generate(model, PROMPTS, 24, use_cache=False)
+    assert all(p.is_contiguous() for p in model.parameters())
