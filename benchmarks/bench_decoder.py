@@ -27,7 +27,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common.env import choose_device, seed_everything
+from common.env import choose_device, keep_freed_memory, seed_everything
 from common.models.decoder import DecoderConfig, DecoderLM
 from common.models.fused_cross_entropy import linear_cross_entropy
 from common.models.generation import generate
@@ -164,6 +164,12 @@ def main(argv=None) -> dict:
         "LOGITS_PER_CHUNK // vocab)",
     )
     parser.add_argument(
+        "--system-malloc",
+        action="store_true",
+        help="leave glibc's malloc at its defaults (tensors over 32 MiB page-fault on every allocation); "
+        "by default freed memory is kept for reuse, as in the book's scripts (common.env.keep_freed_memory)",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -174,6 +180,7 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     seed_everything(args.seed)
+    malloc = "system defaults" if args.system_malloc or not keep_freed_memory() else "freed memory kept"
     if args.quick:
         cfg = DecoderConfig.preset("small", n_layer=2, d_model=128, vocab_size=4096, context_length=512)
         prompt_len, new_tokens, batch, seq, repeats = 16, 64, 4, 64, 2
@@ -187,7 +194,8 @@ def main(argv=None) -> dict:
         f"{'quick: ' if args.quick else ''}DecoderLM {cfg.n_layer} layers, d_model {cfg.d_model}, "
         f"{cfg.n_head} heads / {cfg.n_kv_head} kv, vocab {cfg.vocab_size}, {model.num_params():,} params, "
         f"fp32, "
-        f"{device} ({torch.get_num_threads()} threads); HF attention: {hf.config._attn_implementation}"
+        f"{device} ({torch.get_num_threads()} threads, malloc: {malloc}); "
+        f"HF attention: {hf.config._attn_implementation}"
     )
     print(setup)
     print(

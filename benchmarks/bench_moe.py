@@ -16,6 +16,9 @@ which stay in cache).
 
 Columns: ``ours`` is :class:`common.moe.TopKMoE` (Mixtral routing); ``ours DS`` is our
 :class:`common.moe.DeepSeekMoE` with the same shared experts as the transformers DeepseekV3MoE column.
+For decoding, ``ours`` has its expert weights column-major, as :func:`common.models.generation.generate`
+lays them out while it decodes (one row per expert streams them faster), and ``ours (row-major)`` is the
+same layer as it trains.
 The JSON goes to ``benchmarks/results/bench_moe.json`` (``--json`` to change).
 """
 
@@ -34,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.models.generation import set_weight_layout
 from common.moe import DeepSeekMoE, TopKMoE
 from common.moe.experts import SwiGLU
 
@@ -138,6 +142,9 @@ def build_variants(c: Config) -> dict:
     mcfg._experts_implementation = "eager"  # what a standalone block runs
     hf_mixtral = _randomize(MixtralSparseMoeBlock(mcfg))
     variants["ours"] = (TopKMoE.from_hf(hf_mixtral, balance_coef=0.0), x)
+    if not c.train:  # decoding runs on the layout generate() gives the weights; the other one alongside
+        variants["ours (row-major)"] = (TopKMoE.from_hf(hf_mixtral, balance_coef=0.0), x)
+        set_weight_layout(variants["ours"][0], column_major=True)
     variants["HF Mixtral"] = (hf_mixtral, x)
 
     dcfg = DeepseekV3Config(
@@ -269,16 +276,24 @@ def main(argv=None) -> dict:
         help="time only these configurations (0-based indices into the table)",
     )
     parser.add_argument(
+        "--system-malloc",
+        action="store_true",
+        help="leave glibc's malloc at its defaults (tensors over 32 MiB page-fault on every allocation); "
+        "by default freed memory is kept for reuse, as in the book's scripts (common.env.keep_freed_memory)",
+    )
+    parser.add_argument(
         "--json", default="benchmarks/results/bench_moe.json", help="where to write the results"
     )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from common.env import environment_report
+    from common.env import environment_report, keep_freed_memory
 
+    malloc = "system defaults" if args.system_malloc or not keep_freed_memory() else "freed memory kept"
     env = environment_report()
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {env['cpu']} ({env['cores']} cores)"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {env['cpu']} ({env['cores']} cores), "
+        f"malloc: {malloc}"
     )
     results = []
     configs = QUICK if args.quick else FULL
@@ -294,6 +309,7 @@ def main(argv=None) -> dict:
         "quick": args.quick,
         "repeats": args.repeats,
         "threads": torch.get_num_threads(),
+        "malloc": malloc,
         "environment": {
             "cpu": env["cpu"],
             "cores": env["cores"],
