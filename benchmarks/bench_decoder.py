@@ -4,7 +4,8 @@
 
 1. decoding: our KV-cache ``generate`` vs transformers' ``LlamaForCausalLM.generate`` (greedy, same
    prompt, same weights, both must produce the same tokens) and vs our own decoding without the cache
-   (recomputing the whole sequence for every new token); tokens per second;
+   (recomputing the whole sequence for every new token); tokens per second; also ours with the
+   weights left row-major (``column_major=False``), the gain of ``generate``'s decode layout;
 2. training: one step (forward, backward, AdamW step) of our DecoderLM vs LlamaForCausalLM at the same
    config and batch, with the same optimizer;
 3. the loss head alone (lm_head + cross-entropy, forward and backward, on the training batch's hidden
@@ -79,6 +80,7 @@ def bench_decode(
     times = race(
         {
             "ours (KV cache)": lambda: generate(model, prompt, new_tokens),
+            "ours (KV cache, row-major)": lambda: generate(model, prompt, new_tokens, column_major=False),
             "HF generate": lambda: hf.generate(hf_input, **hf_kwargs),
         },
         repeats,
@@ -212,6 +214,7 @@ def main(argv=None) -> dict:
 
     rows = [
         ("decode tokens/s: ours (KV cache)", new_tokens / med["ours (KV cache)"]),
+        ("decode tokens/s: ours, row-major", new_tokens / med["ours (KV cache, row-major)"]),
         ("decode tokens/s: HF generate", new_tokens / med["HF generate"]),
         ("decode tokens/s: ours (no cache)", new_tokens / med["ours (no cache)"]),
         ("train step ms: ours", 1e3 * med["ours train step"]),

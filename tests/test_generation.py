@@ -146,9 +146,12 @@ def test_long_cpu_generation_runs_on_column_major_weights_and_restores_them():
     hook = model.lm_head.register_forward_pre_hook(lambda m, a: seen.append(m.weight.stride()))
     generate(model, [PROMPTS[0]], COLUMN_MAJOR_MIN_TOKENS)
     generate(model, [PROMPTS[0]], COLUMN_MAJOR_MIN_TOKENS - 1)  # short: not worth the copies
+    generate(model, [PROMPTS[0]], 1, column_major=True)  # asked for
+    generate(model, [PROMPTS[0]], COLUMN_MAJOR_MIN_TOKENS, column_major=False)  # declined
     hook.remove()
-    vocab = model.config.vocab_size
-    assert seen[0] == (1, vocab) and seen[COLUMN_MAJOR_MIN_TOKENS] == (model.config.d_model, 1)
+    col, row = (1, model.config.vocab_size), (model.config.d_model, 1)
+    n = COLUMN_MAJOR_MIN_TOKENS
+    assert seen == [col] * n + [row] * (n - 1) + [col] + [row] * n
     for n, p in model.named_parameters():
         assert p is before[n][0] and p.is_contiguous() and torch.equal(p, before[n][1]), n
         assert not p.is_inference()

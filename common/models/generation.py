@@ -117,11 +117,14 @@ def generate(
     pad_id: int = 0,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
+    column_major: bool | None = None,
 ) -> list[list[int]]:
     """Continue each prompt (a list of token ids) by up to ``max_new_tokens`` tokens.
 
     Returns the new tokens of each prompt, cut before its first stop token (``stop_tokens``: an id or a
     collection of ids). ``use_cache=False`` recomputes the whole sequence every step (the slow reference).
+    ``column_major``: decode on column-major weights (:func:`column_major_weights`); None chooses it for
+    cached generation on a CPU of at least ``COLUMN_MAJOR_MIN_TOKENS`` new tokens.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs a non-empty list of non-empty prompts")
@@ -164,11 +167,9 @@ def generate(
         return allowed[:, None]
 
     cache = model.new_kv_cache(batch, total) if use_cache else None
-    layout = (
-        column_major_weights(model)
-        if use_cache and device.type == "cpu" and max_new_tokens >= COLUMN_MAJOR_MIN_TOKENS
-        else contextlib.nullcontext()
-    )
+    if column_major is None:
+        column_major = use_cache and device.type == "cpu" and max_new_tokens >= COLUMN_MAJOR_MIN_TOKENS
+    layout = column_major_weights(model) if column_major else contextlib.nullcontext()
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     stop_tensor = torch.tensor(sorted(stops), dtype=torch.long, device=device)
     end = width
