@@ -7,7 +7,8 @@ and the floor, side by side in one run.
 The floor is the same active FLOPs with no routing at all: one dense SwiGLU matmul chain (gate, up,
 down at the expert width) over ``tokens·k`` rows.  Every column is timed in the same process,
 round-robin (one run of each variant per round, so load from other processes hits all of them
-alike), and reported as the median of ``--repeats`` runs after warm-up, as a multiple of the floor.
+alike); a column's multiple of the floor is the median over the ``--repeats`` rounds (after warm-up)
+of its time over the floor's time in the same round.
 The goals are the issue's: ours ≤1.3× (fine-grained training), ≤3× (decoding), ≤1.15× (coarse).
 
 For decoding, ``read active weights`` only reads the chosen experts' weights once: the bytes any
@@ -232,12 +233,17 @@ def time_config(c: Config, repeats: int, warmup: int) -> dict:
             _call(module, x, c.train, grad_out)
             times[name].append(time.perf_counter() - t0)
     med = {name: statistics.median(ts) for name, ts in times.items()}
-    floor = med["floor"]
+    # each round's time over the same round's floor, then the median: slow drifts of the machine cancel
+    x_floor = {
+        n: statistics.median(t / f for t, f in zip(ts, times["floor"], strict=True))
+        for n, ts in times.items()
+    }
     return {
         "config": asdict(c),
+        "seconds": times,  # every timed run, round by round
         "median_s": med,
-        "x_floor": {n: t / floor for n, t in med.items()},
-        "goal_met": med["ours"] / floor <= c.goal,
+        "x_floor": x_floor,
+        "goal_met": x_floor["ours"] <= c.goal,
     }
 
 
