@@ -123,7 +123,7 @@ def keep_freed_memory() -> bool:
     On this project's CPU machine that makes a 50 MB copy 4x slower. Raising the mmap and trim
     thresholds keeps such blocks in the heap for the next tensor (what jemalloc or tcmalloc, which
     PyTorch's CPU performance guide suggests preloading, do anyway). Freed memory then stays with the
-    process until it exits; peak use is unchanged.
+    process until it exits (its peak use stays about the same: the memory is reused, not added to).
 
     Returns True where it took effect (glibc), False elsewhere (macOS, Windows, musl): a no-op there.
     """
