@@ -25,42 +25,18 @@ import argparse
 import copy
 import platform
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
-from common.env import choose_device, keep_freed_memory, seed_everything
+from benchmarks.timing import add_malloc_flag, apply_malloc_flag, paired_ratio, race
+from common.env import choose_device, seed_everything
 from common.models.decoder import DecoderConfig, DecoderLM
 from common.models.fused_cross_entropy import linear_cross_entropy
 from common.models.generation import generate
 from common.runner import write_json
 
 GOALS = {"decode_vs_hf": 1.2, "decode_vs_no_cache": 5.0, "train_step_vs_hf": 1.1}
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device: str) -> float:
-    _sync(device)
-    start = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - start
-
-
-def race(contenders: dict, repeats: int, device: str) -> dict[str, list[float]]:
-    """Run each contender once to warm up, then ``repeats`` times, alternating; seconds per run."""
-    for fn in contenders.values():
-        fn()
-    times = {name: [] for name in contenders}
-    for _ in range(repeats):
-        for name, fn in contenders.items():
-            times[name].append(timed(fn, device))
-    return times
 
 
 def bench_decode(
@@ -160,12 +136,7 @@ def main(argv=None) -> dict:
         help="comma-separated tokens per chunk to time the fused loss head at (the default chunk is "
         "LOGITS_PER_CHUNK // vocab)",
     )
-    parser.add_argument(
-        "--system-malloc",
-        action="store_true",
-        help="leave glibc's malloc at its defaults (tensors over 32 MiB page-fault on every allocation); "
-        "by default freed memory is kept for reuse, as in the book's scripts (common.env.keep_freed_memory)",
-    )
+    add_malloc_flag(parser)
     parser.add_argument(
         "--threads",
         type=int,
@@ -177,7 +148,7 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     seed_everything(args.seed)
-    malloc = "system defaults" if args.system_malloc or not keep_freed_memory() else "freed memory kept"
+    malloc = apply_malloc_flag(args)
     if args.quick:
         cfg = DecoderConfig.preset("small", n_layer=2, d_model=128, vocab_size=4096, context_length=512)
         prompt_len, new_tokens, batch, seq, repeats = 16, 64, 4, 64, 2
@@ -216,8 +187,8 @@ def main(argv=None) -> dict:
         ("train step ms: HF Llama", 1e3 * med["HF train step"]),
     ]
     times = {**dec_times, **train_times}
-    ratios = {  # per round, then the median: slow drifts of the machine cancel
-        name: statistics.median(a / b for a, b in zip(times[slow], times[fast], strict=True))
+    ratios = {
+        name: paired_ratio(times[slow], times[fast])
         for name, slow, fast in [
             ("decode_vs_hf", "HF generate", "ours (KV cache)"),
             ("decode_vs_no_cache", "ours (no cache)", "ours (KV cache)"),
@@ -267,6 +238,11 @@ def main(argv=None) -> dict:
         "goals": GOALS,
         "goals_met": {k: ratios[k] >= GOALS[k] for k in GOALS},
         "same_tokens_as_hf": same_tokens,
+        # what one decode step streams: every weight matrix (the embedding table is only looked up)
+        "weight_matrix_mb": sum(
+            m.weight.numel() * m.weight.element_size() for m in model.modules() if type(m) is torch.nn.Linear
+        )
+        / 1e6,
         "train_losses": losses,
         "train_loss_max_abs_diff": loss_diff,
     }

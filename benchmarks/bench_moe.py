@@ -30,7 +30,6 @@ import json
 import os
 import statistics
 import sys
-import time
 import warnings
 from dataclasses import asdict, dataclass
 
@@ -38,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmarks.timing import add_malloc_flag, apply_malloc_flag, paired_ratio, race
 from common.models.generation import set_weight_layout
 from common.moe import DeepSeekMoE, TopKMoE
 from common.moe.experts import SwiGLU
@@ -198,10 +198,13 @@ class ReadActiveWeights(nn.Module):
         super().__init__()
         self.layer = layer
 
+    def active(self, x) -> list[int]:
+        """The experts the router picks for any token of ``x``."""
+        return self.layer.router(x.reshape(-1, x.shape[-1])).expert_idx.unique().tolist()
+
     def forward(self, x):
-        active = self.layer.router(x.reshape(-1, x.shape[-1])).expert_idx.unique().tolist()
         gate_up, down = self.layer.experts.gate_up, self.layer.experts.down
-        return sum(gate_up[e].sum() + down[e].sum() for e in active)
+        return sum(gate_up[e].sum() + down[e].sum() for e in self.active(x))
 
 
 def _call(module, x, train: bool, grad_out: dict):
@@ -223,28 +226,32 @@ def time_config(c: Config, repeats: int, warmup: int) -> dict:
     for module, _ in variants.values():
         module.train(c.train)
     grad_out: dict = {}
-    times = {name: [] for name in variants}
-    for _ in range(warmup):
-        for module, x in variants.values():
-            _call(module, x, c.train, grad_out)
-    for _ in range(repeats):
-        for name, (module, x) in variants.items():  # round-robin: noise hits every column alike
-            t0 = time.perf_counter()
-            _call(module, x, c.train, grad_out)
-            times[name].append(time.perf_counter() - t0)
+    times = race(
+        {
+            name: lambda m=module, x=x: _call(m, x, c.train, grad_out)
+            for name, (module, x) in variants.items()
+        },
+        repeats,
+        warmup=warmup,
+    )
     med = {name: statistics.median(ts) for name, ts in times.items()}
-    # each round's time over the same round's floor, then the median: slow drifts of the machine cancel
-    x_floor = {
-        n: statistics.median(t / f for t, f in zip(ts, times["floor"], strict=True))
-        for n, ts in times.items()
-    }
-    return {
+    x_floor = {name: paired_ratio(ts, times["floor"]) for name, ts in times.items()}
+    result = {
         "config": asdict(c),
         "seconds": times,  # every timed run, round by round
         "median_s": med,
         "x_floor": x_floor,
         "goal_met": x_floor["ours"] <= c.goal,
     }
+    if "read active weights" in variants:  # what a decode step has to stream
+        reader, x = variants["read active weights"]
+        experts = reader.layer.experts
+        with torch.no_grad():
+            active = reader.active(x)
+        per_expert = (experts.gate_up[0].numel() + experts.down[0].numel()) * experts.gate_up.element_size()
+        result["active_experts"] = len(active)
+        result["active_weight_mb"] = len(active) * per_expert / 1e6
+    return result
 
 
 def print_table(results: list[dict]) -> None:
@@ -281,21 +288,16 @@ def main(argv=None) -> dict:
         default=None,
         help="time only these configurations (0-based indices into the table)",
     )
-    parser.add_argument(
-        "--system-malloc",
-        action="store_true",
-        help="leave glibc's malloc at its defaults (tensors over 32 MiB page-fault on every allocation); "
-        "by default freed memory is kept for reuse, as in the book's scripts (common.env.keep_freed_memory)",
-    )
+    add_malloc_flag(parser)
     parser.add_argument(
         "--json", default="benchmarks/results/bench_moe.json", help="where to write the results"
     )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from common.env import environment_report, keep_freed_memory
+    from common.env import environment_report
 
-    malloc = "system defaults" if args.system_malloc or not keep_freed_memory() else "freed memory kept"
+    malloc = apply_malloc_flag(args)
     env = environment_report()
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {env['cpu']} ({env['cores']} cores), "

@@ -119,12 +119,12 @@ def keep_freed_memory() -> bool:
     PyTorch's CPU allocator keeps no cache: it asks malloc for every tensor and frees it when the
     tensor dies. glibc serves blocks above its mmap threshold (at most 32 MiB by default) with a fresh
     ``mmap`` and unmaps them on free, so every large tensor, a training step's activations and
-    gradients included, starts on untouched pages and pays a page fault per 4 KiB on first write.
-    On this project's CPU machine that makes a 50 MB copy 4x slower. Raising the mmap and trim
-    thresholds keeps such blocks in the heap for the next tensor (what jemalloc or tcmalloc, which
-    PyTorch's CPU performance guide suggests preloading, do anyway). Freed memory then stays with the
-    process until it exits, and peak use grows a little as freed blocks wait for reuse (up to about
-    100 MB, 13%, in the book's full runs here).
+    gradients included, starts on untouched pages and pays a page fault per 4 KiB on first write
+    (``tests/test_env.py`` counts them; the benchmarks' ``--system-malloc`` times the difference).
+    Raising the mmap and trim thresholds keeps such blocks in the heap for the next tensor (what
+    jemalloc or tcmalloc, which PyTorch's CPU performance guide suggests preloading, do anyway). Freed memory then stays with the
+    process until it exits, and peak use grows a little as freed blocks wait for reuse (the verify
+    reports' peak RSS column shows by how much).
 
     Returns True where it took effect (glibc), False elsewhere (macOS, Windows, musl): a no-op there.
     """

@@ -228,10 +228,10 @@ class DecoderLM(nn.Module):
             raise ValueError(
                 f"sequence of {start + t} tokens is longer than the context length {c.context_length}"
             )
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= c.vocab_size):
-            raise ValueError(
-                f"token ids must lie in [0, {c.vocab_size}), got min {int(idx.min())}, max {int(idx.max())}"
-            )
+        if idx.numel():
+            lo, hi = torch.stack(torch.aminmax(idx)).tolist()  # one pass, one wait for the device
+            if lo < 0 or hi >= c.vocab_size:
+                raise ValueError(f"token ids must lie in [0, {c.vocab_size}), got min {lo}, max {hi}")
         if positions is None:
             positions = torch.arange(start, start + t, device=idx.device)  # (seq,)
         x = self.tok_emb(idx)  # (batch, seq, d_model)

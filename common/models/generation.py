@@ -11,8 +11,8 @@ prompt's single forward pass (the "prefill"), every step runs the model on one t
 A decoding step on a CPU is a chain of matrix-vector products: its time is the time to stream every
 weight matrix from memory once. ``nn.Linear`` keeps its weight (out, in) row by row, and ``x @ W.T``
 then walks it in the order the BLAS's matrix-vector kernel reads slowest; with the same numbers laid
-out column by column (:func:`column_major_weights`) the product streams ``W.T`` row by row. On this
-project's CPU machine that decodes ``benchmarks.bench_decoder``'s model about 1.2x faster, so
+out column by column (:func:`column_major_weights`) the product streams ``W.T`` row by row, which
+MKL does faster on this project's CPU machine (``benchmarks.bench_decoder`` times both layouts), so
 ``generate`` switches the layout for the duration of a long enough cached generation on a CPU and
 switches it back afterwards. The weights keep their values; the products may differ in the last bit,
 as any change of BLAS kernel may.

@@ -12,6 +12,17 @@ import torch
 
 from common.models.decoder import DecoderConfig, DecoderLM
 
+# DecoderConfig field -> LlamaConfig field, for the settings that carry over one to one (both ways)
+_SAME_FIELDS = {
+    "vocab_size": "vocab_size",
+    "context_length": "max_position_embeddings",
+    "n_layer": "num_hidden_layers",
+    "d_model": "hidden_size",
+    "n_head": "num_attention_heads",
+    "n_kv_head": "num_key_value_heads",
+    "norm_eps": "rms_norm_eps",
+}
+
 
 def llama_config(config: DecoderConfig):
     """The ``LlamaConfig`` of a DecoderConfig; ValueError naming every field Llama cannot express."""
@@ -31,16 +42,10 @@ def llama_config(config: DecoderConfig):
     if problems:
         raise ValueError("LlamaForCausalLM cannot express this DecoderConfig: " + "; ".join(problems))
     return LlamaConfig(
-        vocab_size=config.vocab_size,
-        hidden_size=config.d_model,
+        **{theirs: getattr(config, ours) for ours, theirs in _SAME_FIELDS.items()},
         intermediate_size=config.ffn_dim,
-        num_hidden_layers=config.n_layer,
-        num_attention_heads=config.n_head,
-        num_key_value_heads=config.n_kv_head,
         head_dim=config.head_dim,
         hidden_act="silu",
-        max_position_embeddings=config.context_length,
-        rms_norm_eps=config.norm_eps,
         rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
         tie_word_embeddings=config.tie_embeddings,
         attention_bias=config.bias,
@@ -121,15 +126,9 @@ def decoder_from_hf(hf_model) -> DecoderLM:
     if problems:
         raise ValueError("cannot convert this Llama: " + "; ".join(problems))
     config = DecoderConfig(
-        vocab_size=hc.vocab_size,
-        context_length=hc.max_position_embeddings,
-        n_layer=hc.num_hidden_layers,
-        d_model=hc.hidden_size,
-        n_head=hc.num_attention_heads,
-        n_kv_head=hc.num_key_value_heads,
+        **{ours: getattr(hc, theirs) for ours, theirs in _SAME_FIELDS.items()},
         d_ff=hc.intermediate_size,
         norm="rmsnorm",
-        norm_eps=hc.rms_norm_eps,
         norm_placement="pre",
         pos="rope",
         rope_theta=float(rope.get("rope_theta", 10000.0)),

@@ -1,0 +1,58 @@
+"""What the benchmarks share: round-robin timing, ratios taken round by round, the allocator flag."""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str = "cpu") -> float:
+    """Seconds one call of ``fn`` takes (waiting for the GPU on cuda)."""
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def race(contenders: dict, repeats: int, device: str = "cpu", warmup: int = 1) -> dict[str, list[float]]:
+    """Run every contender ``warmup`` times, then ``repeats`` rounds of one run each, alternating, so
+    that load from elsewhere hits all of them alike; seconds per run, round by round."""
+    for _ in range(warmup):
+        for fn in contenders.values():
+            fn()
+    times = {name: [] for name in contenders}
+    for _ in range(repeats):
+        for name, fn in contenders.items():
+            times[name].append(timed(fn, device))
+    return times
+
+
+def paired_ratio(numerator: list[float], denominator: list[float]) -> float:
+    """Median over the rounds of the two times measured in the same round: slow drifts of a shared
+    machine cancel, where a ratio of two medians would keep them."""
+    return statistics.median(a / b for a, b in zip(numerator, denominator, strict=True))
+
+
+def add_malloc_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--system-malloc",
+        action="store_true",
+        help="leave glibc's malloc at its defaults (tensors over 32 MiB page-fault on every allocation); "
+        "by default freed memory is kept for reuse, as in the book's scripts (common.env.keep_freed_memory)",
+    )
+
+
+def apply_malloc_flag(args: argparse.Namespace) -> str:
+    """Keep freed memory unless ``--system-malloc``; returns the setting in words, for the output."""
+    from common.env import keep_freed_memory
+
+    return "system defaults" if args.system_malloc or not keep_freed_memory() else "freed memory kept"
