@@ -122,9 +122,9 @@ def keep_freed_memory() -> bool:
     gradients included, starts on untouched pages and pays a page fault per 4 KiB on first write
     (``tests/test_env.py`` counts them; the benchmarks' ``--system-malloc`` times the difference).
     Raising the mmap and trim thresholds keeps such blocks in the heap for the next tensor (what
-    jemalloc or tcmalloc, which PyTorch's CPU performance guide suggests preloading, do anyway). Freed memory then stays with the
-    process until it exits, and peak use grows a little as freed blocks wait for reuse (the verify
-    reports' peak RSS column shows by how much).
+    jemalloc or tcmalloc, which PyTorch's CPU performance guide suggests preloading, do anyway).
+    Freed memory then stays with the process until it exits, and peak use grows a little as freed
+    blocks wait for reuse (the verify reports' peak RSS column shows by how much).
 
     Returns True where it took effect (glibc), False elsewhere (macOS, Windows, musl): a no-op there.
     """
