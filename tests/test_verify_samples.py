@@ -1,0 +1,55 @@
+"""Chapter README samples: a harness log cleaned into what a reader saw, and the committed READMEs
+equal to what the committed logs give."""
+
+import pytest
+
+from verify import samples
+
+LOG = (
+    "$ /usr/bin/python -m ch09_x.s9_1_1_a --json out.json --device cpu\n"
+    "[2026-01-01 00:00:00,000] [WARNING] [real_accelerator.py:213:get_accelerator] Setting accelerator"
+    " to CPU.\n"
+    "data: 10 tokens\n"
+    "\n"
+    "train:   0%|          | 0/4 [00:00<?, ?it/s]\rtrain:  50%|#####     | 2/4 [00:01<00:01,  2.00it/s]"
+    "\r                    \rstep     2: loss 1.0\n"
+    "train: 100%|##########| 4/4 [00:02<00:00,  2.00it/s]\n"
+    "\n"
+    "   a: 1\n"
+    "   b: 2\n"
+    "   c: 3\n"
+    "done\n"
+    "\n"
+    "figures\n"
+    "-------\n"
+    "loss  1.0\n"
+)
+
+
+def test_clean_drops_the_command_progress_warning_and_figures():
+    assert samples.clean(LOG) == "data: 10 tokens\nstep     2: loss 1.0\n\n   a: 1\n   b: 2\n   c: 3\ndone"
+
+
+def test_omit_turns_each_run_of_matching_lines_into_one_ellipsis():
+    assert samples.clean(LOG, omit=r"^   [ab]:").endswith("\n   ...\n   c: 3\ndone")
+
+
+def test_rewrite_replaces_only_the_sample_blocks(tmp_path):
+    (tmp_path / "ch09_x__s9_1_1_a.log").write_text(LOG)
+    readme = (
+        "# Chapter\n\n```\n$ python -m ch09_x.s9_1_1_a --quick\nold output\n```\n\n"
+        "```bash\npython -m ch09_x.s9_1_1_a\n```\n"
+    )
+    new = samples.rewrite(readme, tmp_path)
+    assert new.startswith("# Chapter\n\n```\n$ python -m ch09_x.s9_1_1_a --quick\ndata: 10 tokens\n")
+    assert "old output" not in new
+    assert new.endswith("done\n```\n\n```bash\npython -m ch09_x.s9_1_1_a\n```\n")  # not a sample: kept
+
+
+def test_committed_readmes_show_the_committed_full_report():
+    assert samples.main(["--check"]) == 0, "run `python -m verify.samples` after a new report"
+
+
+def test_a_sample_without_a_log_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="ch09_x.s9_9_9_missing"):
+        samples.rewrite("```\n$ python -m ch09_x.s9_9_9_missing\n```\n", tmp_path)

@@ -1,0 +1,101 @@
+"""Rewrite the sample output in the chapter READMEs from the logs of a committed report.
+
+    python -m verify.samples                    # from verify/reports/cpu-full/logs/
+    python -m verify.samples --report cpu-quick
+    python -m verify.samples --check            # exit 1 if a README is not what the logs give
+
+A sample is a fenced block in a chapter's README.md whose first line is
+``$ python -m <chapter>.<script>``. Its body becomes that script's log, cleaned: the harness's own
+command line and the figures table it appends are left out, and so are progress bars and DeepSpeed's
+"Setting accelerator to CPU" warning. An HTML comment on the line before the fence shortens a long
+block: ``<!-- sample: omit=REGEX -->`` turns each run of lines matching REGEX into one ``...``.
+Nothing outside the sample blocks changes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+from verify.harness import REPO_ROOT
+
+BLOCK = re.compile(
+    r"(?:^<!-- sample: omit=(?P<omit>.+?) -->\n)?^```\n\$ python -m (?P<module>[\w.]+)(?P<args>[^\n]*)\n"
+    r"(?P<body>.*?)^```$",
+    re.MULTILINE | re.DOTALL,
+)
+PROGRESS = re.compile(r"\d+%\||\d it/s|\ds/it|\?it/s")
+NOISE = re.compile(r"\[WARNING\] \[real_accelerator\.py")
+
+
+def clean(log: str, omit: str | None = None) -> str:
+    """The lines a reader would have seen, from a harness log (see the module docstring)."""
+    lines = log.splitlines()[1:]  # the first line is the harness's command
+    if "figures" in lines:  # the harness appends the script's figures after a line "figures"
+        lines = lines[: len(lines) - lines[::-1].index("figures")]
+        lines.pop()
+    out = []
+    for line in lines:
+        segments = line.split("\r")  # a progress bar redraws itself after carriage returns
+        kept = [s.rstrip() for s in segments if not PROGRESS.search(s) and s.strip()]
+        if len(segments) == 1 and not line.strip():
+            kept = [""]  # a blank line the script printed
+        if (not kept or kept == [""]) and len(segments) > 1:
+            continue  # nothing but a progress bar
+        out += [s for s in kept if not NOISE.search(s)]
+    if omit:
+        pattern, shortened = re.compile(omit), []
+        for line in out:
+            if pattern.search(line):
+                indent = line[: len(line) - len(line.lstrip())]
+                if not shortened or shortened[-1] != indent + "...":
+                    shortened.append(indent + "...")
+            else:
+                shortened.append(line)
+        out = shortened
+    text = re.sub(r"\n{3,}", "\n\n", "\n".join(out)).strip("\n")
+    return re.sub(r"\n\n(?=\s*step )", "\n", text)  # a progress bar's empty line before a step report
+
+
+def rewrite(readme: str, logs: Path) -> str:
+    """``readme`` with every sample block's body rebuilt from ``logs/<module>.log``."""
+
+    def body(m: re.Match) -> str:
+        log = logs / f"{m['module'].replace('.', '__')}.log"
+        if not log.exists():
+            raise FileNotFoundError(f"no log for the sample 'python -m {m['module']}': {log}")
+        head = f"<!-- sample: omit={m['omit']} -->\n" if m["omit"] else ""
+        text = clean(log.read_text(errors="replace"), m["omit"])
+        return f"{head}```\n$ python -m {m['module']}{m['args']}\n{text}\n```"
+
+    return BLOCK.sub(body, readme)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--report", default="cpu-full", help="the folder under verify/reports/ whose logs to show"
+    )
+    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if a README is stale")
+    args = parser.parse_args(argv)
+    logs = REPO_ROOT / "verify" / "reports" / args.report / "logs"
+    if not logs.is_dir():
+        raise SystemExit(f"no logs at {logs}: run `python -m verify` first (or pick --report)")
+    stale = []
+    for readme in sorted(REPO_ROOT.glob("ch*/README.md")):
+        old = readme.read_text()
+        new = rewrite(old, logs)
+        if new != old:
+            stale.append(readme.relative_to(REPO_ROOT))
+            if not args.check:
+                readme.write_text(new)
+    verb = "stale" if args.check else "rewritten"
+    print(f"{verb}: {', '.join(map(str, stale))}" if stale else "every sample matches the logs")
+    return 1 if args.check and stale else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
