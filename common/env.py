@@ -123,8 +123,10 @@ def keep_freed_memory() -> bool:
     (``tests/test_env.py`` counts them; the benchmarks' ``--system-malloc`` times the difference).
     Raising the mmap and trim thresholds keeps such blocks in the heap for the next tensor (what
     jemalloc or tcmalloc, which PyTorch's CPU performance guide suggests preloading, do anyway).
-    Freed memory then stays with the process until it exits, and peak use grows a little as freed
-    blocks wait for reuse (the verify reports' peak RSS column shows by how much).
+    Freed memory then stays with the process until it exits, and peak use grows as freed blocks wait
+    for reuse: PyTorch's 64-byte-aligned requests need slightly more than the block of the same size
+    just freed, so the heap can grow by a few blocks before it settles (the test counts the rounds;
+    the verify reports' peak RSS column shows what this costs the book's scripts).
 
     Returns True where it took effect (glibc), False elsewhere (macOS, Windows, musl): a no-op there.
     """
