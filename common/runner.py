@@ -116,11 +116,14 @@ def _format_value(v: Any) -> str:
     return str(v)
 
 
+FIGURES_HEADING = "figures"  # the line above the figures table (verify.samples cuts a log there)
+
+
 def print_figures(figures: dict) -> None:
     if not figures:
         return
     width = max(len(str(k)) for k in figures)
-    print("\nfigures")
+    print(f"\n{FIGURES_HEADING}")
     print("-" * (width + 20))
     for k, v in figures.items():
         print(f"{str(k):<{width}}  {_format_value(v)}")

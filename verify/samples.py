@@ -6,9 +6,10 @@
 
 A sample is a fenced block in a chapter's README.md whose first line is
 ``$ python -m <chapter>.<script>``. Its body becomes that script's log, cleaned: the harness's own
-command line and the figures table it appends are left out, and so are progress bars and DeepSpeed's
-"Setting accelerator to CPU" warning. An HTML comment on the line before the fence shortens a long
-block: ``<!-- sample: omit=REGEX -->`` turns each run of lines matching REGEX into one ``...``.
+command line and the figures table the runner prints last are left out, and so are progress bars
+and DeepSpeed's "Setting accelerator to CPU" warning. An HTML comment on the line before the fence
+shortens a long block: ``<!-- sample: omit=REGEX -->`` turns each run of lines matching REGEX into
+one ``...``.
 Nothing outside the sample blocks changes.
 """
 
@@ -18,6 +19,7 @@ import argparse
 import re
 from pathlib import Path
 
+from common.runner import FIGURES_HEADING
 from verify.harness import REPO_ROOT
 
 BLOCK = re.compile(
@@ -32,18 +34,19 @@ NOISE = re.compile(r"\[WARNING\] \[real_accelerator\.py")
 def clean(log: str, omit: str | None = None) -> str:
     """The lines a reader would have seen, from a harness log (see the module docstring)."""
     lines = log.splitlines()[1:]  # the first line is the harness's command
-    if "figures" in lines:  # the harness appends the script's figures after a line "figures"
-        lines = lines[: len(lines) - lines[::-1].index("figures")]
-        lines.pop()
+    if FIGURES_HEADING in lines:  # the runner's figures table closes the log
+        lines = lines[: len(lines) - 1 - lines[::-1].index(FIGURES_HEADING)]
     out = []
     for line in lines:
-        segments = line.split("\r")  # a progress bar redraws itself after carriage returns
-        kept = [s.rstrip() for s in segments if not PROGRESS.search(s) and s.strip()]
-        if len(segments) == 1 and not line.strip():
-            kept = [""]  # a blank line the script printed
-        if (not kept or kept == [""]) and len(segments) > 1:
-            continue  # nothing but a progress bar
-        out += [s for s in kept if not NOISE.search(s)]
+        if not line.strip():
+            out.append("")  # a blank line the script printed
+            continue
+        # a progress bar redraws itself after carriage returns: keep what is not one
+        out += [
+            s.rstrip()
+            for s in line.split("\r")
+            if s.strip() and not PROGRESS.search(s) and not NOISE.search(s)
+        ]
     if omit:
         pattern, shortened = re.compile(omit), []
         for line in out:

@@ -70,7 +70,7 @@ def sample_next(
 COLUMN_MAJOR_MIN_TOKENS = 16
 
 
-def _decode_weights(model: nn.Module) -> list[nn.Parameter]:
+def decode_weights(model: nn.Module) -> list[nn.Parameter]:
     """The matrices a decoding step multiplies one row by: ``nn.Linear`` weights and MoE expert banks."""
     from common.moe.experts import Experts  # (E, out, in) stacks: each expert's matrix alike
 
@@ -84,14 +84,14 @@ def _decode_weights(model: nn.Module) -> list[nn.Parameter]:
 
 
 def set_weight_layout(model: nn.Module, column_major: bool) -> None:
-    """Lay out every decode matrix of ``model`` (:func:`_decode_weights`) column- or row-major.
+    """Lay out every decode matrix of ``model`` (:func:`decode_weights`) column- or row-major.
 
     Shapes, values and parameter objects stay the same (optimizers and tied weights are unaffected);
     only the memory order of the last two dimensions changes. The new tensors are ordinary ones even
     inside inference mode, so the model can train afterwards.
     """
     with torch.inference_mode(False), torch.no_grad():
-        for p in _decode_weights(model):
+        for p in decode_weights(model):
             p.data = p.data.mT.contiguous().mT if column_major else p.data.contiguous()
 
 
