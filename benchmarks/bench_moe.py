@@ -26,7 +26,6 @@ The JSON goes to ``benchmarks/results/bench_moe.json`` (``--json`` to change).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -41,6 +40,7 @@ from benchmarks.timing import add_malloc_flag, apply_malloc_flag, paired_ratio, 
 from common.models.generation import set_weight_layout
 from common.moe import DeepSeekMoE, TopKMoE
 from common.moe.experts import SwiGLU
+from common.runner import write_json
 
 
 @dataclass
@@ -254,21 +254,22 @@ def time_config(c: Config, repeats: int, warmup: int) -> dict:
     return result
 
 
-def print_table(results: list[dict]) -> None:
+def table(results: list[dict]) -> str:
+    """The results as a markdown table: each column's multiple of the floor, the goal, whether it is met."""
     names = []
     for r in results:
         names += [n for n in r["x_floor"] if n not in names and n != "floor"]
     w = max(len(n) for n in names)
     head = f"| {'config':<58} | floor ms | " + " | ".join(f"{n:>{w}}" for n in names) + " | goal  | met |"
-    print(head)
-    print("|" + "|".join("-" * (len(part)) for part in head.split("|")[1:-1]) + "|")
+    lines = [head, "|" + "|".join("-" * (len(part)) for part in head.split("|")[1:-1]) + "|"]
     for r in results:
         cells = [f"{r['x_floor'][n]:{w - 1}.2f}x" if n in r["x_floor"] else f"{'-':>{w}}" for n in names]
-        print(
+        lines.append(
             f"| {r['config']['name']:<58} | {1e3 * r['median_s']['floor']:8.1f} | "
             + " | ".join(cells)
             + f" | {r['config']['goal']:.2f}x | {'yes' if r['goal_met'] else 'NO':>3} |"
         )
+    return "\n".join(lines)
 
 
 def main(argv=None) -> dict:
@@ -311,8 +312,7 @@ def main(argv=None) -> dict:
         print(f"timing: {c.name} ...", flush=True)
         results.append(time_config(c, args.repeats, args.warmup))
         print("  " + ", ".join(f"{n} {x:.2f}x" for n, x in results[-1]["x_floor"].items()), flush=True)
-    print()
-    print_table(results)
+    print(f"\n{table(results)}")
     payload = {
         "quick": args.quick,
         "repeats": args.repeats,
@@ -327,9 +327,7 @@ def main(argv=None) -> dict:
         },
         "results": results,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(payload, f, indent=2)
+    write_json(args.json, payload)
     print(f"\nwrote {args.json}")
     return payload
 

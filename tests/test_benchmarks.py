@@ -1,10 +1,11 @@
 """The decoder benchmark's quick mode runs end to end: same tokens and losses as HF, every contender
 timed, and a report rebuilt from the JSON alone that is what the run printed. No timing is asserted:
-speed is the full benchmark's business, not a unit test's."""
+speed is the full benchmark's business, not a unit test's. The chapter README's speed section is what
+the committed results give."""
 
 import json
 
-from benchmarks import bench_decoder
+from benchmarks import bench_decoder, speed_section
 
 
 def test_bench_decoder_quick_writes_a_report_its_json_reproduces(tmp_path, capsys):
@@ -30,3 +31,7 @@ def test_bench_decoder_quick_writes_a_report_its_json_reproduces(tmp_path, capsy
     assert set(saved["ratios"]) == set(bench_decoder.GOALS)
     assert bench_decoder.report(saved, header=False) in printed
     assert bench_decoder.report(saved).startswith(saved["setup"])
+
+
+def test_readme_speed_section_shows_the_committed_results():
+    assert speed_section.main(["--check"]) == 0, "run `python -m benchmarks.speed_section`"
