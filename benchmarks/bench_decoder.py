@@ -34,11 +34,13 @@ from benchmarks.timing import add_malloc_flag, apply_malloc_flag, paired_ratio, 
 from common.env import choose_device, seed_everything
 from common.models.decoder import DecoderConfig, DecoderLM
 from common.models.fused_cross_entropy import linear_cross_entropy
-from common.models.generation import decode_weights, generate
+from common.models.generation import COLUMN_MAJOR_MIN_TOKENS, decode_weights, generate
 from common.runner import write_json
 
 GOALS = {"decode_vs_hf": 1.2, "decode_vs_no_cache": 5.0, "train_step_vs_hf": 1.1}
 FLOOR = "floor (GEMMs, attention, AdamW)"
+SHORT_COL = f"ours, {COLUMN_MAJOR_MIN_TOKENS} new tokens, column-major"
+SHORT_ROW = f"ours, {COLUMN_MAJOR_MIN_TOKENS} new tokens, row-major"
 
 
 def bench_decode(
@@ -63,6 +65,9 @@ def bench_decode(
             "ours (KV cache, row-major)": lambda: generate(model, prompt, new_tokens, column_major=False),
             "HF generate": lambda: hf.generate(hf_input, **hf_kwargs),
             "ours (no cache)": lambda: generate(model, prompt, new_tokens, use_cache=False),
+            # at generate's threshold for the column-major layout, where the switch must already pay
+            SHORT_COL: lambda: generate(model, prompt, COLUMN_MAJOR_MIN_TOKENS, column_major=True),
+            SHORT_ROW: lambda: generate(model, prompt, COLUMN_MAJOR_MIN_TOKENS, column_major=False),
         },
         repeats,
         device,
@@ -182,6 +187,11 @@ def report(result: dict, header: bool = True) -> str:
         lines.append(f"{name:<48}{1e3 * value:>10.1f}{head_med['unfused'] / value:>11.2f}x")
     lines += [
         "",
+        f"column-major vs row-major decoding at {result['column_major_min_tokens']} new tokens "
+        f"(the fewest for which generate switches the layout): {result['layout_gain_at_threshold']:.2f}x",
+    ]
+    lines += [
+        "",
         "training step over its floor (every GEMM, causal attention and the AdamW step, nothing else): "
         f"ours {floor['ours']:.2f}x, HF {floor['hf']:.2f}x",
         f"(no implementation in these kernels can be more than {floor['hf']:.2f}x faster than HF here)",
@@ -284,6 +294,7 @@ def main(argv=None) -> dict:
         "hf": paired_ratio(times["HF train step"], times[FLOOR]),
     }
     loss_diff = max(abs(a - b) for a, b in zip(losses["ours"], losses["hf"]))
+    layout_gain_at_threshold = paired_ratio(times[SHORT_ROW], times[SHORT_COL])
 
     result = {
         "setup": setup,
@@ -308,6 +319,8 @@ def main(argv=None) -> dict:
         "goals": GOALS,
         "goals_met": {k: ratios[k] >= GOALS[k] for k in GOALS},
         "train_step_x_floor": train_x_floor,
+        "column_major_min_tokens": COLUMN_MAJOR_MIN_TOKENS,
+        "layout_gain_at_threshold": layout_gain_at_threshold,
         "same_tokens_as_hf": same_tokens,
         # what one decode step streams (the embedding table is only looked up)
         "weight_matrix_mb": sum(p.numel() * p.element_size() for p in decode_weights(model)) / 1e6,

@@ -24,6 +24,8 @@ def test_bench_decoder_quick_writes_a_report_its_json_reproduces(tmp_path, capsy
         "ours train step",
         "HF train step",
         bench_decoder.FLOOR,
+        bench_decoder.SHORT_COL,
+        bench_decoder.SHORT_ROW,
     }
     assert set(saved["seconds"]) == timed
     assert all(len(v) == saved["repeats"] and min(v) > 0 for v in saved["seconds"].values())

@@ -182,7 +182,7 @@ def test_moe_lm_decodes_on_column_major_expert_banks_with_the_tokens_of_recomput
     experts = model.blocks[0].ffn.experts
     seen = []
     hook = model.blocks[0].ffn.register_forward_pre_hook(lambda m, a: seen.append(experts.gate_up.stride()))
-    cached = generate(model, PROMPTS, 24)
+    cached = generate(model, PROMPTS, 24, column_major=True)
     hook.remove()
     assert seen[0][1:] == (1, experts.gate_up.shape[1])  # each expert's (out, in) matrix column-major
     assert cached == generate(model, PROMPTS, 24, use_cache=False)

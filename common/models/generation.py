@@ -66,8 +66,9 @@ def sample_next(
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
 
-# Below this many new tokens the two copies of the weights cost more than the faster steps save.
-COLUMN_MAJOR_MIN_TOKENS = 16
+# Below this many new tokens the two copies of the weights cost more than the faster steps save
+# (``benchmarks.bench_decoder`` times both layouts at this length: the gain there must be >= 1).
+COLUMN_MAJOR_MIN_TOKENS = 48
 
 
 def decode_weights(model: nn.Module) -> list[nn.Parameter]:
