@@ -1,0 +1,72 @@
+"""common.launch: real worker processes joined by gloo; a failing or hung worker never hangs the job."""
+
+import os
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from common.launch import WorkerError, WorkerTimeout, is_main, launched, run_workers
+
+
+def _sum_of_ranks(ctx, scale):
+    t = torch.tensor([float(ctx.rank + 1)])
+    dist.all_reduce(t)
+    return {"rank": ctx.rank, "world": ctx.world_size, "sum": scale * t.item()}
+
+
+def _rank1_raises(ctx):
+    if ctx.rank == 1:
+        raise ValueError("rank one cannot go on")
+    dist.barrier()  # rank 0 waits here for a peer that never comes
+    return ctx.rank
+
+
+def _rank1_dies(ctx):
+    if ctx.rank == 1:
+        os._exit(3)
+    dist.barrier()
+    return ctx.rank
+
+
+def _sleeps(ctx):
+    time.sleep(60)
+
+
+def test_results_in_rank_order_over_a_real_group():
+    out = run_workers(_sum_of_ranks, nproc=2, args=(10.0,), timeout=120)
+    assert out == [{"rank": r, "world": 2, "sum": 30.0} for r in range(2)]
+
+
+def test_a_raising_worker_ends_the_others_and_names_its_rank():
+    start = time.monotonic()
+    with pytest.raises(WorkerError) as e:
+        run_workers(_rank1_raises, nproc=2, timeout=120)
+    assert e.value.rank == 1 and "rank one cannot go on" in str(e.value)
+    assert time.monotonic() - start < 60  # not the barrier's or the job's timeout
+
+
+def test_a_worker_that_dies_silently_is_reported_with_its_exit_code():
+    with pytest.raises(WorkerError) as e:
+        run_workers(_rank1_dies, nproc=2, timeout=120)
+    assert e.value.rank == 1 and "exit code 3" in str(e.value)
+
+
+def test_a_hung_job_ends_at_the_timeout():
+    start = time.monotonic()
+    with pytest.raises(WorkerTimeout):
+        run_workers(_sleeps, nproc=2, timeout=3)
+    assert time.monotonic() - start < 30
+
+
+@pytest.mark.parametrize("bad", [dict(nproc=0), dict(nproc=2, timeout=0)])
+def test_bad_arguments_are_refused_before_any_process_starts(bad):
+    with pytest.raises(ValueError):
+        run_workers(_sum_of_ranks, args=(1.0,), **bad)
+
+
+def test_plain_process_is_main_and_not_launched(monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert is_main() and not launched()
