@@ -23,7 +23,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from common.runner import SkipScript
+from common.errors import SkipScript
 
 # import name -> distribution name on the package index
 PACKAGES = {
