@@ -52,7 +52,7 @@ def test_second_call_loads_identical_weights(first, cache):
 
 def test_corrupt_cache_is_retrained(first, cache, capsys):
     model, _, _ = first
-    folder = next(cache.glob("pretrained-test-*"))
+    folder = next(p for p in cache.glob("pretrained-test-*") if p.is_dir())
     weights = folder / ckpt.WEIGHTS
     weights.write_bytes(weights.read_bytes()[:1000])  # truncated
     retrained, _, info = pretrained_lm("test", progress=False, cache=cache)
