@@ -125,10 +125,18 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+class ScriptParser(argparse.ArgumentParser):
+    """argparse's parser, remembering its usage error so that ``--json`` can record it."""
+
+    def error(self, message: str):
+        _current["usage_error"] = message
+        super().error(message)
+
+
 def script_parser(doc: str | None = None, **kwargs) -> argparse.ArgumentParser:
     """An argparse parser with the shared flags; ``doc`` (the module docstring) is its help text."""
     kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
-    parser = argparse.ArgumentParser(description=doc, **kwargs)
+    parser = ScriptParser(description=doc, **kwargs)
     return add_common_args(parser)
 
 
@@ -308,7 +316,9 @@ def run_script(main: Callable[[list[str] | None], dict], argv: list[str] | None 
     except SystemExit as e:  # argparse --help / bad flags
         if e.code in (0, None):
             raise
-        status, reason, code = "FAIL", f"exit {e.code}", int(e.code) if isinstance(e.code, int) else 2
+        code = int(e.code) if isinstance(e.code, int) else USAGE_EXIT_CODE
+        status = "FAIL"
+        reason = f"usage error: {_current['usage_error']}" if "usage_error" in _current else f"exit {e.code}"
     except BaseException as e:  # noqa: BLE001 - the report needs every failure
         traceback.print_exc()
         status, reason, code = "FAIL", f"{type(e).__name__}: {e}", 1
@@ -321,7 +331,7 @@ def run_script(main: Callable[[list[str] | None], dict], argv: list[str] | None 
         print_figures(figures)
     args = _current.get("args")
     json_path = args.json if args is not None else _json_in_argv(argv)
-    if json_path:
+    if json_path and not os.path.isdir(json_path):  # a folder as --json is the usage error just shown
         payload = {
             "status": status,
             "reason": reason,
