@@ -56,7 +56,7 @@ OPERATIONS = [
 
 
 def save_with_crash(monkeypatch, directory, model, step, crash_at: int, after: bool) -> bool:
-    """Save, dying at the ``crash_at``-th operation (before it runs, or just ``after``); True if it finished."""
+    """Save, dying at the ``crash_at``-th operation (before it runs or just ``after``); True if done."""
     calls = {"n": 0}
 
     def wrap(original):
