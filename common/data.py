@@ -175,8 +175,13 @@ def split_text(text: str, val_fraction: float = 0.1, chunk_chars: int = 4096) ->
     if not 0.0 < val_fraction < 0.5:
         raise ValueError(f"val_fraction must be in (0, 0.5), got {val_fraction}")
     chunks, current = [], ""
-    pieces = (p for paragraph in text.split("\n\n") for p in _cut_by_size(paragraph, chunk_chars))
-    for paragraph in pieces:
+    for paragraph in text.split("\n\n"):
+        pieces = _cut_by_size(paragraph, chunk_chars)
+        if len(pieces) > 1:  # a paragraph cut by size: its pieces are chunks of their own
+            chunks += [current] if current else []
+            chunks += pieces
+            current = ""
+            continue
         current = f"{current}\n\n{paragraph}" if current else paragraph
         if len(current) >= chunk_chars:
             chunks.append(current)
@@ -195,14 +200,15 @@ def split_text(text: str, val_fraction: float = 0.1, chunk_chars: int = 4096) ->
 
 
 def _cut_by_size(paragraph: str, size: int) -> list[str]:
-    """``paragraph`` whole, or, when longer than ``2 * size``, cut into pieces of about ``size``
-    characters, each ending before a line break or a space where one lies in its second half."""
+    """``paragraph`` whole, or, when longer than ``2 * size``, cut into pieces of at most ``size``
+    characters, each ending with a line break (else a space) where one lies in its second half."""
     if len(paragraph) <= 2 * size:
         return [paragraph]
     pieces, rest = [], paragraph
     while len(rest) > size:
-        cut = max(rest.rfind("\n", size // 2, size), rest.rfind(" ", size // 2, size))
-        cut = cut if cut > 0 else size
+        at = rest.rfind("\n", size // 2, size)
+        at = at if at >= 0 else rest.rfind(" ", size // 2, size)
+        cut = at + 1 if at >= 0 else size
         pieces.append(rest[:cut])
         rest = rest[cut:]
     return [*pieces, rest] if rest else pieces
