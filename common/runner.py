@@ -50,19 +50,6 @@ from typing import Any
 
 from common.errors import SKIP_EXIT_CODE, USAGE_EXIT_CODE, Interrupted, SkipScript, UsageError
 
-__all__ = [
-    "SKIP_EXIT_CODE",
-    "QUICK_ENV",
-    "SkipScript",
-    "UsageError",
-    "script_parser",
-    "parse_args",
-    "run_script",
-    "write_json",
-    "positive_int",
-    "non_negative_int",
-]
-
 QUICK_ENV = "BOOK_QUICK"
 SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit
 
