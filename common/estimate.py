@@ -548,6 +548,17 @@ def activation_bytes(
     return (layers + outside) * bytes_per_value
 
 
+def loss_head_bytes(config, tokens: int) -> int:
+    """Working set of the fused linear + cross-entropy head (:mod:`common.models.fused_cross_entropy`): a
+    chunk's fp32 logits and their log-softmax, alive together; a chunk holds at most
+    ``LOGITS_PER_CHUNK`` logits."""
+    from common.models.fused_cross_entropy import LOGITS_PER_CHUNK
+
+    s = model_shape(config)
+    chunk_tokens = min(tokens, max(1, LOGITS_PER_CHUNK // s.vocab_size))
+    return 2 * chunk_tokens * s.vocab_size * 4
+
+
 def optimizer_state_bytes(config, optimizer: str = "adamw", state_bytes: int = 4) -> int:
     """AdamW: two moments per parameter; SGD with momentum: one; Muon (on the hidden matrices, with AdamW
     on embeddings, head, norms, biases and routers, as :func:`common.training.build_optimizer` splits
@@ -579,7 +590,8 @@ def training_memory(
     (ZeRO paper's setting, Rajbhandari et al. 2020) keeps 2-byte weights and gradients plus a 4-byte
     master copy counted with the optimizer states (AdamW: 4 + 8 = 12 bytes per parameter, the paper's
     K = 12) and 2-byte activations. ZeRO stage 1 divides the optimizer states over ``world_size``
-    ranks, stage 2 the gradients too, stage 3 the weights too.
+    ranks, stage 2 the gradients too, stage 3 the weights too. ``loss_head`` is the fused head's
+    working set (:func:`loss_head_bytes`). The total adds every part, as if all were alive at once.
     """
     if zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {zero_stage!r}")
@@ -595,7 +607,13 @@ def training_memory(
     if zero_stage >= 3:
         weights /= world_size
     act = activation_bytes(config, batch, seq_len, checkpointing, bytes_per_value=wb)
-    parts = {"weights": weights, "gradients": grads, "optimizer": opt, "activations": act}
+    parts = {
+        "weights": weights,
+        "gradients": grads,
+        "optimizer": opt,
+        "activations": act,
+        "loss_head": loss_head_bytes(config, batch * seq_len),
+    }
     return {k: int(v) for k, v in parts.items()} | {"total": int(sum(parts.values()))}
 
 

@@ -8,6 +8,7 @@ what this machine does, not what a datasheet promises.
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -64,3 +65,79 @@ def measure_machine(device: str = "cpu", quick: bool = False) -> Hardware:
 
         memory = psutil.virtual_memory().total
     return Hardware(f"this {device}", fp32 / 1e12, bf16 / 1e12, 0.0, bw / 1e9, memory / 1e9)
+
+
+# ----------------------------------------------------------------------------- peak resident memory
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak() -> None:
+    """Reset the kernel's resident-memory high-water mark (VmHWM) of this process (Linux)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _peak_child(conn, setup, work, args, warmup) -> None:
+    import gc
+
+    try:
+        if warmup is not None:
+            warmup()
+        gc.collect()
+        before = _status_kib("VmRSS")
+        _reset_peak()
+        state = setup(*args)
+        gc.collect()
+        after_setup = _status_kib("VmRSS")
+        start = time.perf_counter()
+        result = work(state)
+        seconds = time.perf_counter() - start
+        peak = _status_kib("VmHWM")
+        conn.send(
+            {
+                "setup_bytes": 1024 * (after_setup - before),
+                "peak_bytes": 1024 * (peak - before),
+                "seconds": seconds,
+                "result": result,
+            }
+        )
+    except BaseException as e:  # noqa: BLE001 - the parent reports it
+        conn.send({"error": f"{type(e).__name__}: {e}"})
+    finally:
+        conn.close()
+
+
+def peak_memory(setup, work, *args, warmup=None, timeout: float = 600) -> dict:
+    """Run ``state = setup(*args)`` and then ``work(state)`` in a fresh process and return how far its
+    resident memory rose above where it stood before ``setup``: ``setup_bytes`` (after setup),
+    ``peak_bytes`` (the highest point, setup and work together), ``seconds`` (of ``work``) and ``result``
+    (what ``work`` returned). A fresh process means no memory freed by earlier work is there to reuse.
+    ``warmup()``, run first and not counted, lets the libraries set up their own buffers and threads
+    (BLAS workspaces, autograd's worker) on a small problem, so they do not count as the model's.
+    ``setup`` and ``work`` must be module-level functions (they are pickled to the child). Linux only:
+    it reads and resets the kernel's high-water mark in ``/proc/self``.
+    """
+    import multiprocessing as mp
+
+    if not os.path.exists("/proc/self/clear_refs"):
+        raise OSError("peak_memory needs Linux's /proc/self/clear_refs")
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_peak_child, args=(child, setup, work, args, warmup))
+    proc.start()
+    child.close()
+    if not parent.poll(timeout):
+        proc.kill()
+        raise TimeoutError(f"peak_memory: {work.__name__} did not finish in {timeout} s")
+    out = parent.recv()
+    proc.join()
+    if "error" in out:
+        raise RuntimeError(f"peak_memory: {work.__name__} failed in its process: {out['error']}")
+    return out
