@@ -32,16 +32,14 @@ from common.runner import parse_args, run_script, script_parser
 
 def gpu_table(config, label: str, prompt: int, context: int) -> dict:
     print(f"\n{label}, bf16: prefill of {prompt} tokens, decode at batch 1 and context {context}")
-    print(
-        f"  {'GPU':12}{'prefill ms':>12}{'decode ms':>11}{'tok/s':>8}{'crossover batch':>17}{'(at 1 token)':>14}"
-    )
+    print(f"  {'GPU':12}{'prefill ms':>12}{'decode ms':>11}{'tok/s':>8}{'crossover b':>13}{'at 1 token':>12}")
     figures = {}
     for name in estimate.GPUS:
         pre = estimate.prefill_latency(config, name, 1, prompt)["seconds"]
         dec = estimate.decode_latency(config, name, 1, context)["seconds"]
         cross = estimate.crossover_batch(config, name, context)
         cross1 = estimate.crossover_batch(config, name, 1)
-        print(f"  {name:12}{pre * 1e3:12.2f}{dec * 1e3:11.3f}{1 / dec:8.0f}{cross:17.0f}{cross1:14.0f}")
+        print(f"  {name:12}{pre * 1e3:12.2f}{dec * 1e3:11.3f}{1 / dec:8.0f}{cross:13.0f}{cross1:12.0f}")
         figures[f"{label}_{name}_decode_ms"] = dec * 1e3
     print("  (inf: the KV cache of full multi-head attention keeps decode memory-bound at any batch)")
     return figures
@@ -100,9 +98,7 @@ def measured_decode(config: DecoderConfig, machine: estimate.Hardware, prompt: i
         f"= {pred['memory_s'] * 1e3:.2f} ms; compute {pred['flops'] / 1e6:.1f} MFLOP / "
         f"{machine.fp32_tflops * 1e3:.1f} GFLOP/s = {pred['compute_s'] * 1e3:.2f} ms -> {pred['bound']}-bound"
     )
-    print(
-        f"  measured:  {measured * 1e3:.2f} ms per token (fastest of {new} steps); measured/predicted = {ratio:.2f}"
-    )
+    print(f"  measured:  {measured * 1e3:.2f} ms/token (fastest of {new}); measured/predicted {ratio:.2f}")
     print(
         f"  the gap: a model of the same {config.n_layer} layers with negligible weights takes "
         f"{overhead * 1e3:.2f} ms a step (Python and operator dispatch,\n  about 30 operators per layer); "
