@@ -27,39 +27,22 @@ import time
 import numpy as np
 import torch
 
+from common import env
 from common.runner import parse_args, run_script, script_parser
-
-FEATURES = (
-    "sse4_2",
-    "avx",
-    "avx2",
-    "fma",
-    "avx512f",
-    "avx512_bf16",
-    "avx512_vnni",
-    "amx_tile",
-    "asimd",
-    "sve",
-)
 
 
 def cpu_info() -> tuple[str, set[str], float | None]:
-    """(model name, feature flags, current clock in GHz) from /proc/cpuinfo (Linux), else platform."""
-    name, flags, mhz = platform.processor() or platform.machine(), set(), None
+    """(model name, SIMD feature flags, current clock in GHz): the flags as the environment report reads
+    them (:mod:`common.env`), the clock from /proc/cpuinfo where Linux has one."""
+    name, flags = env._cpu_model_and_flags()
+    ghz = None
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key == "model name":
-                    name = value.strip()
-                elif key in ("flags", "Features"):
-                    flags |= set(value.split())
-                elif key == "cpu MHz" and mhz is None:
-                    mhz = float(value)
+            mhz = next((line.split(":")[1] for line in f if line.startswith("cpu MHz")), None)
+        ghz = float(mhz) / 1000 if mhz else None
     except OSError:
         pass
-    return name, flags, (mhz / 1000 if mhz else None)
+    return name, set(flags), ghz
 
 
 def best_seconds(fn, repeats: int = 3) -> float:
@@ -145,8 +128,7 @@ def main(argv=None) -> dict:
 
     print(f"CPU: {name} ({platform.machine()}), {os.cpu_count()} logical CPUs, ", end="")
     print(f"torch uses {torch.get_num_threads()} threads")
-    present = [f for f in FEATURES if f in flags]
-    print(f"SIMD features: {', '.join(present) or 'none found'}")
+    print(f"SIMD features: {', '.join(sorted(flags)) or 'none found'}")
     print(f"torch dispatches to: {torch.backends.cpu.get_cpu_capability()}")
     has_avx512 = "avx512f" in flags
     print(f"AVX-512 on this machine: {'yes' if has_avx512 else 'no'}. ", end="")
