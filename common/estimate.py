@@ -618,20 +618,28 @@ def training_memory(
 
 
 def inference_memory(
-    config, batch: int, seq_len: int, bytes_per_value: int = 4, bits: int | None = None
+    config,
+    batch: int,
+    seq_len: int,
+    bytes_per_value: int = 4,
+    bits: int | None = None,
+    prompt_len: int | None = None,
 ) -> dict:
-    """Bytes of a generation pass: the weights (at ``bits`` or ``8·bytes_per_value``), the KV cache for
-    ``batch · seq_len`` tokens, and the largest transient: the prompt's hidden states, its q/k/v and
-    feed-forward intermediates for one layer, and the last position's logits."""
+    """Bytes of a generation pass that caches ``seq_len`` tokens per sequence: the weights (at ``bits`` or
+    ``8·bytes_per_value``), the KV cache, and the largest transient, that of the prompt pass over
+    ``batch · prompt_len`` tokens (default ``prompt_len = seq_len``): one layer's hidden states, q/k/v
+    and feed-forward intermediates, and the last position's logits."""
+    prompt = seq_len if prompt_len is None else prompt_len
+    _positive("prompt_len", prompt)
+    if prompt > seq_len:
+        raise ValueError(f"prompt_len {prompt} is longer than seq_len {seq_len}")
     s = model_shape(config)
     w = weight_bytes(s, bits or 8 * bytes_per_value)
     kv = kv_cache_bytes(s, batch, seq_len, bytes_per_value)
-    tokens = batch * seq_len
+    tokens = batch * prompt
     ffn_width = s.d_ff if not s.is_moe else s.top_k * s.d_ff_expert
-    transient = (
-        tokens * (2 * s.d_model + (s.n_head + 2 * s.n_kv_head) * s.head_dim + 3 * ffn_width)
-        + batch * s.vocab_size
-    ) * bytes_per_value
+    per_token = 2 * s.d_model + (s.n_head + 2 * s.n_kv_head) * s.head_dim + 3 * ffn_width
+    transient = (tokens * per_token + batch * s.vocab_size) * bytes_per_value
     return {"weights": w, "kv_cache": kv, "transient": transient, "total": w + kv + transient}
 
 

@@ -413,3 +413,16 @@ def test_unknown_gpu_lists_the_table():
         estimate.decode_latency("llama-2-7b", "rtx-5090", 1, 1)
     with pytest.raises(ValueError, match="batch"):
         estimate.decode_latency("llama-2-7b", "h100-sxm", 0, 1)
+
+
+def test_inference_memory_parts():
+    c = DecoderConfig(
+        vocab_size=100, context_length=64, n_layer=2, d_model=32, n_head=4, n_kv_head=2, d_ff=64
+    )
+    m = estimate.inference_memory(c, batch=2, seq_len=64, prompt_len=16)
+    assert m["weights"] == 4 * count_params(c)["total"]
+    assert m["kv_cache"] == estimate.kv_cache_bytes(c, 2, 64, 4)
+    assert m["transient"] == (2 * 16 * (2 * 32 + (4 + 4) * 8 + 3 * 64) + 2 * 100) * 4
+    assert m["total"] == m["weights"] + m["kv_cache"] + m["transient"]
+    with pytest.raises(ValueError, match="longer than seq_len"):
+        estimate.inference_memory(c, 2, 16, prompt_len=32)
