@@ -24,7 +24,7 @@ import time
 import torch
 
 from common import estimate
-from common.machine import measure_machine
+from common.machine import measure_machine, memory_bandwidth
 from common.models.decoder import DecoderConfig, DecoderLM
 from common.plotting import pyplot, save_figure
 from common.runner import parse_args, run_script, script_parser
@@ -106,7 +106,7 @@ def measured_decode(config: DecoderConfig, machine: estimate.Hardware, prompt: i
         f"({measured / (pred['seconds'] + overhead):.2f}x of measured). Matrix-vector products also stream "
         "weights\n  a little slower than the plain copy that measured the bandwidth."
     )
-    return {
+    figures = {
         "decode_predicted_ms": pred["seconds"] * 1e3,
         "decode_measured_ms": measured * 1e3,
         "decode_ratio": ratio,
@@ -114,6 +114,24 @@ def measured_decode(config: DecoderConfig, machine: estimate.Hardware, prompt: i
         "decode_ratio_with_overhead": measured / (pred["seconds"] + overhead),
         "decode_within_2x": bool(0.5 <= ratio <= 2.0),
     }
+    threads = torch.get_num_threads()
+    if threads > 1:  # each small matrix-vector product ends on a barrier of all threads
+        torch.set_num_threads(1)
+        try:
+            bw1 = memory_bandwidth(256)
+            _, one = _decode_step_times(model, prompt, new)
+        finally:
+            torch.set_num_threads(threads)
+        pred1 = pred["bytes"] / bw1
+        print(
+            f"  on 1 thread instead of {threads}: {one * 1e3:.2f} ms/token against {pred1 * 1e3:.2f} ms "
+            f"predicted from the 1-thread bandwidth {bw1 / 1e9:.1f} GB/s ({one / pred1:.2f}x).\n"
+            "  Every operator of a decode step is small and ends on a barrier of all threads; when other\n"
+            "  processes hold a core, that barrier waits for a thread to be scheduled again, so a busy\n"
+            "  machine slows decode on several threads far more than on one."
+        )
+        figures |= {"decode_1thread_ms": one * 1e3, "decode_1thread_ratio": one / pred1}
+    return figures
 
 
 def main(argv=None) -> dict:
