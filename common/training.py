@@ -10,7 +10,8 @@ already include auxiliary terms such as an MoE load-balancing loss) and any data
 
 What it does, in the order a step runs:
 
-- the learning-rate multiplier :func:`lr_at` (linear warm-up, constant, linear warm-down),
+- the learning-rate multiplier :func:`lr_at` (linear warm-up, then constant and a linear warm-down,
+  or a cosine decay),
 - ``grad_accum`` micro-batches, each loss divided by ``grad_accum`` before ``backward``,
   under bf16 autocast where :func:`common.env.choose_dtype` says the device does it well,
 - gradient clipping to ``grad_clip`` (global norm),
@@ -134,14 +135,29 @@ def build_optimizer(
     return combined
 
 
-def lr_at(
-    step: int, total_steps: int, warmup_steps: int = 0, warmdown_steps: int = 0, final_ratio: float = 0.0
-) -> float:
-    """Learning-rate multiplier at ``step`` (0-based): linear warm-up, constant 1, linear warm-down.
+SCHEDULES = ("linear", "cosine")
 
-    Warm-up rises over the first ``warmup_steps`` steps to 1 (step 0 gets 1/warmup_steps);
-    warm-down falls over the last ``warmdown_steps`` steps toward ``final_ratio``.
+
+def lr_at(
+    step: int,
+    total_steps: int,
+    warmup_steps: int = 0,
+    warmdown_steps: int = 0,
+    final_ratio: float = 0.0,
+    schedule: str = "linear",
+) -> float:
+    """Learning-rate multiplier at ``step`` (0-based).
+
+    Both schedules rise linearly over the first ``warmup_steps`` steps to 1 (step 0 gets
+    1/warmup_steps).  Then
+
+    - ``"linear"`` (nanochat's): constant 1, and a linear warm-down over the last ``warmdown_steps``
+      steps toward ``final_ratio``;
+    - ``"cosine"`` (GPT-3's, and the book's reader project): half a cosine from 1 at the end of
+      warm-up toward ``final_ratio`` at ``total_steps``; ``warmdown_steps`` must be 0.
     """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
     if total_steps <= 0 or warmup_steps < 0 or warmdown_steps < 0:
         raise ValueError(
             f"need total_steps > 0 and non-negative warm-up/down, got {total_steps}, "
@@ -152,10 +168,15 @@ def lr_at(
             f"warmup_steps + warmdown_steps = {warmup_steps + warmdown_steps} exceeds "
             f"total_steps = {total_steps}"
         )
+    if schedule == "cosine" and warmdown_steps:
+        raise ValueError(f"the cosine schedule decays over every step after warm-up, got {warmdown_steps=}")
     if not 0 <= step < total_steps:
         raise ValueError(f"step {step} outside [0, {total_steps})")
     if step < warmup_steps:
         return (step + 1) / warmup_steps
+    if schedule == "cosine":
+        progress = (step - warmup_steps) / (total_steps - warmup_steps)  # 0 after warm-up, < 1 at the end
+        return final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     steps_left = total_steps - step
     if steps_left <= warmdown_steps:
         progress = steps_left / warmdown_steps  # 1 at the start of warm-down, 1/warmdown at the last step
@@ -267,7 +288,8 @@ class TrainConfig:
     use_muon: bool = True
     weight_decay: float = 0.0
     warmup_steps: int = 10
-    warmdown_frac: float = 0.3  # share of the steps spent decaying the learning rate
+    schedule: str = "linear"  # after warm-up: "linear" (constant, then warm-down) | "cosine" (decay)
+    warmdown_frac: float = 0.3  # "linear": share of the steps spent decaying the learning rate
     final_lr_ratio: float = 0.0
     grad_clip: float = 1.0  # 0 turns clipping off
     eval_every: int = 50  # 0: only at the end
@@ -287,6 +309,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.warmdown_frac <= 1:
             raise ValueError(f"warmdown_frac must be in [0, 1], got {self.warmdown_frac}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.dtype not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"dtype must be auto, fp32, bf16 or fp16, got {self.dtype!r}")
         if self.resume and not self.ckpt_dir:
@@ -294,6 +318,8 @@ class TrainConfig:
 
     @property
     def warmdown_steps(self) -> int:
+        if self.schedule == "cosine":
+            return 0
         return min(round(self.warmdown_frac * self.steps), self.steps - min(self.warmup_steps, self.steps))
 
 
@@ -375,7 +401,9 @@ def train(
     raw_model.train()
     try:
         while step < cfg.steps:
-            mult = lr_at(step, cfg.steps, min(cfg.warmup_steps, cfg.steps), warmdown, cfg.final_lr_ratio)
+            mult = lr_at(
+                step, cfg.steps, min(cfg.warmup_steps, cfg.steps), warmdown, cfg.final_lr_ratio, cfg.schedule
+            )
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * mult
             step_loss = torch.zeros((), device=device)
