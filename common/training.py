@@ -77,6 +77,14 @@ class MuonWithAdamW:
             opt.load_state_dict(state[name])
 
 
+def _embeddings_and_head(model: nn.Module) -> tuple[set[int], set[int]]:
+    """ids of the embedding weights, and of the output head's weight (see :func:`split_parameters`)."""
+    embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+    vocab = max((m.num_embeddings for m in embeddings), default=None)
+    to_vocab = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == vocab]
+    return {id(m.weight) for m in embeddings}, ({id(to_vocab[-1].weight)} if to_vocab else set())
+
+
 def split_parameters(
     model: nn.Module,
 ) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[str, nn.Parameter]]]:
@@ -87,11 +95,7 @@ def split_parameters(
     The head is a weight tied to an embedding, or else the last ``nn.Linear`` whose outputs are the
     vocabulary (the largest embedding's size).
     """
-    embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)]
-    embedding_params = {id(m.weight) for m in embeddings}
-    vocab = max((m.num_embeddings for m in embeddings), default=None)
-    to_vocab = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == vocab]
-    head_params = {id(to_vocab[-1].weight)} if to_vocab else set()
+    embedding_params, head_params = _embeddings_and_head(model)
     muon, adamw = [], []
     for name, p in model.named_parameters():  # tied parameters appear once
         if not p.requires_grad:
@@ -109,18 +113,34 @@ def build_optimizer(
     betas: tuple[float, float] = (0.9, 0.95),
     muon_momentum: float = 0.95,
     use_muon: bool = True,
+    embedding_lr: float | None = None,
+    head_lr: float | None = None,
 ) -> MuonWithAdamW:
     """AdamW (``lr``) for embeddings, head, norms, biases; ``torch.optim.Muon`` (``muon_lr``) for hidden
-    matrices.
+    matrices.  ``embedding_lr`` and ``head_lr`` give the embeddings and the output head AdamW groups of
+    their own (nanochat's recipe: a large rate for the embedding, a small one for the unembedding); a
+    head tied to the embedding is the embedding.
 
     Muon orthogonalises each matrix's momentum with a Newton-Schulz iteration (in bf16, as torch
     does) and scales the step by sqrt(max(1, rows/cols)) (its "original" adjustment).  Weight decay
     applies to the matrices only.  ``use_muon=False`` gives everything to AdamW, for comparison.
     """
-    if lr <= 0 or muon_lr <= 0:
-        raise ValueError(f"learning rates must be positive, got lr={lr}, muon_lr={muon_lr}")
+    rates = {"lr": lr, "muon_lr": muon_lr, "embedding_lr": embedding_lr, "head_lr": head_lr}
+    if any(v is not None and v <= 0 for v in rates.values()):
+        raise ValueError(f"learning rates must be positive, got {rates}")
     muon_params, adamw_params = split_parameters(model)
-    groups = [{"params": [p for _, p in adamw_params], "weight_decay": 0.0}]
+    embedding_ids, head_ids = _embeddings_and_head(model)
+    own = {"embedding": embedding_lr, "head": head_lr}
+
+    def kind(p) -> str:
+        if id(p) in embedding_ids and embedding_lr is not None:
+            return "embedding"
+        return "head" if id(p) in head_ids and head_lr is not None else "other"
+
+    groups = [
+        {"params": [p for _, p in adamw_params if kind(p) == k], "weight_decay": 0.0, "lr": own.get(k) or lr}
+        for k in ("embedding", "head", "other")
+    ]
     optimizers = {}
     if use_muon and muon_params:
         optimizers["muon"] = torch.optim.Muon(
@@ -285,6 +305,8 @@ class TrainConfig:
     grad_accum: int = 1
     lr: float = 3e-3  # AdamW: embeddings, head, norms, biases
     muon_lr: float = 0.02  # Muon: hidden matrices
+    embedding_lr: float | None = None  # None: lr
+    head_lr: float | None = None  # None: lr
     use_muon: bool = True
     weight_decay: float = 0.0
     warmup_steps: int = 10
@@ -357,7 +379,13 @@ def train(
     dtype = resolve_dtype(cfg.dtype, device)
     scaler = torch.amp.GradScaler(torch.device(device).type) if dtype == torch.float16 else None
     optimizer = optimizer or build_optimizer(
-        raw_model, cfg.lr, cfg.muon_lr, cfg.weight_decay, use_muon=cfg.use_muon
+        raw_model,
+        cfg.lr,
+        cfg.muon_lr,
+        cfg.weight_decay,
+        use_muon=cfg.use_muon,
+        embedding_lr=cfg.embedding_lr,
+        head_lr=cfg.head_lr,
     )
     sampler = torch.Generator().manual_seed(cfg.seed)
     history = {"losses": [], "lrs": [], "grad_norms": [], "val": []}
