@@ -1,22 +1,32 @@
 """Section 4.2.5 (reader project): a Mixture-of-Experts language model against a dense one.
 
 The decoder LM of section 4.1 (:class:`common.models.decoder.DecoderLM`) with its feed-forwards
-replaced by top-k MoE layers (:class:`common.moe.TopKMoE`, plugged in through ``ffn_factory``), in
-every layer or every other one (``--every 2``), optionally keeping the first layers dense
-(``--first-dense``, as DeepSeek-V3 does).  Each MoE layer's balance loss ``E · Σ f·P`` (times
-``--balance-coef``) is added to the LM loss; DecoderLM sums it over the layers.
+replaced by top-k MoE layers (plugged in through ``ffn_factory``), in every layer or every other one
+(``--every 2``), optionally keeping the first layers dense (``--first-dense``, as DeepSeek-V3 does).
+Each MoE layer's balance loss ``E · Σ f·P`` (times ``--balance-coef``) is added to the LM loss;
+DecoderLM sums it over the layers.
 
 Both models train on the embedded corpus for the same steps, with the same data order and AdamW
-(the stacked 3-D expert weights are not Muon's 2-D matrices, so neither model uses Muon).  The dense
-model's feed-forward width is ``k · d_expert``: the same active parameters per token.
+(the stacked 3-D expert weights are not Muon's 2-D matrices: under Muon they would fall to AdamW
+while the dense model's matrices got Muon, so neither model uses Muon).  The dense model's
+feed-forward width is ``k · d_expert``: the same active parameters per token.
+
+Routing is Mixtral's (softmax over the experts, top-k, weights renormalised to sum to 1), and the
+routed output is multiplied by ``--routed-scale`` (default k), DeepSeek's ``routed_scaling_factor``
+(:class:`common.moe.DeepSeekMoE` with softmax scoring and no shared expert).  Why: a dense SwiGLU of
+width ``k · d_expert`` *adds* k blocks of width ``d_expert``, while renormalised weights *average*
+k experts, so at the same initialisation the MoE's feed-forward output is 1/k of the dense one's,
+and AdamW, whose steps have a fixed size, takes that much longer to grow it.  The script measures
+the two outputs at initialisation; ``--routed-scale 1`` gives Mixtral's convention and the lag.
 
     python -m ch04_transformer_moe.s4_2_5_moe_lm                 # 4 layers x 128, 8 experts top-2
     python -m ch04_transformer_moe.s4_2_5_moe_lm --every 2 --first-dense 1
+    python -m ch04_transformer_moe.s4_2_5_moe_lm --routed-scale 1  # Mixtral's convention: the MoE lags
     python -m ch04_transformer_moe.s4_2_5_moe_lm --quick
 
-A reader sees both models' sizes (the MoE's total vs active parameters), two progress bars, the
-validation loss and bits per byte of both, the balance loss and expert loads of every MoE layer,
-and ``val_loss.png``.
+A reader sees both models' sizes (the MoE's total vs active parameters), the feed-forward output
+scale of both at initialisation, two progress bars, the validation loss and bits per byte of both,
+the balance loss and expert loads of every MoE layer, and ``val_loss.png`` (both curves).
 """
 
 from __future__ import annotations
@@ -28,7 +38,7 @@ import torch
 from torch import nn
 
 from common.data import TokenData, get_tokenizer, load_corpus
-from common.moe import MoELayer, TopKMoE, merge_loads
+from common.moe import DeepSeekMoE, MoELayer, merge_loads
 from common.plotting import pyplot, save_figure
 from common.runner import parse_args, run_script, script_parser
 from common.training import TrainConfig, train
@@ -38,13 +48,25 @@ QUICK = dict(n_layer=2, d_model=64, n_head=2, n_kv_head=2)
 
 
 def moe_factory(args, n_layer: int):
-    """``ffn_factory`` for DecoderLM: a TopKMoE in the chosen layers, None (dense) elsewhere."""
+    """``ffn_factory`` for DecoderLM: a top-k MoE layer in the chosen layers, None (dense) elsewhere.
+
+    The routed output is multiplied by ``args.routed_scale``, or by k when that is None."""
+    scale = float(args.k) if args.routed_scale is None else args.routed_scale
 
     def factory(layer_idx: int, config) -> nn.Module | None:
         if layer_idx < args.first_dense or (layer_idx - args.first_dense) % args.every:
             return None
-        layer = TopKMoE(config.d_model, args.d_expert, args.experts, args.k, balance_coef=args.balance_coef)
-        # the dense LM's initialisation (GPT-2 style), so the comparison is about routing, not init
+        layer = DeepSeekMoE(  # softmax top-k, renormalised (Mixtral), times routed_scaling_factor
+            config.d_model,
+            args.d_expert,
+            args.experts,
+            args.k,
+            n_shared=0,
+            scoring="softmax",
+            routed_scaling_factor=scale,
+            balance_coef=args.balance_coef,
+        )
+        # the dense LM's initialisation (GPT-2 style) for every weight
         nn.init.normal_(layer.router.weight, std=0.02)
         nn.init.normal_(layer.experts.gate_up, std=0.02)
         nn.init.normal_(layer.experts.down, std=0.02 / math.sqrt(2 * n_layer))
@@ -57,10 +79,17 @@ def active_params(model: nn.Module) -> int:
     """Parameters a token uses: everything except the experts it was not routed to."""
     total = sum(p.numel() for p in model.parameters())
     for m in model.modules():
-        if isinstance(m, TopKMoE):
+        if isinstance(m, MoELayer):
             expert = (m.experts.gate_up.numel() + m.experts.down.numel()) // m.experts.num_experts
             total -= expert * (m.experts.num_experts - m.router.k)
     return total
+
+
+@torch.no_grad()
+def ffn_output_rms(model: nn.Module, x: torch.Tensor) -> float:
+    """RMS of the first block's feed-forward output on the normalised embeddings of ``x``."""
+    block = model.blocks[0]
+    return block.ffn(block.norm2(model.tok_emb(x))).pow(2).mean().sqrt().item()
 
 
 def plot(path: str, results: dict) -> None:
@@ -93,7 +122,13 @@ def main(argv=None) -> dict:
     )
     parser.add_argument("--first-dense", type=int, default=0, help="keep the first n layers dense")
     parser.add_argument("--balance-coef", type=float, default=0.01, help="coefficient of the balance loss")
-    parser.add_argument("--steps", type=int, default=160, help="training steps of each model")
+    parser.add_argument(
+        "--routed-scale",
+        type=float,
+        default=None,
+        help="multiplies the routed output (DeepSeek's routed_scaling_factor; default k, 1 = Mixtral)",
+    )
+    parser.add_argument("--steps", type=int, default=300, help="training steps of each model")
     parser.add_argument("--batch-size", type=int, default=32, help="sequences per step")
     parser.add_argument("--context", type=int, default=128, help="context length in tokens")
     parser.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary")
@@ -101,6 +136,8 @@ def main(argv=None) -> dict:
     args = parse_args(parser, argv)
     if args.every < 1 or args.first_dense < 0:
         raise ValueError("--every must be >= 1 and --first-dense >= 0")
+    if args.routed_scale is not None and args.routed_scale <= 0:
+        parser.error(f"--routed-scale must be positive, got {args.routed_scale}")
     sizes = TINY
     if args.quick:
         sizes = QUICK
@@ -125,6 +162,7 @@ def main(argv=None) -> dict:
     torch.manual_seed(args.seed)
     moe = DecoderLM(config, ffn_factory=moe_factory(args, base["n_layer"]))
     moe_layers = [m for m in moe.modules() if isinstance(m, MoELayer)]
+    routed_scale = moe_layers[0].router.routed_scaling_factor
     print(
         f"data: {len(data.train):,} training / {len(data.val):,} "
         f"validation tokens, vocabulary {args.vocab_size}"
@@ -137,6 +175,12 @@ def main(argv=None) -> dict:
         f"MoE LM:   {len(moe_layers)} of {base['n_layer']} layers MoE ({args.experts} experts of width "
         f"{args.d_expert}, top-{args.k}): {moe.num_params():,} "
         f"parameters, {active_params(moe):,} active per token"
+    )
+    x0, _ = data.get_batch("train", args.batch_size, generator=torch.Generator().manual_seed(args.seed))
+    rms_dense, rms_moe = ffn_output_rms(dense, x0), ffn_output_rms(moe, x0)
+    print(
+        f"feed-forward output at initialisation (first layer, RMS): dense {rms_dense:.2e}, MoE {rms_moe:.2e} "
+        f"(ratio {rms_moe / rms_dense:.2f}; routed output times {routed_scale:g})"
     )
 
     cfg = TrainConfig(
@@ -195,6 +239,8 @@ def main(argv=None) -> dict:
         "moe_params_total": moe.num_params(),
         "moe_params_active": active_params(moe),
         "moe_layers": len(moe_layers),
+        "routed_scale": routed_scale,
+        "init_ffn_rms_ratio_moe_over_dense": rms_moe / rms_dense,
         "balance_loss_sum": aux / args.balance_coef if args.balance_coef else 0.0,
         "max_over_mean_worst": loads["max_over_mean_worst"],
         "dense_tokens_per_second": results["dense"]["tokens_per_second"],

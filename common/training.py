@@ -10,7 +10,8 @@ already include auxiliary terms such as an MoE load-balancing loss) and any data
 
 What it does, in the order a step runs:
 
-- the learning-rate multiplier :func:`lr_at` (linear warm-up, constant, linear warm-down),
+- the learning-rate multiplier :func:`lr_at` (linear warm-up, then constant and a linear warm-down,
+  or a cosine decay),
 - ``grad_accum`` micro-batches, each loss divided by ``grad_accum`` before ``backward``,
   under bf16 autocast where :func:`common.env.choose_dtype` says the device does it well,
 - gradient clipping to ``grad_clip`` (global norm),
@@ -83,6 +84,14 @@ class MuonWithAdamW:
             opt.load_state_dict(state[name])
 
 
+def _embeddings_and_head(model: nn.Module) -> tuple[set[int], set[int]]:
+    """ids of the embedding weights, and of the output head's weight (see :func:`split_parameters`)."""
+    embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+    vocab = max((m.num_embeddings for m in embeddings), default=None)
+    to_vocab = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == vocab]
+    return {id(m.weight) for m in embeddings}, ({id(to_vocab[-1].weight)} if to_vocab else set())
+
+
 def split_parameters(
     model: nn.Module,
 ) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[str, nn.Parameter]]]:
@@ -93,11 +102,7 @@ def split_parameters(
     The head is a weight tied to an embedding, or else the last ``nn.Linear`` whose outputs are the
     vocabulary (the largest embedding's size).
     """
-    embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)]
-    embedding_params = {id(m.weight) for m in embeddings}
-    vocab = max((m.num_embeddings for m in embeddings), default=None)
-    to_vocab = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == vocab]
-    head_params = {id(to_vocab[-1].weight)} if to_vocab else set()
+    embedding_params, head_params = _embeddings_and_head(model)
     muon, adamw = [], []
     for name, p in model.named_parameters():  # tied parameters appear once
         if not p.requires_grad:
@@ -115,18 +120,34 @@ def build_optimizer(
     betas: tuple[float, float] = (0.9, 0.95),
     muon_momentum: float = 0.95,
     use_muon: bool = True,
+    embedding_lr: float | None = None,
+    head_lr: float | None = None,
 ) -> MuonWithAdamW:
     """AdamW (``lr``) for embeddings, head, norms, biases; ``torch.optim.Muon`` (``muon_lr``) for hidden
-    matrices.
+    matrices.  ``embedding_lr`` and ``head_lr`` give the embeddings and the output head AdamW groups of
+    their own (nanochat's recipe: a large rate for the embedding, a small one for the unembedding); a
+    head tied to the embedding is the embedding.
 
     Muon orthogonalises each matrix's momentum with a Newton-Schulz iteration (in bf16, as torch
     does) and scales the step by sqrt(max(1, rows/cols)) (its "original" adjustment).  Weight decay
     applies to the matrices only.  ``use_muon=False`` gives everything to AdamW, for comparison.
     """
-    if lr <= 0 or muon_lr <= 0:
-        raise ValueError(f"learning rates must be positive, got lr={lr}, muon_lr={muon_lr}")
+    rates = {"lr": lr, "muon_lr": muon_lr, "embedding_lr": embedding_lr, "head_lr": head_lr}
+    if any(v is not None and v <= 0 for v in rates.values()):
+        raise ValueError(f"learning rates must be positive, got {rates}")
     muon_params, adamw_params = split_parameters(model)
-    groups = [{"params": [p for _, p in adamw_params], "weight_decay": 0.0}]
+    embedding_ids, head_ids = _embeddings_and_head(model)
+    own = {"embedding": embedding_lr, "head": head_lr}
+
+    def kind(p) -> str:
+        if id(p) in embedding_ids and embedding_lr is not None:
+            return "embedding"
+        return "head" if id(p) in head_ids and head_lr is not None else "other"
+
+    groups = [
+        {"params": [p for _, p in adamw_params if kind(p) == k], "weight_decay": 0.0, "lr": own.get(k) or lr}
+        for k in ("embedding", "head", "other")
+    ]
     optimizers = {}
     if use_muon and muon_params:
         optimizers["muon"] = torch.optim.Muon(
@@ -141,14 +162,29 @@ def build_optimizer(
     return combined
 
 
-def lr_at(
-    step: int, total_steps: int, warmup_steps: int = 0, warmdown_steps: int = 0, final_ratio: float = 0.0
-) -> float:
-    """Learning-rate multiplier at ``step`` (0-based): linear warm-up, constant 1, linear warm-down.
+SCHEDULES = ("linear", "cosine")
 
-    Warm-up rises over the first ``warmup_steps`` steps to 1 (step 0 gets 1/warmup_steps);
-    warm-down falls over the last ``warmdown_steps`` steps toward ``final_ratio``.
+
+def lr_at(
+    step: int,
+    total_steps: int,
+    warmup_steps: int = 0,
+    warmdown_steps: int = 0,
+    final_ratio: float = 0.0,
+    schedule: str = "linear",
+) -> float:
+    """Learning-rate multiplier at ``step`` (0-based).
+
+    Both schedules rise linearly over the first ``warmup_steps`` steps to 1 (step 0 gets
+    1/warmup_steps).  Then
+
+    - ``"linear"`` (nanochat's): constant 1, and a linear warm-down over the last ``warmdown_steps``
+      steps toward ``final_ratio``;
+    - ``"cosine"`` (GPT-3's, and the book's reader project): half a cosine from 1 at the end of
+      warm-up toward ``final_ratio`` at ``total_steps``; ``warmdown_steps`` must be 0.
     """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
     if total_steps <= 0 or warmup_steps < 0 or warmdown_steps < 0:
         raise ValueError(
             f"need total_steps > 0 and non-negative warm-up/down, got {total_steps}, "
@@ -159,10 +195,15 @@ def lr_at(
             f"warmup_steps + warmdown_steps = {warmup_steps + warmdown_steps} exceeds "
             f"total_steps = {total_steps}"
         )
+    if schedule == "cosine" and warmdown_steps:
+        raise ValueError(f"the cosine schedule decays over every step after warm-up, got {warmdown_steps=}")
     if not 0 <= step < total_steps:
         raise ValueError(f"step {step} outside [0, {total_steps})")
     if step < warmup_steps:
         return (step + 1) / warmup_steps
+    if schedule == "cosine":
+        progress = (step - warmup_steps) / (total_steps - warmup_steps)  # 0 after warm-up, < 1 at the end
+        return final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     steps_left = total_steps - step
     if steps_left <= warmdown_steps:
         progress = steps_left / warmdown_steps  # 1 at the start of warm-down, 1/warmdown at the last step
@@ -271,10 +312,13 @@ class TrainConfig:
     grad_accum: int = 1
     lr: float = 3e-3  # AdamW: embeddings, head, norms, biases
     muon_lr: float = 0.02  # Muon: hidden matrices
+    embedding_lr: float | None = None  # None: lr
+    head_lr: float | None = None  # None: lr
     use_muon: bool = True
     weight_decay: float = 0.0
     warmup_steps: int = 10
-    warmdown_frac: float = 0.3  # share of the steps spent decaying the learning rate
+    schedule: str = "linear"  # after warm-up: "linear" (constant, then warm-down) | "cosine" (decay)
+    warmdown_frac: float = 0.3  # "linear": share of the steps spent decaying the learning rate
     final_lr_ratio: float = 0.0
     grad_clip: float = 1.0  # 0 turns clipping off
     eval_every: int = 50  # 0: only at the end
@@ -294,6 +338,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.warmdown_frac <= 1:
             raise ValueError(f"warmdown_frac must be in [0, 1], got {self.warmdown_frac}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.dtype not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"dtype must be auto, fp32, bf16 or fp16, got {self.dtype!r}")
         if self.resume and not self.ckpt_dir:
@@ -301,6 +347,8 @@ class TrainConfig:
 
     @property
     def warmdown_steps(self) -> int:
+        if self.schedule == "cosine":
+            return 0
         return min(round(self.warmdown_frac * self.steps), self.steps - min(self.warmup_steps, self.steps))
 
 
@@ -394,7 +442,13 @@ def train(
     dtype = resolve_dtype(cfg.dtype, device)
     scaler = torch.amp.GradScaler(torch.device(device).type) if dtype == torch.float16 else None
     optimizer = optimizer or build_optimizer(
-        raw_model, cfg.lr, cfg.muon_lr, cfg.weight_decay, use_muon=cfg.use_muon
+        raw_model,
+        cfg.lr,
+        cfg.muon_lr,
+        cfg.weight_decay,
+        use_muon=cfg.use_muon,
+        embedding_lr=cfg.embedding_lr,
+        head_lr=cfg.head_lr,
     )
     sampler = torch.Generator().manual_seed(cfg.seed)
     history = {"losses": [], "lrs": [], "grad_norms": [], "val": []}
@@ -436,7 +490,9 @@ def train(
     raw_model.train()
     try:
         while step < cfg.steps:
-            mult = lr_at(step, cfg.steps, min(cfg.warmup_steps, cfg.steps), warmdown, cfg.final_lr_ratio)
+            mult = lr_at(
+                step, cfg.steps, min(cfg.warmup_steps, cfg.steps), warmdown, cfg.final_lr_ratio, cfg.schedule
+            )
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * mult
             step_loss = torch.zeros((), device=device)

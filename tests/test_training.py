@@ -84,6 +84,42 @@ def test_lr_schedule_shape():
             lr_at(**bad)
 
 
+def torch_warmup_cosine(total_steps, warmup_steps, final_ratio):
+    """The multipliers torch's own schedulers give: LinearLR warm-up, then CosineAnnealingLR."""
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    warm = torch.optim.lr_scheduler.LinearLR(opt, 1 / warmup_steps, 1.0, total_iters=warmup_steps - 1)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total_steps - warmup_steps, eta_min=final_ratio)
+    sched = torch.optim.lr_scheduler.SequentialLR(opt, [warm, cosine], milestones=[warmup_steps])
+    out = []
+    for _ in range(total_steps):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+@pytest.mark.parametrize("warmup,final", [(4, 0.0), (3, 0.1), (1, 0.05)])
+def test_cosine_schedule_equals_torch_schedulers(warmup, final):
+    ours = [lr_at(s, 30, warmup_steps=warmup, final_ratio=final, schedule="cosine") for s in range(30)]
+    assert ours == pytest.approx(torch_warmup_cosine(30, warmup, final), abs=1e-12)
+    assert ours[warmup] == 1.0 and all(a > b for a, b in zip(ours[warmup:], ours[warmup + 1 :]))
+    assert final < ours[-1] < final + 0.01  # the last step is close to, not at, the floor
+    with pytest.raises(ValueError, match="cosine"):
+        lr_at(0, 30, warmup_steps=2, warmdown_steps=5, schedule="cosine")
+    with pytest.raises(ValueError, match="schedule"):
+        lr_at(0, 30, schedule="step")
+
+
+def test_train_config_cosine_drives_the_loop(data):
+    with pytest.raises(ValueError, match="schedule"):
+        TrainConfig(schedule="exponential")
+    cfg = TrainConfig(steps=12, batch_size=4, warmup_steps=3, schedule="cosine", final_lr_ratio=0.1)
+    assert cfg.warmdown_steps == 0  # warmdown_frac belongs to the linear schedule
+    torch.manual_seed(0)
+    result = train(StandInLM(), data, TrainConfig(**{**cfg.__dict__, "eval_every": 0, "progress": False}))
+    assert result["lrs"] == pytest.approx(torch_warmup_cosine(12, 3, 0.1), abs=1e-12)
+
+
 @pytest.mark.parametrize("tie", [False, True])
 def test_muon_for_hidden_matrices_adamw_for_the_rest(tie):
     model = StandInLM(tie=tie)
