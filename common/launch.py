@@ -31,6 +31,7 @@ the one process that should print and write files.
 from __future__ import annotations
 
 import os
+import pickle
 import queue
 import socket
 import time
@@ -92,7 +93,9 @@ def _worker_main(rank: int, nproc: int, port: int, device: str, threads: int, fn
         if threads:
             torch.set_num_threads(threads)  # the workers share this machine's cores
         ctx = setup_distributed(device)
-        results.put((rank, True, fn(ctx, *args)))
+        # pickled here, by value: torch's queue would pass tensors as shared memory, which vanishes
+        # when this worker exits before the parent has read them
+        results.put((rank, True, pickle.dumps(fn(ctx, *args))))
     except BaseException:  # noqa: BLE001 - the parent reports whatever ended this worker
         results.put((rank, False, traceback.format_exc()))
         time.sleep(0.5)  # let the parent hear this rank before its peers fail on the closed link
@@ -128,7 +131,7 @@ def _poll(processes, results, outcome: dict, timeout: float, settle: bool = Fals
         except queue.Empty:
             break
         if ok:
-            outcome[rank] = value
+            outcome[rank] = pickle.loads(value)
         else:
             failures[rank] = (True, value)
         if not settle and not failures:
