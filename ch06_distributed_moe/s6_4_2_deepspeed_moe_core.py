@@ -78,16 +78,27 @@ def capacity_table(a, x) -> dict:
     print("   k  mode   factor  min_cap  drop_tokens  capacity  dropped slots")
     figures = {}
     for k, mode, factor, min_cap, drop in [
-        (1, "train", 1.0, 0, True), (1, "train", 2.0, 0, True), (1, "eval", 0.5, 0, True),
-        (1, "train", 0.25, 64, True), (2, "train", 1.0, 0, True), (2, "train", 1.0, 0, False),
-    ]:  # fmt: skip
-        layer = make_moe(a, k=k, capacity_factor=factor, eval_capacity_factor=factor, min_capacity=min_cap,
-                         drop_tokens=drop).train(mode == "train")  # fmt: skip
+        (1, "train", 1.0, 0, True),
+        (1, "train", 2.0, 0, True),
+        (1, "eval", 0.5, 0, True),
+        (1, "train", 0.25, 64, True),
+        (2, "train", 1.0, 0, True),
+        (2, "train", 1.0, 0, False),
+    ]:
+        layer = make_moe(
+            a,
+            k=k,
+            capacity_factor=factor,
+            eval_capacity_factor=factor,
+            min_capacity=min_cap,
+            drop_tokens=drop,
+        ).train(mode == "train")
         kept, _ = kept_slots(layer, x)
         cap = max(math.ceil(tokens * k * factor / a.experts), min_cap) if drop else "all"
         dropped = tokens * k - kept
         print(
-            f"   {k}  {mode:<5}  {factor:6.2f}  {min_cap:7d}  {drop!s:<11}  {cap!s:>8}  {dropped:5d} ({100 * dropped / (tokens * k):.0f}%)"
+            f"   {k}  {mode:<5}  {factor:6.2f}  {min_cap:7d}  {drop!s:<11}  {cap!s:>8}  "
+            f"{dropped:5d} ({100 * dropped / (tokens * k):.0f}%)"
         )
         figures[f"dropped_k{k}_{mode}_cf{factor}_min{min_cap}_{'drop' if drop else 'nodrop'}"] = dropped
     return figures
@@ -122,8 +133,10 @@ def residual_check(a, x) -> float:
         coef = F.softmax(layer.coefficient(x), dim=-1)
         by_hand = plain * coef[..., :1] + layer.mlp(x) * coef[..., 1:]
     err = (out - by_hand).abs().max().item()
-    print(f"\n3. use_residual: out = moe(x)·c0 + mlp(x)·c1, c = softmax(coefficient(x)) ({DS_LAYER}); "
-          f"by hand vs DeepSpeed: {err:.1e}")  # fmt: skip
+    print(
+        f"\n3. use_residual: out = moe(x)·c0 + mlp(x)·c1, c = softmax(coefficient(x)) ({DS_LAYER}); "
+        f"by hand vs DeepSpeed: {err:.1e}"
+    )
     return err
 
 
@@ -139,12 +152,13 @@ def pr_moe(a) -> dict:
         per_expert = sum(p.numel() for p in layer.deepspeed_moe.experts.deepspeed_experts[0].parameters())
         total = sum(p.numel() for p in layer.parameters())
         print(
-            f"   {i:5d}  {layer.num_experts:7d}  {per_expert:13d}  {'yes' if layer.use_residual else 'no':>12}  {total:12d}"
+            f"   {i:5d}  {layer.num_experts:7d}  {per_expert:13d}  "
+            f"{'yes' if layer.use_residual else 'no':>12}  {total:12d}"
         )
     print(
         "   The pyramid grows with depth: more experts of the same size in the deeper layers, plus a dense\n"
-        "   residual MLP in every layer. The book's 'many small experts at the bottom, few large at the top'\n"
-        "   is not what DeepSpeed builds (ERRATA.md, chapter 6)."
+        "   residual MLP in every layer. The book's 'many small experts at the bottom, few large at the\n"
+        "   top' is not what DeepSpeed builds (ERRATA.md, chapter 6)."
     )
     return {"pr_moe_experts": " ".join(str(layer.num_experts) for layer in layers)}
 
@@ -168,7 +182,8 @@ def router_vs_deepspeed(a, x) -> dict:
         err = max((ours - combine.sum(-1)).abs().max().item(), (r.losses["balance"] - l_aux).abs().item())
         kept_ours, kept_ds = int(r.keep.sum()), int(dispatch_mask.sum())
         print(
-            f"   capacity factor {factor}: largest difference {err:.1e}; kept slots ours {kept_ours}, DeepSpeed {kept_ds}"
+            f"   capacity factor {factor}: largest difference {err:.1e}; "
+            f"kept slots ours {kept_ours}, DeepSpeed {kept_ds}"
         )
         figures[f"router_vs_ds_max_diff_cf{factor}"] = err
         if kept_ours != kept_ds or err > 1e-5:
@@ -241,8 +256,10 @@ def main(argv=None) -> dict:
         return {}
     figures = results[0]
     diffs = [r["ep_diff"] for r in results]
-    print(f"\n6. ep_size {world} vs ep_size 1 (all experts on every rank, same weights): largest output "
-          f"difference over the ranks {max(diffs):.1e}")  # fmt: skip
+    print(
+        f"\n6. ep_size {world} vs ep_size 1 (all experts on every rank, same weights): largest output "
+        f"difference over the ranks {max(diffs):.1e}"
+    )
     figures["ep_size"] = world
     figures["ep_vs_single_max_diff"] = max(diffs)
     figures.pop("ep_diff")

@@ -71,10 +71,22 @@ class MoEBlock(nn.Module):
 
 
 class MoETransformer(nn.Module):
-    """A stack of :class:`MoEBlock`; with ``vocab`` a causal language model (embeddings, final norm, tied head)."""
+    """A stack of :class:`MoEBlock`; with ``vocab`` a causal LM (embeddings, final norm, tied head)."""
 
-    def __init__(self, fm, n_layer, d_model, n_head, num_expert, d_hidden, top_k=2, world_size=1,
-                 attn_bias=True, vocab=None, context=0):  # fmt: skip
+    def __init__(
+        self,
+        fm,
+        n_layer,
+        d_model,
+        n_head,
+        num_expert,
+        d_hidden,
+        top_k=2,
+        world_size=1,
+        attn_bias=True,
+        vocab=None,
+        context=0,
+    ):
         super().__init__()
         causal = vocab is not None
         self.layers = nn.ModuleList(
@@ -134,9 +146,14 @@ def accounting(fm) -> dict:
     config, counts, err = search_book_config()
     with torch.device("meta"):
         model = MoETransformer(
-            fm, config["layers"], config["d_model"], 8, config["experts"], config["d_hidden"],
+            fm,
+            config["layers"],
+            config["d_model"],
+            8,
+            config["experts"],
+            config["d_hidden"],
             attn_bias=config["attn_bias"],
-        )  # fmt: skip
+        )
     built = account(model)
     assert all(built[k] == counts[k] for k in BOOK), (built, counts)  # the closed form is the model
     print(f"\n1. parameter accounting: the grid's closest configuration to the book's figures\n   {config}")
@@ -145,10 +162,11 @@ def accounting(fm) -> dict:
         print(f"   {k:<10} {built[k] / 1e6:9.2f}M {BOOK[k] / 1e6:9.2f}M {built[k] / BOOK[k]:9.2f}x")
     ratio = BOOK["attention"] / BOOK["norms"]
     print(
-        f"   No configuration reproduces the book's figures (closest: relative errors summing to {err:.2f} on "
-        f"total, MoE and attention).\n   The book's norms cannot come from this model: attention/norms = "
-        f"{ratio:.0f} would need d_model ~{ratio:.0f} with two LayerNorms a block.\n   Its 5.24M of attention "
-        f"is exactly 4 blocks of 5·512² (Transformer-XL's attention, with its relative-position projection, as "
+        f"   No configuration reproduces the book's figures (closest: relative errors summing to "
+        f"{err:.2f} on total, MoE and attention).\n   The book's norms cannot come from this model: "
+        f"attention/norms = {ratio:.0f} would need d_model ~{ratio:.0f} with two LayerNorms a block.\n"
+        f"   Its 5.24M of attention is exactly 4 blocks of 5·512² (Transformer-XL's attention, with its "
+        f"relative-position projection, as "
         f"in fastmoe's examples),\n   and 4 blocks of 32 fastmoe experts 512 -> 2048 -> 512 hold "
         f"{formula(4, 512, 32, 2048, False)['moe'] / 1e6:.1f}M: most likely the book's model, which this "
         f"script's four-projection attention does not build.\n"
@@ -231,16 +249,27 @@ def train_lm(fm, a) -> dict:
     tok = get_tokenizer(2048)
     data = TokenData.from_text(load_corpus(), tok, a.context)
     torch.manual_seed(a.seed)
-    model = MoETransformer(fm, a.layers, a.d_model, a.heads, a.experts, a.d_hidden, a.top_k,
-                           vocab=data.vocab_size, context=a.context)  # fmt: skip
+    model = MoETransformer(
+        fm,
+        a.layers,
+        a.d_model,
+        a.heads,
+        a.experts,
+        a.d_hidden,
+        a.top_k,
+        vocab=data.vocab_size,
+        context=a.context,
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=a.lm_lr)
     g = torch.Generator().manual_seed(a.seed)
 
     def val_loss() -> float:
         model.eval()
         with torch.no_grad():
-            losses = [F.cross_entropy(model(x).flatten(0, 1), y.flatten()).item()
-                      for x, y in data.val_batches(a.batch, max_batches=4)]  # fmt: skip
+            losses = [
+                F.cross_entropy(model(x).flatten(0, 1), y.flatten()).item()
+                for x, y in data.val_batches(a.batch, max_batches=4)
+            ]
         model.train()
         return sum(losses) / len(losses)
 
@@ -254,7 +283,8 @@ def train_lm(fm, a) -> dict:
     after = val_loss()
     print(
         f"\n4. language model on the embedded corpus ({a.lm_steps} steps, context {a.context}): "
-        f"val loss {before:.3f} -> {after:.3f} (uniform over {data.vocab_size} tokens: {math.log(data.vocab_size):.3f})"
+        f"val loss {before:.3f} -> {after:.3f} "
+        f"(uniform over {data.vocab_size} tokens: {math.log(data.vocab_size):.3f})"
     )
     return {"lm_val_loss_before": before, "lm_val_loss_after": after}
 
@@ -309,9 +339,11 @@ def main(argv=None) -> dict:
         return {}
     first, last = epoch_means(one, steps)[0], epoch_means(one, steps)[-1]
     print(
-        f"\n2. random-data regression ({args.epochs} epochs of {steps} batches {args.batch}x{args.seq}x{args.d_model}, "
+        f"\n2. random-data regression ({args.epochs} epochs of {steps} batches "
+        f"{args.batch}x{args.seq}x{args.d_model}, "
         f"{args.layers} blocks, {args.experts} experts x {args.d_hidden}, top-{args.top_k}):\n"
-        f"   mean loss, first epoch -> last: ours {first:.3f} -> {last:.3f} ({100 * (last / first - 1):+.0f}%), "
+        f"   mean loss, first epoch -> last: ours {first:.3f} -> {last:.3f} "
+        f"({100 * (last / first - 1):+.0f}%), "
         f"book {BOOK_LOSS[0]:.2f} -> {BOOK_LOSS[1]:.2f} ({100 * (BOOK_LOSS[1] / BOOK_LOSS[0] - 1):+.0f}%)"
     )
     diff = max(abs(p - q) for p, q in zip(one, ep))

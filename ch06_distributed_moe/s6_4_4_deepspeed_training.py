@@ -52,8 +52,15 @@ class DSMoEBlock(nn.Module):
         self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
         self.attn = MultiHeadAttention(d_model, n_head)
         expert = nn.Sequential(nn.Linear(d_model, d_ff), nn.GELU(), nn.Linear(d_ff, d_model))
-        self.moe = MoE(d_model, expert, num_experts=experts, ep_size=ep_size, k=2,
-                       capacity_factor=capacity_factor, eval_capacity_factor=capacity_factor)  # fmt: skip
+        self.moe = MoE(
+            d_model,
+            expert,
+            num_experts=experts,
+            ep_size=ep_size,
+            k=2,
+            capacity_factor=capacity_factor,
+            eval_capacity_factor=capacity_factor,
+        )
 
     def forward(self, x):  # (batch, seq, d_model)
         h = self.norm1(x)
@@ -117,8 +124,12 @@ def _worker(ctx, a):
             torch.distributed.all_reduce(mean)
             losses.append(mean.item() / ctx.world_size)
         epochs.append(sum(losses) / len(losses))
-    return {"epochs": epochs, "groups": group_info, "seconds": time.perf_counter() - start,
-            "local_experts": engine.module.blocks[0].moe.num_local_experts}  # fmt: skip
+    return {
+        "epochs": epochs,
+        "groups": group_info,
+        "seconds": time.perf_counter() - start,
+        "local_experts": engine.module.blocks[0].moe.num_local_experts,
+    }
 
 
 def main(argv=None) -> dict:
@@ -160,8 +171,10 @@ def main(argv=None) -> dict:
     if not is_main():
         return {}
     r = results[0]
-    print(f"\nDeepSpeed engine: ZeRO stage {args.zero_stage}, ep_size {world}, {r['local_experts']} of "
-          f"{args.experts} experts on each process, input ({args.batch}, {args.seq}, {args.d_model})")  # fmt: skip
+    print(
+        f"\nDeepSpeed engine: ZeRO stage {args.zero_stage}, ep_size {world}, {r['local_experts']} of "
+        f"{args.experts} experts on each process, input ({args.batch}, {args.seq}, {args.d_model})"
+    )
     print("optimizer groups (split_params_into_different_moe_groups_for_optimizer):")
     for name, moe, n in r["groups"]:
         print(f"   {name:<40} moe={moe!s:<5} {n:>10,d} parameters on this process")
@@ -170,8 +183,11 @@ def main(argv=None) -> dict:
         print(f"{i + 1:5d}  {loss:.3f}")
     first, last = r["epochs"][0], r["epochs"][-1]
     book = 100 * (BOOK_LOSS[1] / BOOK_LOSS[0] - 1)
-    print(f"\nmean loss, first epoch -> last: ours {first:.3f} -> {last:.3f} ({100 * (last / first - 1):+.0f}%), "
-          f"book {BOOK_LOSS[0]} -> {BOOK_LOSS[1]} ({book:+.0f}%); {r['seconds']:.1f} s of training")  # fmt: skip
+    print(
+        f"\nmean loss, first epoch -> last: ours {first:.3f} -> {last:.3f} "
+        f"({100 * (last / first - 1):+.0f}%), "
+        f"book {BOOK_LOSS[0]} -> {BOOK_LOSS[1]} ({book:+.0f}%); {r['seconds']:.1f} s of training"
+    )
     return {
         "zero_stage": args.zero_stage,
         "ep_size": world,

@@ -71,15 +71,15 @@ def _worker(ctx, configs, d, repeats, seed):
         rows = x.index_select(0, order // k)  # (tokens·k, d) sorted by expert, so by destination
         send = counts.view(world, -1).sum(1).tolist()
 
-        def unpadded():
-            recv = exchange_counts(counts, world).view(world, -1).sum(1).tolist()
-            return all_to_all(rows, send, recv)
+        def unpadded(counts=counts, rows=rows, send=send):
+            recv = exchange_counts(counts, world).view(world, -1).sum(1).tolist()  # counts first
+            return all_to_all(rows, send, recv)  # then the rows
 
         capacity = math.ceil(cf * k * tokens / experts)
         padded = torch.zeros(experts * capacity, d)  # (E·C, d): every expert's slots, filled or not
         per_rank = [experts // world * capacity] * world
 
-        def padded_exchange():
+        def padded_exchange(padded=padded, per_rank=per_rank):
             return all_to_all(padded, per_rank, per_rank)
 
         elem = x.element_size()
@@ -164,11 +164,16 @@ def main(argv=None) -> dict:
         )
         worst = max(worst, abs(r["sent_bytes_unpadded"] / f_un - 1))
         assert r["sent_bytes_padded"] == round(f_pad), (r, f_pad)  # padding makes the formula exact
-        print(f"{r['tokens']:6d}  {r['experts']:7d}  {r['k']}  {r['capacity_factor']:6.2f}  {f_un / 1e6:11.3f}  "
-              f"{r['sent_bytes_unpadded'] / 1e6:11.3f} {r['ms_unpadded']:5.1f} | {f_pad / 1e6:17.3f}  "
-              f"{r['sent_bytes_padded'] / 1e6:11.3f} {r['ms_padded']:5.1f}")  # fmt: skip
-    print(f"\nunpadded: measured within {100 * worst:.1f}% of the even-routing formula (routing is random); "
-          f"padded: exact. Forward and backward each do two all-to-alls per MoE layer.")  # fmt: skip
+        print(
+            f"{r['tokens']:6d}  {r['experts']:7d}  {r['k']}  {r['capacity_factor']:6.2f}  "
+            f"{f_un / 1e6:11.3f}  "
+            f"{r['sent_bytes_unpadded'] / 1e6:11.3f} {r['ms_unpadded']:5.1f} | {f_pad / 1e6:17.3f}  "
+            f"{r['sent_bytes_padded'] / 1e6:11.3f} {r['ms_padded']:5.1f}"
+        )
+    print(
+        f"\nunpadded: measured within {100 * worst:.1f}% of the even-routing formula (routing is random); "
+        f"padded: exact. Forward and backward each do two all-to-alls per MoE layer."
+    )
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "all_to_all_cost.png")
     plot(path, rows, world)
