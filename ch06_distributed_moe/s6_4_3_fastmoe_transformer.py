@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import time
 
 import torch
@@ -313,7 +314,7 @@ def main(argv=None) -> dict:
     for name in ("nproc", "layers", "d_model", "experts", "d_hidden", "batch", "batches", "epochs"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    world = int(__import__("os").environ.get("WORLD_SIZE", args.nproc)) if launched() else args.nproc
+    world = int(os.environ["WORLD_SIZE"]) if launched() else args.nproc
     if args.experts % world or args.batch % world:
         parser.error(f"--experts {args.experts} and --batch {args.batch} must divide by {world} workers")
     if args.d_model % args.heads:
