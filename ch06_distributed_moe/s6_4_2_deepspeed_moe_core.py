@@ -35,15 +35,15 @@ table, our router's difference to DeepSpeed's (about 1e-7) and the ep_size 2 vs 
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.env import require
 from common.fmoe.expert_parallel import check_ep_size
-from common.launch import is_main, launched, run_workers
-from common.runner import SkipScript, parse_args, run_script, script_parser
+from common.launch import is_main, job_size, run_workers
+from common.runner import parse_args, run_script, script_parser
 
 DS_LAYER = "deepspeed/moe/layer.py"  # MoE.__init__/forward: use_residual, coefficient, softmax mix
 DS_PRMOE = "tests/unit/simple_model.py"  # SimplePRMoEModel: num_experts, then 2·num_experts, residual
@@ -239,17 +239,14 @@ def main(argv=None) -> dict:
     args = parse_args(parser, argv)
     if args.quick:
         args.seq = 16
-    world = int(os.environ["WORLD_SIZE"]) if launched() else args.nproc
+    world = job_size(args.nproc)
     try:
         check_ep_size(world, world)
         if args.experts % world:
             raise ValueError(f"--experts {args.experts} must divide by ep_size {world} (the workers)")
     except ValueError as e:
         parser.error(str(e))
-    try:
-        import deepspeed  # noqa: F401
-    except Exception as e:  # noqa: BLE001
-        raise SkipScript(f"deepspeed does not import: {e}", "pip install deepspeed") from e
+    require("deepspeed")  # or skip with the reason
     device = "cuda" if args.device == "cuda" else "cpu"
     results = run_workers(_worker, args.nproc, (args,), device=device, timeout=600)
     if not is_main():

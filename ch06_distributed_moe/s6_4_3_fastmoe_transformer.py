@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 import time
 
 import torch
@@ -40,7 +39,7 @@ from torch import nn
 
 from common.fmoe.backend import fmoe_backend
 from common.fmoe.expert_parallel import local_experts
-from common.launch import is_main, launched, run_workers
+from common.launch import is_main, job_size, run_workers
 from common.models.attention import MultiHeadAttention
 from common.runner import parse_args, run_script, script_parser
 
@@ -314,7 +313,7 @@ def main(argv=None) -> dict:
     for name in ("nproc", "layers", "d_model", "experts", "d_hidden", "batch", "batches", "epochs"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    world = int(os.environ["WORLD_SIZE"]) if launched() else args.nproc
+    world = job_size(args.nproc)
     if args.experts % world or args.batch % world:
         parser.error(f"--experts {args.experts} and --batch {args.batch} must divide by {world} workers")
     if args.d_model % args.heads:

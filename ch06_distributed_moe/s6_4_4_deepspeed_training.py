@@ -27,17 +27,17 @@ book's.
 
 from __future__ import annotations
 
-import os
 import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.env import require
 from common.fmoe.expert_parallel import check_ep_size
-from common.launch import is_main, launched, run_workers
+from common.launch import is_main, job_size, run_workers
 from common.models.attention import MultiHeadAttention
-from common.runner import SkipScript, parse_args, run_script, script_parser
+from common.runner import parse_args, run_script, script_parser
 
 BOOK_LOSS = (1.784, 1.001)
 
@@ -151,7 +151,7 @@ def main(argv=None) -> dict:
     args = parse_args(parser, argv)
     if args.quick:
         args.d_model, args.d_ff, args.heads, args.batches, args.epochs = 64, 128, 4, 4, 3
-    world = int(os.environ["WORLD_SIZE"]) if launched() else args.nproc
+    world = job_size(args.nproc)
     try:
         check_ep_size(world, world)
         if args.experts % world or args.batch % world:
@@ -162,10 +162,7 @@ def main(argv=None) -> dict:
             raise ValueError(f"--d-model {args.d_model} must divide by --heads {args.heads}")
     except ValueError as e:
         parser.error(str(e))
-    try:
-        import deepspeed  # noqa: F401
-    except Exception as e:  # noqa: BLE001
-        raise SkipScript(f"deepspeed does not import: {e}", "pip install deepspeed") from e
+    require("deepspeed")  # or skip with the reason
     device = "cuda" if args.device == "cuda" else "cpu"
     results = run_workers(_worker, args.nproc, (args,), device=device, timeout=900)
     if not is_main():

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from common.fmoe.expert_parallel import all_to_all, exchange_counts, local_experts
-from common.launch import is_main, launched, run_workers
+from common.launch import is_main, job_size, run_workers
 from common.plotting import pyplot, save_figure
 from common.runner import parse_args, run_script, script_parser
 
@@ -135,7 +135,7 @@ def main(argv=None) -> dict:
     args = parse_args(parser, argv)
     if args.quick:
         args.tokens, args.experts, args.capacity_factor, args.repeats = [256, 1024], [8], [1.25], 3
-    world = int(os.environ["WORLD_SIZE"]) if launched() else args.nproc
+    world = job_size(args.nproc)
     for e in args.experts:
         if e % world:
             parser.error(f"--experts {e} must divide by the {world} workers")

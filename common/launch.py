@@ -59,6 +59,12 @@ def launched() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def job_size(nproc: int) -> int:
+    """How many ranks the job has: the launcher's ``WORLD_SIZE`` when launched, else ``nproc`` (the
+    workers :func:`run_workers` will start), so a script can check its flags before any worker starts."""
+    return int(os.environ["WORLD_SIZE"]) if launched() else nproc
+
+
 def is_main() -> bool:
     """True in the process that should print and write: rank 0 under a launcher, else this one."""
     return int(os.environ.get("RANK", "0")) == 0

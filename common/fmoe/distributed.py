@@ -41,7 +41,7 @@ class DistributedGroupedDataParallel(nn.Module):
         return groups
 
     def allreduce_params(self, no_scale: bool = False, reduce_after: bool = False) -> None:
-        """Sum each tagged group's gradients over its workers; then / group size unless ``no_scale``."""
+        """Sum each tagged group's gradients over its workers, divided by its size unless ``no_scale``."""
         for (comm, _), params in self._grouped(with_grad=True).items():
             group = self.comms[comm]
             grads = [p.grad.data for p in params]
