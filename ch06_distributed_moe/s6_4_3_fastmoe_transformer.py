@@ -305,7 +305,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (regression)")
     parser.add_argument("--aux-coef", type=float, default=0.0, help="weight of the gates' losses")
     parser.add_argument("--context", type=int, default=64, help="language model context")
-    parser.add_argument("--lm-steps", type=int, default=150, help="language model training steps")
+    parser.add_argument("--lm-steps", type=int, default=100, help="language model training steps")
     parser.add_argument("--lm-lr", type=float, default=3e-3, help="AdamW learning rate (language model)")
     args = parse_args(parser, argv)
     if args.quick:
