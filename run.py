@@ -5,56 +5,91 @@
     python3 run.py book --full --device cuda    # the book's full sizes, on the GPU
     python3 run.py test [PYTEST FLAGS]   # set up, then run the tests
     python3 run.py setup                 # only install what the book needs
+    python3 run.py book --help           # the harness's own flags (--only, --compare, --timeout, ...)
 
-Set-up installs into the Python that runs this file (use a virtual environment if you like):
-torch first, deliberately (TORCH, default torch==2.13.0, and only when torch is missing), then
-requirements.txt, then this repository in editable mode so that scripts also run by path. It is
-skipped when nothing changed since the last successful set-up.
+Set-up installs into the Python that runs this file (use a virtual environment if you like), one
+numbered step at a time with pip's own progress: torch first, deliberately (only when torch is
+missing), then requirements.txt, then this repository in editable mode so that scripts also run by
+path. It is skipped when nothing changed since the last successful set-up.
+
+Which torch:
+    --cpu                  the CPU-only build from PyTorch's CPU index (about 200 MB instead of the
+                           several GB of CUDA libraries that plain `pip install torch` pulls on Linux)
+    TORCH=...              the pip requirement, whole (default "torch==2.13.0"); e.g.
+                           TORCH="torch==2.13.0+cpu" or TORCH="/path/to/torch-2.13.0-...whl"
+    TORCH_INDEX=URL        the index torch comes from (--cpu sets https://download.pytorch.org/whl/cpu)
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 STAMP = ROOT / ".cache" / "setup.stamp"
-TORCH = os.environ.get("TORCH", "torch==2.13.0")
+CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+COMMANDS = {"book", "test", "setup"}
 
 
 def sh(*cmd: str) -> None:
-    print("+", " ".join(cmd), flush=True)
+    print("+", shlex.join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
 
 
-def setup() -> None:
+def torch_install_args(cpu: bool) -> list[str]:
+    """pip's arguments for torch: ``$TORCH`` split like a shell would, and the index to take it from."""
+    args = shlex.split(os.environ.get("TORCH", "torch==2.13.0"))
+    index = os.environ.get("TORCH_INDEX") or (CPU_INDEX if cpu else None)
+    if index:
+        args += ["--index-url", index]
+    return args
+
+
+def setup(cpu: bool = False) -> None:
     digest = hashlib.sha256(
         b"".join((ROOT / f).read_bytes() for f in ("requirements.txt", "pyproject.toml"))
         + sys.executable.encode()
     ).hexdigest()
     if STAMP.exists() and STAMP.read_text() == digest:
         return
-    pip = [sys.executable, "-m", "pip", "install", "--quiet"]
+    pip = [sys.executable, "-m", "pip", "install"]
+    print(f"set-up: installing into {sys.executable}", flush=True)
     if subprocess.run([sys.executable, "-c", "import torch"], capture_output=True).returncode != 0:
-        sh(*pip, TORCH)
+        torch = torch_install_args(cpu)
+        print(f"[1/3] torch: pip install {shlex.join(torch)}", flush=True)
+        sh(*pip, *torch)
+    else:
+        print("[1/3] torch: already installed", flush=True)
+    print("[2/3] the core packages of requirements.txt", flush=True)
     sh(*pip, "-r", "requirements.txt")
+    print("[3/3] this repository, in editable mode", flush=True)
     sh(*pip, "--no-deps", "-e", ".")
     STAMP.parent.mkdir(exist_ok=True)
     STAMP.write_text(digest)
+    print("set-up done", flush=True)
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in {"book", "test", "setup"}:
+    cpu = "--cpu" in argv
+    argv = [a for a in argv if a != "--cpu"]
+    if argv and argv[0] in {"-h", "--help", "help"}:
         print(__doc__)
+        return 0
+    if not argv or argv[0] not in COMMANDS:
+        print(__doc__)
+        print(f"run.py: error: give a command: {', '.join(sorted(COMMANDS))}", file=sys.stderr)
         return 2
-    setup()
+    wants_help = any(a in {"-h", "--help"} for a in argv[1:])
+    if not (wants_help and argv[0] == "book"):  # the harness's help needs nothing installed
+        setup(cpu)
     env = {**os.environ, "MPLBACKEND": os.environ.get("MPLBACKEND", "Agg")}
     if argv[0] == "book":
         flags = [f for f in argv[1:] if f != "--full"]
-        if "--full" not in argv:
+        if "--full" not in argv and not wants_help:
             flags.insert(0, "--quick")
         return subprocess.run([sys.executable, "-m", "verify", *flags], cwd=ROOT, env=env).returncode
     if argv[0] == "test":

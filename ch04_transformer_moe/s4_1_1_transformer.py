@@ -24,10 +24,10 @@ import time
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from common.models.transformer import Seq2SeqTransformer
 from common.plotting import pyplot, save_figure
+from common.progress import progress
 from common.runner import parse_args, run_script, script_parser
 
 ONES = [
@@ -196,7 +196,7 @@ def main(argv=None) -> dict:
     losses = []
     start = time.perf_counter()
     model.train()
-    for _ in (bar := tqdm(range(args.steps), desc="training", mininterval=1.0)):
+    for _ in (bar := progress(range(args.steps), desc="training", mininterval=1.0)):
         src, tgt_in, tgt_out = encode_batch(
             rng.sample(train_numbers, args.batch_size), src_vocab, tgt_vocab, device
         )

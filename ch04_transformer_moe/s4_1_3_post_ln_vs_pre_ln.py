@@ -30,7 +30,7 @@ import torch
 
 from common.data import TokenData, get_tokenizer, load_corpus
 from common.plotting import pyplot, save_figure
-from common.runner import parse_args, run_script, script_parser
+from common.runner import parse_args, positive_int, run_script, script_parser
 from common.training import TrainConfig, train
 
 
@@ -84,16 +84,23 @@ def main(argv=None) -> dict:
     from common.models.decoder import DecoderConfig, DecoderLM
 
     parser = script_parser(__doc__)
-    parser.add_argument("--layers", type=int, default=None, help="decoder layers (default 8; quick 3)")
-    parser.add_argument("--d-model", type=int, default=None, help="model width (default 128; quick 64)")
     parser.add_argument(
-        "--steps", type=int, default=None, help="training steps for each model (default 300; quick 15)"
+        "--layers", type=positive_int, default=None, help="decoder layers (default 8; quick 3)"
+    )
+    parser.add_argument(
+        "--d-model", type=positive_int, default=None, help="model width (default 128; quick 64)"
+    )
+    parser.add_argument(
+        "--steps",
+        type=positive_int,
+        default=None,
+        help="training steps for each model (default 300; quick 15)",
     )
     parser.add_argument(
         "--lr", type=float, default=3e-3, help="AdamW learning rate, used from step 0 (no warm-up)"
     )
     parser.add_argument(
-        "--batch-size", type=int, default=None, help="sequences per step (default 16; quick 8)"
+        "--batch-size", type=positive_int, default=None, help="sequences per step (default 16; quick 8)"
     )
     parser.add_argument(
         "--init",
@@ -103,7 +110,7 @@ def main(argv=None) -> dict:
         "paper's setting) or DecoderLM's GPT-2 style default",
     )
     parser.add_argument(
-        "--grad-batches", type=int, default=None, help="batches averaged for the gradient norms"
+        "--grad-batches", type=positive_int, default=None, help="batches averaged for the gradient norms"
     )
     args = parse_args(parser, argv)
     q = args.quick

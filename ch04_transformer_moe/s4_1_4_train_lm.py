@@ -27,7 +27,7 @@ import torch
 
 from common.data import TokenData, get_tokenizer, load_corpus
 from common.plotting import pyplot, save_figure
-from common.runner import parse_args, run_script, script_parser
+from common.runner import non_negative_int, parse_args, positive_int, run_script, script_parser
 from common.training import TrainConfig, cleanup_distributed, setup_distributed, train
 
 TINY = dict(n_layer=4, d_model=128, n_head=4, n_kv_head=4)
@@ -62,34 +62,42 @@ def main(argv=None) -> dict:
         "--corpus", default=None, help="train on this UTF-8 text file instead of the embedded corpus"
     )
     parser.add_argument(
-        "--vocab-size", type=int, default=None, help="BPE vocabulary (default 2048; quick 512)"
+        "--vocab-size", type=positive_int, default=None, help="BPE vocabulary (default 2048; quick 512)"
     )
     parser.add_argument(
-        "--context", type=int, default=None, help="context length in tokens (default 128; quick 64)"
+        "--context", type=positive_int, default=None, help="context length in tokens (default 128; quick 64)"
     )
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default 160; quick 12)")
+    parser.add_argument(
+        "--steps", type=positive_int, default=None, help="optimizer steps (default 160; quick 12)"
+    )
     parser.add_argument(
         "--batch-size",
-        type=int,
+        type=positive_int,
         default=None,
         help="sequences per micro-batch per process (default 32; quick 8)",
     )
     parser.add_argument(
-        "--grad-accum", type=int, default=1, help="micro-batches accumulated per optimizer step"
+        "--grad-accum", type=positive_int, default=1, help="micro-batches accumulated per optimizer step"
     )
     parser.add_argument(
         "--lr", type=float, default=4e-3, help="AdamW learning rate (embeddings, head, norms)"
     )
     parser.add_argument("--muon-lr", type=float, default=0.02, help="Muon learning rate (hidden matrices)")
     parser.add_argument("--no-muon", action="store_true", help="AdamW for every parameter")
-    parser.add_argument("--warmup", type=int, default=10, help="warm-up steps")
+    parser.add_argument("--warmup", type=non_negative_int, default=10, help="warm-up steps")
     parser.add_argument("--warmdown-frac", type=float, default=0.4, help="share of steps in the final decay")
     parser.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0: off)")
     parser.add_argument(
-        "--eval-every", type=int, default=None, help="validate every N steps (default 40; quick 6)"
+        "--eval-every",
+        type=non_negative_int,
+        default=None,
+        help="validate every N steps (default 40; quick 6)",
     )
     parser.add_argument(
-        "--ckpt-every", type=int, default=None, help="checkpoint every N steps (default 50; quick 6)"
+        "--ckpt-every",
+        type=non_negative_int,
+        default=None,
+        help="checkpoint every N steps (default 50; quick 6)",
     )
     parser.add_argument(
         "--resume", action="store_true", help="continue from the checkpoint in the output folder"
@@ -100,8 +108,12 @@ def main(argv=None) -> dict:
         default="auto",
         help="autocast dtype; auto = bf16 where the GPU supports it, else fp32",
     )
-    parser.add_argument("--samples", type=int, default=3, help="continuations to generate at the end")
-    parser.add_argument("--max-new-tokens", type=int, default=40, help="tokens per generated continuation")
+    parser.add_argument(
+        "--samples", type=non_negative_int, default=3, help="continuations to generate at the end"
+    )
+    parser.add_argument(
+        "--max-new-tokens", type=positive_int, default=40, help="tokens per generated continuation"
+    )
     args = parse_args(parser, argv)
     q = args.quick
     dist = setup_distributed(args.device)
@@ -128,10 +140,10 @@ def main(argv=None) -> dict:
         warmup_steps=min(args.warmup, 3) if q else args.warmup,
         warmdown_frac=args.warmdown_frac,
         grad_clip=args.grad_clip,
-        eval_every=args.eval_every or (6 if q else 40),
+        eval_every=(6 if q else 40) if args.eval_every is None else args.eval_every,
         eval_batches=4 if q else 16,
         ckpt_dir=os.path.join(args.out, "checkpoint"),
-        ckpt_every=args.ckpt_every or (6 if q else 50),
+        ckpt_every=(6 if q else 50) if args.ckpt_every is None else args.ckpt_every,
         resume=args.resume,
         seed=args.seed,
         dtype=args.dtype,
@@ -170,18 +182,19 @@ def main(argv=None) -> dict:
     model.eval()
     prompts = [tokenizer.encode(p).ids for p in PROMPTS[: args.samples]]
     g = torch.Generator(device=dist.device).manual_seed(args.seed)
-    continuations = generate(
-        model,
-        prompts,
-        args.max_new_tokens,
-        temperature=0.8,
-        top_k=50,
-        generator=g,
-        stop_tokens=tokenizer.token_to_id("<|endoftext|>"),
-    )
-    say("\nsamples (temperature 0.8, top-k 50):")
-    for prompt, ids in zip(PROMPTS, continuations):
-        say(f"  {prompt!r} -> {tokenizer.decode(ids)!r}")
+    if prompts:  # --samples 0 generates nothing
+        continuations = generate(
+            model,
+            prompts,
+            args.max_new_tokens,
+            temperature=0.8,
+            top_k=50,
+            generator=g,
+            stop_tokens=tokenizer.token_to_id("<|endoftext|>"),
+        )
+        say("\nsamples (temperature 0.8, top-k 50):")
+        for prompt, ids in zip(PROMPTS, continuations):
+            say(f"  {prompt!r} -> {tokenizer.decode(ids)!r}")
     png = os.path.join(args.out, "loss.png")
     plot_losses(png, result)
     say(f"plot: {png}; checkpoint: {cfg.ckpt_dir}")

@@ -24,7 +24,7 @@ import torch
 
 from common.models.generation import generate
 from common.pretrained import SPECS, pretrained_lm
-from common.runner import parse_args, run_script, script_parser
+from common.runner import parse_args, positive_int, run_script, script_parser
 
 PROMPTS = ["The return value of", "A class is"]
 
@@ -35,12 +35,12 @@ def main(argv=None) -> dict:
         "--name", choices=sorted(SPECS), default=None, help="which model (default tiny; quick: test)"
     )
     parser.add_argument("--retrain", action="store_true", help="ignore the cache and train the model now")
-    parser.add_argument("--new-tokens", type=int, default=None, help="tokens per continuation (quick: 12)")
+    parser.add_argument(
+        "--new-tokens", type=positive_int, default=None, help="tokens per continuation (quick: 12)"
+    )
     args = parse_args(parser, argv)
     name = args.name or ("test" if args.quick else "tiny")
     new_tokens = args.new_tokens or (12 if args.quick else 40)
-    if new_tokens < 1:
-        parser.error("--new-tokens must be >= 1")
 
     model, tokenizer, info = pretrained_lm(name, device=args.device, retrain=args.retrain)
     cfg = info["config"]

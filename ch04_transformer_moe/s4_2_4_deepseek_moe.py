@@ -26,10 +26,10 @@ from __future__ import annotations
 import os
 
 import torch
-from tqdm.auto import tqdm
 
 from common.moe import DeepSeekMoE
 from common.plotting import pyplot, save_figure
+from common.progress import progress
 from common.runner import parse_args, run_script, script_parser
 
 
@@ -68,7 +68,7 @@ def train_run(args, gamma: float, x_all: torch.Tensor, teacher: torch.nn.Module,
     opt = torch.optim.AdamW(layer.parameters(), lr=args.lr)
     imbalance, losses = [], []
     g = torch.Generator(device=args.device).manual_seed(args.seed)
-    for _ in tqdm(range(args.steps), desc=desc, leave=False):
+    for _ in progress(range(args.steps), desc=desc, leave=False):
         idx = torch.randint(0, x_all.shape[0], (args.batch,), generator=g, device=args.device)
         x = x_all[idx]  # (batch, seq, d_model)
         with torch.no_grad():

@@ -2,15 +2,18 @@
 
 A checkpoint is a folder with two files:
 
-- ``model.safetensors``: the weights (safetensors: no pickle, shared/tied tensors handled);
+- ``model-<sha>.safetensors``: the weights (safetensors: no pickle, shared/tied tensors handled),
+  named after the first 16 hex digits of their SHA-256;
 - ``state.pt``: the step, the optimizer state, every random number generator (Python, NumPy,
-  torch CPU and CUDA, plus any extra ``torch.Generator``), the run's history, and the SHA-256 of
-  the weights file.  It holds only tensors and plain Python values, so it loads with
-  ``torch.load(..., weights_only=True)`` (no arbitrary code runs on load).
+  torch CPU and CUDA, plus any extra ``torch.Generator``), the run's history, the name of its
+  weights file and their full SHA-256.  It holds only tensors and plain Python values, so it loads
+  with ``torch.load(..., weights_only=True)`` (no arbitrary code runs on load).
 
-Each file is written to a temporary name and renamed over the old one (``os.replace`` is atomic),
-weights first.  A crash between the two renames leaves new weights with the old state: the
-checksum in ``state.pt`` then no longer matches and :func:`load_checkpoint` refuses the pair.
+Saving writes the new weights file beside the old one, then the new ``state.pt`` to a temporary
+name, and renames it over the old ``state.pt`` (``os.replace`` is atomic): that one rename switches
+from the old checkpoint to the new.  Only then are the old weights removed.  A crash or a signal
+at any instant therefore leaves ``state.pt`` naming a complete weights file, old or new; the files
+it left half-written (temporaries, unreferenced weights) are removed by the next save or load.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-WEIGHTS = "model.safetensors"
+WEIGHTS = "model.safetensors"  # the weights of a checkpoint written before they were content-named
 STATE = "state.pt"
 
 
@@ -76,6 +79,33 @@ def restore_rng_state(state: dict, generators: dict[str, torch.Generator] | None
         g.set_state(state["generators"][name])
 
 
+def _weights_name(state: dict) -> str:
+    return state.get("weights_file", WEIGHTS)
+
+
+def _current_state(directory: Path) -> dict | None:
+    try:
+        return torch.load(directory / STATE, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - missing, truncated, not a torch file
+        return None
+
+
+def _tidy(directory: Path, keep: str | None) -> None:
+    """Remove what an interrupted save left: temporaries, and weights that ``state.pt`` does not name."""
+    for path in directory.iterdir():
+        stray_weights = path.name.startswith("model") and path.name.endswith(".safetensors")
+        if ".tmp" in path.name or (stray_weights and path.name != keep):
+            path.unlink(missing_ok=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save_checkpoint(
     directory: str | os.PathLike,
     model: torch.nn.Module,
@@ -87,35 +117,41 @@ def save_checkpoint(
     """Write ``model`` weights and the training state into ``directory`` atomically; return the folder.
 
     ``rng_state`` defaults to the generators' state now; pass the state captured at the start of
-    the step being resumed when saving after an interruption.
+    the step being resumed when saving after an interruption.  The previous checkpoint in
+    ``directory`` stays loadable until the new one is complete (see the module docstring).
     """
     from safetensors.torch import save_model
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    weights, state_path = directory / WEIGHTS, directory / STATE
     tmp_weights = directory / f"{WEIGHTS}.tmp{os.getpid()}"
     save_model(model, str(tmp_weights))
+    _fsync(tmp_weights)
+    sha = file_sha256(tmp_weights)
+    weights_file = f"model-{sha[:16]}.safetensors"
+    os.replace(tmp_weights, directory / weights_file)  # a new name: the old checkpoint is untouched
     state = {
         "step": int(step),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "rng": rng_state if rng_state is not None else capture_rng_state(),
         "extra": extra or {},
-        "weights_sha256": file_sha256(tmp_weights),
+        "weights_file": weights_file,
+        "weights_sha256": sha,
     }
     tmp_state = directory / f"{STATE}.tmp{os.getpid()}"
     torch.save(state, tmp_state)
-    os.replace(tmp_weights, weights)
-    os.replace(tmp_state, state_path)
+    _fsync(tmp_state)
+    os.replace(tmp_state, directory / STATE)  # the switch from the old checkpoint to the new
+    _tidy(directory, keep=weights_file)
     return directory
 
 
 def has_checkpoint(directory: str | os.PathLike | None) -> bool:
-    return (
-        directory is not None
-        and (Path(directory) / STATE).is_file()
-        and (Path(directory) / WEIGHTS).is_file()
-    )
+    """True when ``directory`` holds a ``state.pt`` and the weights file it names."""
+    if directory is None or not (Path(directory) / STATE).is_file():
+        return False
+    state = _current_state(Path(directory))
+    return state is not None and (Path(directory) / _weights_name(state)).is_file()
 
 
 def load_checkpoint(
@@ -129,19 +165,31 @@ def load_checkpoint(
     from safetensors.torch import load_model
 
     directory = Path(directory)
-    if not has_checkpoint(directory):
-        raise CheckpointError(f"no complete checkpoint in {directory} (need {WEIGHTS} and {STATE})")
+    if not (directory / STATE).is_file():
+        raise CheckpointError(f"no checkpoint in {directory} (no {STATE})")
     try:
         state = torch.load(directory / STATE, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncated zip, bad pickle, ...
         raise CheckpointError(f"{directory / STATE} is unreadable: {type(e).__name__}: {e}") from e
-    if file_sha256(directory / WEIGHTS) != state.get("weights_sha256"):
+    weights = directory / _weights_name(state)
+    if not weights.is_file():
+        raise CheckpointError(f"{weights}, named by {directory / STATE}, is missing")
+    if file_sha256(weights) != state.get("weights_sha256"):
         raise CheckpointError(
-            f"{directory / WEIGHTS} does not match the checksum in {STATE} (interrupted write or edited file)"
+            f"{weights} does not match the checksum in {STATE} (interrupted write or edited file)"
         )
-    load_model(model, str(directory / WEIGHTS), strict=True, device=str(device))
+    _tidy(directory, keep=weights.name)
+    load_model(model, str(weights), strict=True, device=str(device))
     if optimizer is not None:
         if state["optimizer"] is None:
             raise CheckpointError(f"{directory} holds no optimizer state to resume from")
         optimizer.load_state_dict(state["optimizer"])
+    return state
+
+
+def read_state(directory: str | os.PathLike) -> dict:
+    """``state.pt`` of the checkpoint in ``directory`` (step, config, history) without loading weights."""
+    state = _current_state(Path(directory))
+    if state is None:
+        raise CheckpointError(f"no readable {STATE} in {directory}")
     return state

@@ -12,8 +12,11 @@ version, about 1 MB.
     x, y = data.get_batch("train", batch_size=8, generator=g)   # (8, 128) each, y = x shifted by one
     for x, y in data.val_batches(batch_size=8): ...              # fixed order, same every call
 
-The split is by chunks of whole paragraphs (about 4 KB each): every ``round(1 / val_fraction)``-th
-chunk goes to validation, so both splits cover the whole corpus and the split never changes.
+The split is by chunks of whole paragraphs (about 4 KB each; a paragraph over twice that, such
+as a long text without blank lines, is cut by size at line breaks or spaces): every
+``round(1 / val_fraction)``-th chunk goes to validation, so both splits cover the whole corpus and
+the split never changes.  A corpus file that is missing, a folder, empty, binary or not UTF-8 is
+refused with a one-line :class:`~common.errors.UsageError` naming the file.
 ``data.bytes_per_token`` and the per-token byte counts ``data.token_bytes`` turn a loss in nats
 per token into bits per byte, a figure comparable across tokenizers.
 """
@@ -31,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from common.errors import UsageError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CACHE_ENV = "BOOK_CACHE_DIR"
@@ -117,13 +122,31 @@ def _module_docstrings(relpath: str) -> str | None:
 
 
 def load_corpus(path: str | os.PathLike | None = None) -> str:
-    """The text to train on: the file at ``path`` (UTF-8), or the embedded default corpus."""
-    if path is not None:
-        text = Path(path).read_text(encoding="utf-8")
-        if not text.strip():
-            raise ValueError(f"corpus file {path} is empty")
-        return text
-    return _default_corpus()
+    """The text to train on: the file at ``path`` (UTF-8), or the embedded default corpus.
+
+    Raises :class:`~common.errors.UsageError` naming the file when it is missing, a folder,
+    unreadable, empty, binary (it holds NUL bytes) or not valid UTF-8.
+    """
+    if path is None:
+        return _default_corpus()
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"corpus file {path}: no such file")
+    if path.is_dir():
+        raise UsageError(f"corpus file {path} is a folder, not a text file")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise UsageError(f"corpus file {path} cannot be read: {e.strerror or e}") from e
+    if b"\x00" in raw:
+        raise UsageError(f"corpus file {path} is binary (it holds NUL bytes), not UTF-8 text")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"corpus file {path} is not UTF-8 text (byte {e.start}: {e.reason})") from e
+    if not text.strip():
+        raise UsageError(f"corpus file {path} is empty")
+    return text
 
 
 @functools.lru_cache(maxsize=1)
@@ -146,12 +169,19 @@ def split_text(text: str, val_fraction: float = 0.1, chunk_chars: int = 4096) ->
     """Split ``text`` into (train chunks, validation chunks) of whole paragraphs, deterministically.
 
     Paragraphs (separated by blank lines) are packed into chunks of about ``chunk_chars``
-    characters; every ``round(1 / val_fraction)``-th chunk goes to validation.
+    characters, a paragraph longer than ``2 * chunk_chars`` first cut into pieces of about
+    ``chunk_chars`` (:func:`_cut_by_size`); every ``round(1 / val_fraction)``-th chunk goes to validation.
     """
     if not 0.0 < val_fraction < 0.5:
         raise ValueError(f"val_fraction must be in (0, 0.5), got {val_fraction}")
     chunks, current = [], ""
     for paragraph in text.split("\n\n"):
+        pieces = _cut_by_size(paragraph, chunk_chars)
+        if len(pieces) > 1:  # a paragraph cut by size: its pieces are chunks of their own
+            chunks += [current] if current else []
+            chunks += pieces
+            current = ""
+            continue
         current = f"{current}\n\n{paragraph}" if current else paragraph
         if len(current) >= chunk_chars:
             chunks.append(current)
@@ -160,13 +190,28 @@ def split_text(text: str, val_fraction: float = 0.1, chunk_chars: int = 4096) ->
         chunks.append(current)
     every = round(1 / val_fraction)
     if len(chunks) < every:
-        raise ValueError(
+        raise UsageError(
             f"text too short to split: {len(chunks)} chunks of ~{chunk_chars} characters, "
             f"need at least {every} for val_fraction={val_fraction}"
         )
     train = [c for i, c in enumerate(chunks) if i % every != every - 1]
     val = [c for i, c in enumerate(chunks) if i % every == every - 1]
     return train, val
+
+
+def _cut_by_size(paragraph: str, size: int) -> list[str]:
+    """``paragraph`` whole, or, when longer than ``2 * size``, cut into pieces of at most ``size``
+    characters, each ending with a line break (else a space) where one lies in its second half."""
+    if len(paragraph) <= 2 * size:
+        return [paragraph]
+    pieces, rest = [], paragraph
+    while len(rest) > size:
+        at = rest.rfind("\n", size // 2, size)
+        at = at if at >= 0 else rest.rfind(" ", size // 2, size)
+        cut = at + 1 if at >= 0 else size
+        pieces.append(rest[:cut])
+        rest = rest[cut:]
+    return [*pieces, rest] if rest else pieces
 
 
 # ----------------------------------------------------------------------------- the tokenizer
@@ -278,7 +323,7 @@ class TokenData:
         )
         for split in ("train", "val"):
             if len(data.tokens(split)) <= context_length:
-                raise ValueError(
+                raise UsageError(
                     f"{split} split has {len(data.tokens(split))} tokens, not more than "
                     f"context_length={context_length}: use a longer text or a shorter context"
                 )

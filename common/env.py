@@ -5,7 +5,10 @@
 
 The report names every optional package with its installed version and whether it really
 imports (auto-gptq 0.7.1, for one, installs but fails to import with transformers 5), and turns
-the known version incompatibilities below into warnings.
+the known version incompatibilities below into warnings.  What a package logs while it is imported
+is captured (:func:`import_quietly`), not left on stderr after the report: DeepSpeed's "Setting
+accelerator to CPU" is what a machine without a GPU should get and is dropped; any other warning
+it logs joins the report's warnings.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import contextlib
 import importlib
 import importlib.metadata as metadata
 import json
+import logging
 import os
 import platform
 import random
@@ -23,7 +27,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from common.runner import SkipScript
+from common.errors import SkipScript
 
 # import name -> distribution name on the package index
 PACKAGES = {
@@ -44,6 +48,10 @@ PACKAGES = {
     "safetensors": "safetensors",
     "matplotlib": "matplotlib",
 }
+
+# the loggers that packages write to while they are imported, and the messages that are no trouble
+IMPORT_LOGGERS = {"deepspeed": "DeepSpeed"}
+BENIGN_IMPORT_LOG = re.compile(r"Setting accelerator to CPU")
 
 INSTALL_HINTS = {
     "fmoe": "fastmoe builds only against CUDA: see requirements-gpu.txt",
@@ -143,10 +151,36 @@ def keep_freed_memory() -> bool:
     )
 
 
+def import_quietly(name: str, log: list[str] | None = None):
+    """Import ``name``; the warnings its logger emits during the import go to ``log``, not stderr.
+
+    Only packages listed in :data:`IMPORT_LOGGERS` are affected; messages matching
+    :data:`BENIGN_IMPORT_LOG` are dropped.  Later log records of the package are untouched.
+    """
+    logger_name = IMPORT_LOGGERS.get(name.split(".")[0])
+    if logger_name is None:
+        return importlib.import_module(name)
+
+    def capture(record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        message = record.getMessage()
+        if log is not None and not BENIGN_IMPORT_LOG.search(message):
+            log.append(message)
+        return False
+
+    logger = logging.getLogger(logger_name)  # the logger the package configures on import
+    logger.addFilter(capture)
+    try:
+        return importlib.import_module(name)
+    finally:
+        logger.removeFilter(capture)
+
+
 def require(name: str, hint: str | None = None):
     """Import an optional package or raise :class:`SkipScript` with the reason and the install hint."""
     try:
-        return importlib.import_module(name)
+        return import_quietly(name)
     except BaseException as e:  # noqa: BLE001 - some packages raise SystemExit or odd errors on import
         if isinstance(e, KeyboardInterrupt):
             raise
@@ -172,10 +206,13 @@ def package_status(import_name: str) -> dict:
     if version is None:
         info["error"] = "not installed"
         return info
+    log: list[str] = []
     try:
         with contextlib.redirect_stdout(sys.stderr):  # some packages log to stdout on import
-            importlib.import_module(import_name)
+            import_quietly(import_name, log)
         info["imports"] = True
+        if log:
+            info["import_warnings"] = log
     except BaseException as e:  # noqa: BLE001
         if isinstance(e, KeyboardInterrupt):
             raise
@@ -377,6 +414,11 @@ def environment_report() -> dict:
         "error": None,
     }
     report["warnings"] = [inc.message(report) for inc in INCOMPATIBILITIES if inc.applies(report)]
+    report["warnings"] += [
+        f"{p['name']} warned on import: {w}"
+        for p in report["packages"].values()
+        for w in p.get("import_warnings", [])
+    ]
     return report
 
 

@@ -15,10 +15,20 @@ A section script looks like this::
         run_script(main)
 
 Shared flags: ``--quick`` (also on when the environment variable ``BOOK_QUICK`` is 1/true/yes),
-``--device auto|cpu|cuda|mps``, ``--seed``, ``--json PATH``.  ``run_script`` captures Python
+``--device auto|cpu|cuda|mps``, ``--seed`` (0 to 2**32-1), ``--out DIR``, ``--json PATH``.  One parser
+reads them all; the output targets are checked before the work starts (a folder given as ``--json``,
+an ``--out`` that cannot be written are usage errors, exit 2).  ``run_script`` captures Python
 warnings (still printing them), prints the returned figures as a short table, writes
-``{"status", "reason", "figures", "warnings"}`` to ``--json`` and maps :class:`SkipScript` to
-exit code 77, which the ``verify`` harness records as SKIP.
+``{"status", "reason", "seconds", "figures", "warnings"}`` to ``--json`` and exits with:
+
+- 0 done (PASS);
+- 77 :class:`SkipScript` (SKIP in the ``verify`` report);
+- 2 a usage error: argparse's, or a :class:`~common.errors.UsageError` raised later (a corpus file
+  that is not text, ``--resume`` without a checkpoint), printed as one line;
+- 130 Ctrl-C, 143 SIGTERM (``kill``, a batch scheduler, ``verify``'s time limit): SIGTERM takes the
+  same path as Ctrl-C, so a training run saves its checkpoint, the JSON says INTERRUPTED, and one
+  line gives the exact command that resumes;
+- 1 any other failure, with its traceback.
 """
 
 from __future__ import annotations
@@ -27,28 +37,48 @@ import argparse
 import json
 import math
 import os
+import shlex
+import signal
 import sys
+import threading
 import time
 import traceback
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-SKIP_EXIT_CODE = 77
+from common.errors import SKIP_EXIT_CODE, USAGE_EXIT_CODE, Interrupted, SkipScript, UsageError
+
 QUICK_ENV = "BOOK_QUICK"
+SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit
 
-
-class SkipScript(Exception):
-    """Raised by a script that cannot run here (no GPU, an optional package missing or broken)."""
-
-    def __init__(self, reason: str, hint: str = ""):
-        self.reason = reason
-        self.hint = hint
-        super().__init__(f"{reason} ({hint})" if hint else reason)
+# the parser and arguments of the script that run_script is running (for --json and the resume line)
+_current: dict[str, Any] = {}
 
 
 def quick_from_env() -> bool:
     return os.environ.get(QUICK_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _int_type(low: int, high: int | None = None, what: str = "") -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < low or (high is not None and value > high):
+            span = f"from {low} to {high}" if high is not None else f"at least {low}"
+            raise argparse.ArgumentTypeError(f"{what or 'the value'} must be {span}, got {value}")
+        return value
+
+    parse.__name__ = "int"  # argparse names the type in its messages
+    return parse
+
+
+positive_int = _int_type(1, what="the value")
+non_negative_int = _int_type(0, what="the value")
+seed_int = _int_type(0, SEED_MAX, what="a seed")
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -64,7 +94,9 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         choices=["auto", "cpu", "cuda", "mps"],
         help="where to run; auto picks cuda, then mps, then cpu",
     )
-    g.add_argument("--seed", type=int, default=0, help="seed for python, numpy and torch")
+    g.add_argument(
+        "--seed", type=seed_int, default=0, help=f"seed for python, numpy and torch (0 to {SEED_MAX})"
+    )
     g.add_argument(
         "--out",
         metavar="DIR",
@@ -80,30 +112,77 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+class ScriptParser(argparse.ArgumentParser):
+    """argparse's parser, remembering its usage error so that ``--json`` can record it."""
+
+    def error(self, message: str):
+        _current["usage_error"] = message
+        super().error(message)
+
+
 def script_parser(doc: str | None = None, **kwargs) -> argparse.ArgumentParser:
     """An argparse parser with the shared flags; ``doc`` (the module docstring) is its help text."""
     kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
-    parser = argparse.ArgumentParser(description=doc, **kwargs)
+    parser = ScriptParser(description=doc, **kwargs)
     return add_common_args(parser)
 
 
+def _folder_problem(folder: Path) -> str | None:
+    """Why files cannot be written into ``folder`` (created if missing), or None when they can."""
+    if folder.exists():
+        if not folder.is_dir():
+            return f"{folder} is not a folder"
+        if not os.access(folder, os.W_OK | os.X_OK):
+            return f"{folder} is not writable"
+        return None
+    parent = folder.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"cannot create {folder}: {parent} is not a folder"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot create {folder}: {parent} is not writable"
+    return None
+
+
+def check_output_targets(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Usage errors (exit 2) for ``--json`` and ``--out`` targets that could not be written at the end."""
+    if args.json:
+        target = Path(args.json)
+        if target.is_dir():
+            parser.error(
+                f"argument --json: {target} is a folder; give a file path such as {target / 'figures.json'}"
+            )
+        problem = _folder_problem(target.absolute().parent)
+        if problem is None and target.exists() and not os.access(target, os.W_OK):
+            problem = f"{target} is not writable"
+        if problem:
+            parser.error(f"argument --json: {problem}")
+    problem = _folder_problem(Path(args.out).absolute())
+    if problem:
+        parser.error(f"argument --out: {problem}")
+
+
 def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
-    """Parse ``argv``, turn on quick mode from the environment, seed everything, keep freed memory for
-    reuse (:func:`common.env.keep_freed_memory`) and pick the device.
+    """Parse ``argv``, check the output targets, turn on quick mode from the environment, seed
+    everything and pick the device.
 
     ``args.device`` becomes the chosen device name ("cpu", "cuda", "mps"); ``args.device_reason``
     says why.  Asking for cuda or mps where there is none raises :class:`SkipScript`.  ``args.out``
-    defaults to ``runs/<name of the calling script>`` (created by whoever writes there first).
+    defaults to ``runs/<name of the calling script>`` (created by whoever writes there first; only
+    checked here).  Nothing else about the process changes: allocator settings such as
+    :func:`common.env.keep_freed_memory` are for the caller to opt into.
     """
     from common import env
 
     args = parser.parse_args(argv)
+    _current.update(parser=parser, args=args)
     if args.out is None:
         caller = sys._getframe(1).f_globals.get("__file__") or "script"
         args.out = os.path.join("runs", os.path.splitext(os.path.basename(caller))[0])
+    check_output_targets(parser, args)
     args.quick = bool(args.quick or quick_from_env())
     env.seed_everything(args.seed)
-    env.keep_freed_memory()  # large CPU tensors reuse freed pages instead of page-faulting anew
     args.device, args.device_reason = env.choose_device(args.device)
     return args
 
@@ -144,19 +223,47 @@ def _jsonable(v: Any) -> Any:
 
 
 def write_json(path: str, payload: dict) -> None:
-    """Write atomically, so a reader never sees half a file."""
+    """Write atomically, so a reader never sees half a file (and no temporary file stays behind)."""
     tmp = f"{path}.tmp{os.getpid()}"
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(tmp, "w") as f:
-        json.dump(_jsonable(payload), f, indent=2)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(_jsonable(payload), f, indent=2)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _json_in_argv(argv: list[str]) -> str | None:
+    """The ``--json`` target of a command line the parser rejected (so the failure is still recorded)."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--json="):
+            return arg.split("=", 1)[1]
+        if arg == "--json" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command line that continues this run: the same one, with ``--resume`` where the script has it."""
+    parser = _current.get("parser")
+    if parser is not None and "--resume" in parser._option_string_actions and "--resume" not in argv:
+        argv = [*argv, "--resume"]
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    head = ["python", "-m", spec.name] if spec is not None else ["python", sys.argv[0]]
+    return shlex.join(head + list(argv))
+
+
+def _raise_interrupted(signum, frame):
+    signal.signal(signum, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise Interrupted(signum)
 
 
 def run_script(main: Callable[[list[str] | None], dict], argv: list[str] | None = None) -> None:
-    """Run a section script's ``main`` and exit: 0 done, 77 skipped, 1 failed, 130 interrupted."""
+    """Run a section script's ``main`` and exit with the codes of the module docstring."""
     argv = sys.argv[1:] if argv is None else argv
-    pre = add_common_args(argparse.ArgumentParser(add_help=False))
-    known, _ = pre.parse_known_args(argv)
+    _current.clear()
 
     captured: list[str] = []
     original_showwarning = warnings.showwarning
@@ -166,7 +273,9 @@ def run_script(main: Callable[[list[str] | None], dict], argv: list[str] | None 
         original_showwarning(message, category, filename, lineno, file, line)
 
     warnings.showwarning = showwarning
-    status, reason, figures, code = "PASS", "", {}, 0
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    original_sigterm = signal.signal(signal.SIGTERM, _raise_interrupted) if in_main_thread else None
+    status, reason, figures, code, extra = "PASS", "", {}, 0, {}
     start = time.perf_counter()
     try:
         figures = main(argv) or {}
@@ -175,31 +284,53 @@ def run_script(main: Callable[[list[str] | None], dict], argv: list[str] | None 
     except SkipScript as e:
         status, reason, code = "SKIP", str(e), SKIP_EXIT_CODE
         print(f"\nSKIP: {e}", file=sys.stderr)
-    except KeyboardInterrupt:
-        status, reason, code = "FAIL", "interrupted", 130
-        print("\ninterrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        how = signal.Signals(signum).name
+        status, code = "INTERRUPTED", 128 + signum
+        reason = f"interrupted by {how}"
+        if getattr(e, "checkpoint_dir", None):
+            extra = {"checkpoint": str(e.checkpoint_dir), "step": e.step, "resume": resume_command(argv)}
+            reason += f" at step {e.step}; checkpoint in {e.checkpoint_dir}"
+            print(f"\n{reason}; resume with: {extra['resume']}", file=sys.stderr)
+        else:
+            print(f"\n{reason}", file=sys.stderr)
+    except UsageError as e:
+        parser = _current.get("parser")
+        prog = parser.prog if parser is not None else os.path.basename(sys.argv[0])
+        status, reason, code = "FAIL", f"usage error: {e}", USAGE_EXIT_CODE
+        print(f"{prog}: error: {e}", file=sys.stderr)
     except SystemExit as e:  # argparse --help / bad flags
         if e.code in (0, None):
             raise
-        status, reason, code = "FAIL", f"exit {e.code}", int(e.code) if isinstance(e.code, int) else 2
+        code = int(e.code) if isinstance(e.code, int) else USAGE_EXIT_CODE
+        status = "FAIL"
+        reason = f"usage error: {_current['usage_error']}" if "usage_error" in _current else f"exit {e.code}"
     except BaseException as e:  # noqa: BLE001 - the report needs every failure
         traceback.print_exc()
         status, reason, code = "FAIL", f"{type(e).__name__}: {e}", 1
     finally:
         warnings.showwarning = original_showwarning
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, original_sigterm)
     seconds = time.perf_counter() - start
     if status == "PASS":
         print_figures(figures)
-    if known.json:
-        write_json(
-            known.json,
-            {
-                "status": status,
-                "reason": reason,
-                "seconds": seconds,
-                "figures": figures,
-                "warnings": captured,
-            },
-        )
+    args = _current.get("args")
+    json_path = args.json if args is not None else _json_in_argv(argv)
+    if json_path and not os.path.isdir(json_path):  # a folder as --json is the usage error just shown
+        payload = {
+            "status": status,
+            "reason": reason,
+            "seconds": seconds,
+            "figures": figures,
+            "warnings": captured,
+            **extra,
+        }
+        try:
+            write_json(json_path, payload)
+        except OSError as e:
+            print(f"could not write --json {json_path}: {e}", file=sys.stderr)
+            code = code or 1
     sys.stdout.flush()
     sys.exit(code)

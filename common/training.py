@@ -16,8 +16,13 @@ What it does, in the order a step runs:
 - gradient clipping to ``grad_clip`` (global norm),
 - one step of :func:`build_optimizer`'s Muon (2-D hidden matrices) + AdamW (everything else),
 - every ``eval_every`` steps the validation loss and bits per byte (:func:`evaluate`),
-- every ``ckpt_every`` steps, at the end, and on Ctrl-C a checkpoint (:mod:`common.checkpoint`)
-  from which ``resume=True`` continues exactly as if never stopped.
+- every ``ckpt_every`` steps, at the end, and on Ctrl-C or SIGTERM (which :mod:`common.runner`
+  turns into the same ``KeyboardInterrupt``) a checkpoint (:mod:`common.checkpoint`) from which
+  ``resume=True`` continues exactly as if never stopped.  Resuming checks first that the checkpoint
+  exists, that it was made with the same model and training settings (naming the one that differs),
+  and that ``steps`` lies beyond it.
+
+Progress shows as a tqdm bar on a terminal and as plain lines in logs (:mod:`common.progress`).
 
 Data parallel: started under ``torchrun --nproc_per_node N``, call :func:`setup_distributed` first;
 ``train`` then wraps the model in DistributedDataParallel and every rank takes its own rows of the
@@ -38,6 +43,8 @@ import torch.nn.functional as F
 
 from common import checkpoint as ckpt
 from common.data import bits_per_byte
+from common.errors import UsageError
+from common.progress import progress
 
 # ----------------------------------------------------------------------------- optimizer
 
@@ -297,6 +304,63 @@ class TrainConfig:
         return min(round(self.warmdown_frac * self.steps), self.steps - min(self.warmup_steps, self.steps))
 
 
+# settings a resumed run may change: how long it runs, how often it evaluates and saves, where
+RESUMABLE_CHANGES = {
+    "steps",
+    "eval_every",
+    "eval_batches",
+    "eval_batch_size",
+    "ckpt_dir",
+    "ckpt_every",
+    "resume",
+    "progress",
+    "find_unused_parameters",
+}
+
+
+def model_config(model: nn.Module) -> dict | None:
+    """The model's config as a dict (``model.config.to_dict()`` or a dataclass), or None."""
+    config = getattr(model, "config", None)
+    if hasattr(config, "to_dict"):
+        return config.to_dict()
+    if config is not None and hasattr(config, "__dataclass_fields__"):
+        return asdict(config)
+    return None
+
+
+def check_resumable(directory: str, model: nn.Module, cfg: TrainConfig) -> dict:
+    """The checkpoint's state, after checking that ``cfg`` and ``model`` may continue it.
+
+    Raises :class:`~common.errors.UsageError` naming what is wrong: no checkpoint, an unreadable
+    one, a model or training setting that differs, or ``cfg.steps`` not beyond the checkpoint's step.
+    """
+    if not ckpt.has_checkpoint(directory):
+        raise UsageError(f"resume: no complete checkpoint in {directory} to resume from")
+    state = ckpt.read_state(directory)
+    extra = state.get("extra") or {}
+    now_model, saved_model = model_config(model), extra.get("model_config")
+    if now_model is not None and saved_model is not None:
+        for key in sorted(set(now_model) & set(saved_model)):
+            if now_model[key] != saved_model[key]:
+                raise UsageError(
+                    f"resume: the checkpoint in {directory} has a model with {key}={saved_model[key]!r}, "
+                    f"this run asks for {key}={now_model[key]!r}; keep it, or use another output folder"
+                )
+    now_cfg, saved_cfg = asdict(cfg), extra.get("config") or {}
+    for key in sorted((set(now_cfg) & set(saved_cfg)) - RESUMABLE_CHANGES):
+        if now_cfg[key] != saved_cfg[key]:
+            raise UsageError(
+                f"resume: the checkpoint in {directory} was trained with {key}={saved_cfg[key]!r}, "
+                f"this run asks for {key}={now_cfg[key]!r}; keep it, or use another output folder"
+            )
+    if state["step"] >= cfg.steps:
+        raise UsageError(
+            f"resume: the checkpoint in {directory} is at step {state['step']}, so steps={cfg.steps} "
+            f"leaves nothing to train; ask for more than {state['step']} steps"
+        )
+    return state
+
+
 def resolve_dtype(name: str, device: str) -> torch.dtype:
     from common.env import choose_dtype
 
@@ -311,12 +375,11 @@ def train(
     """Train ``model`` on ``data`` for ``cfg.steps`` optimizer steps; return the history and final figures.
 
     ``callback(step, record)`` runs after every step (``record``: loss, lr multiplier, grad norm);
-    raising ``KeyboardInterrupt`` there (or pressing Ctrl-C) saves a checkpoint to resume from.
+    raising ``KeyboardInterrupt`` there (or pressing Ctrl-C, or SIGTERM under the runner) saves a
+    checkpoint to resume from; the exception then carries ``checkpoint_dir`` and ``step``.
     Returns a dict: ``losses`` (train loss per step), ``lrs``, ``grad_norms``, ``val`` (one record per
     evaluation), ``val_loss``, ``val_bpb``, ``steps``, ``seconds``, ``tokens_per_second``, ``resumed_from``.
     """
-    from tqdm.auto import tqdm
-
     rank, world = _dist_world()
     model.to(device)
     raw_model = model
@@ -336,8 +399,12 @@ def train(
     sampler = torch.Generator().manual_seed(cfg.seed)
     history = {"losses": [], "lrs": [], "grad_norms": [], "val": []}
     start_step, resumed_from = 0, None
-    if cfg.resume and ckpt.has_checkpoint(cfg.ckpt_dir):
-        state = ckpt.load_checkpoint(cfg.ckpt_dir, raw_model, optimizer, device=device)
+    if cfg.resume:
+        check_resumable(cfg.ckpt_dir, raw_model, cfg)
+        try:
+            state = ckpt.load_checkpoint(cfg.ckpt_dir, raw_model, optimizer, device=device)
+        except (ckpt.CheckpointError, ValueError, RuntimeError) as e:
+            raise UsageError(f"resume: {e}".splitlines()[0]) from e
         ckpt.restore_rng_state(state["rng"], {"sampler": sampler})
         history = state["extra"]["history"]
         start_step = resumed_from = state["step"]
@@ -350,7 +417,7 @@ def train(
                 optimizer,
                 step,
                 rng_state,
-                {"history": history, "config": asdict(cfg)},
+                {"history": history, "config": asdict(cfg), "model_config": model_config(raw_model)},
             )
 
     def run_eval(step: int) -> dict:
@@ -363,13 +430,7 @@ def train(
 
     micro, rows = cfg.batch_size, slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)
     warmdown = cfg.warmdown_steps
-    bar = tqdm(
-        total=cfg.steps,
-        initial=start_step,
-        desc="train",
-        disable=not cfg.progress or rank != 0,
-        dynamic_ncols=True,
-    )
+    bar = progress(total=cfg.steps, initial=start_step, desc="train", disable=not cfg.progress or rank != 0)
     rng_at_step = ckpt.capture_rng_state({"sampler": sampler})
     step, t0, tokens = start_step, time.perf_counter(), 0
     raw_model.train()
@@ -431,17 +492,18 @@ def train(
                 save(step, rng_at_step)
             if callback is not None:
                 callback(step, record)
-    except KeyboardInterrupt:
+        bar.close()
+        seconds = time.perf_counter() - t0
+        final = run_eval(step)
+        save(step, rng_at_step)
+    except KeyboardInterrupt as e:
         # weights and optimizer are those after `step` completed steps; the RNGs are as they were then
         save(step, rng_at_step)
         bar.close()
         if cfg.ckpt_dir and rank == 0:
-            print(f"\ninterrupted at step {step}: checkpoint saved to {cfg.ckpt_dir}; resume to continue")
+            e.checkpoint_dir, e.step = cfg.ckpt_dir, step
+            print(f"\ninterrupted at step {step}: checkpoint saved to {cfg.ckpt_dir}", flush=True)
         raise
-    bar.close()
-    seconds = time.perf_counter() - t0
-    final = run_eval(step)
-    save(step, rng_at_step)
     return {
         **history,
         "val_loss": final["loss"],

@@ -41,6 +41,36 @@ def test_load_corpus_from_path(tmp_path):
         D.load_corpus(tmp_path / "empty.txt")
 
 
+def test_bad_corpus_files_are_one_line_errors_naming_the_file(tmp_path):
+    from common.errors import UsageError
+
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "binary.bin").write_bytes(bytes(range(256)))
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    cases = {
+        "missing.txt": "corpus file {} : no such file".replace(" :", ":"),
+        ".": "corpus file {} is a folder, not a text file",
+        "empty.txt": "corpus file {} is empty",
+        "binary.bin": "corpus file {} is binary (it holds NUL bytes), not UTF-8 text",
+        "latin1.txt": "corpus file {} is not UTF-8 text (byte 3: invalid continuation byte)",
+    }
+    for name, message in cases.items():
+        path = tmp_path / name if name != "." else tmp_path
+        with pytest.raises(UsageError) as e:
+            D.load_corpus(path)
+        assert str(e.value) == message.format(path)
+
+
+def test_a_long_text_without_blank_lines_is_split_by_size():
+    line = "a line of a long text file without any blank line between its lines\n"
+    text = line * (400_000 // len(line))  # about 400 KB, one paragraph
+    train, val = D.split_text(text)
+    assert len(val) >= 9 and len(train) >= 80
+    assert all(len(c) <= 4096 for c in train + val)
+    assert "".join(c for c in D._cut_by_size(text, 4096)) == text  # nothing lost
+    assert all(c.endswith("between its lines\n") for c in train[:-1])  # cut at line breaks
+
+
 def test_tokenizer_round_trip_and_byte_counts(small_tok):
     for s in ["Hello, world!", "naïve café — ✓ 日本語 \t tabs\n\nnewlines", SMALL_TEXT[:3000]]:
         ids = small_tok.encode(s).ids

@@ -125,6 +125,42 @@ def test_cli_json():
     assert {"os", "cpu", "torch", "packages", "warnings"} <= set(data)
 
 
+def test_cli_leaves_no_import_log_after_the_report():
+    out = subprocess.run([sys.executable, "-m", "common.env"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "Setting accelerator" not in out.stderr + out.stdout  # DeepSpeed's import log is captured
+    assert out.stdout.rstrip().splitlines()[-1].startswith(("Warnings: none", "  - "))
+
+
+FAKE_LIB = """
+import logging, sys
+logger = logging.getLogger("FakeLib")
+logger.propagate = False
+logger.addHandler(logging.StreamHandler(stream=sys.stderr))  # as DeepSpeed does
+logger.warning("Setting accelerator to CPU. If you have GPU or other accelerator, we could not find it")
+logger.warning("the fused kernels were built for another torch")
+"""
+
+
+def test_import_warnings_are_captured_and_real_ones_reported(tmp_path, monkeypatch, capfd):
+    (tmp_path / "fakelib.py").write_text(FAKE_LIB)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(env.IMPORT_LOGGERS, "fakelib", "FakeLib")
+    log: list[str] = []
+    module = env.import_quietly("fakelib", log)
+    assert module.logger.name == "FakeLib"
+    assert capfd.readouterr().err == ""  # nothing leaks to stderr
+    assert log == ["the fused kernels were built for another torch"]  # the benign CPU note is dropped
+    module.logger.warning("later messages are the package's own")
+    assert "later messages" in capfd.readouterr().err
+    monkeypatch.setitem(env.PACKAGES, "fakelib", "fakelib")
+    monkeypatch.setattr(env, "_version", lambda dist: "1.0")
+    sys.modules.pop("fakelib")
+    assert env.package_status("fakelib")["import_warnings"] == [
+        "the fused kernels were built for another torch"
+    ]
+
+
 def test_device_and_dtype_choice():
     import torch
 

@@ -15,7 +15,7 @@ from common.runner import SKIP_EXIT_CODE, SkipScript, parse_args, script_parser
 SCRIPT = textwrap.dedent('''
     """A test script: its behaviour is chosen by --mode."""
     import warnings
-    from common.runner import SkipScript, parse_args, run_script, script_parser
+    from common.runner import SkipScript, UsageError, parse_args, run_script, script_parser
 
     def main(argv=None):
         parser = script_parser(__doc__)
@@ -25,6 +25,8 @@ SCRIPT = textwrap.dedent('''
             raise SkipScript("needs a GPU", "run it on a machine with CUDA")
         if args.mode == "fail":
             raise RuntimeError("boom")
+        if args.mode == "usage":
+            raise UsageError("corpus file x.txt is empty")
         if args.mode == "warn":
             warnings.warn("this is deprecated", DeprecationWarning)
             warnings.warn("careful", UserWarning)
@@ -105,6 +107,94 @@ def test_warnings_are_captured_and_still_shown(script):
 def test_bad_flag_is_a_failure_not_a_skip(script):
     proc, _ = run(script, "--no-such-flag")
     assert proc.returncode == 2
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--seed", "-1"], "argument --seed: a seed must be from 0 to 4294967295, got -1"),
+        (["--seed", str(2**32)], "argument --seed: a seed must be from 0 to 4294967295, got 4294967296"),
+        (["--seed", "abc"], "argument --seed: not an integer: 'abc'"),
+        (
+            ["--device", "tpu"],
+            "argument --device: invalid choice: 'tpu' (choose from 'auto', 'cpu', 'cuda', 'mps')",
+        ),
+    ],
+)
+def test_bad_common_flags_are_one_usage_error_of_the_scripts_own_parser(script, flags, message):
+    proc, payload = run(script, *flags)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines()[-1] == f"s_test.py: error: {message}"
+    assert "--mode MODE" in proc.stderr  # one parser: the usage line names the script's own options
+    assert "Traceback" not in proc.stderr
+    assert payload["status"] == "FAIL" and payload["reason"] == f"usage error: {message}"
+
+
+def test_usage_error_is_one_line_and_exit_2(script):
+    proc, payload = run(script, "--mode", "usage")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "s_test.py: error: corpus file x.txt is empty"
+    assert payload["reason"] == "usage error: corpus file x.txt is empty"
+
+
+def test_output_targets_are_checked_before_the_work(script, tmp_path):
+    from tests.conftest import REPO_ROOT
+
+    def run_plain(*flags):
+        return subprocess.run(
+            [sys.executable, str(script), *flags],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+            timeout=120,
+        )
+
+    proc = run_plain("--json", str(tmp_path), "--mode", "fail")
+    assert proc.returncode == 2 and "boom" not in proc.stderr  # refused before main's work
+    assert proc.stderr.splitlines()[-1] == (
+        f"s_test.py: error: argument --json: {tmp_path} is a folder; give a file path such as "
+        f"{tmp_path / 'figures.json'}"
+    )
+    assert not list(tmp_path.parent.glob(f"{tmp_path.name}.tmp*"))  # no temporary file left
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    proc = run_plain("--out", str(a_file / "sub"))
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines()[-1] == (
+        f"s_test.py: error: argument --out: cannot create {a_file / 'sub'}: {a_file} is not a folder"
+    )
+    proc = run_plain("--json", str(a_file / "f.json"))
+    assert proc.returncode == 2 and f"{a_file} is not a folder" in proc.stderr
+
+
+def test_a_read_only_out_is_a_usage_error(monkeypatch, tmp_path, capsys):
+    # root may write anywhere, so the test asks os.access the question a plain user's run would
+    monkeypatch.setattr(os, "access", lambda path, mode: str(path) != str(tmp_path))
+    with pytest.raises(SystemExit) as e:
+        parse_args(script_parser(prog="s"), ["--out", str(tmp_path / "run")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err == f"s: error: argument --out: cannot create {tmp_path / 'run'}: {tmp_path} is not writable"
+
+
+def test_parse_args_leaves_the_allocator_alone(monkeypatch):
+    from common import env
+
+    monkeypatch.setattr(env, "keep_freed_memory", lambda: pytest.fail("parse_args must not call it"))
+    parse_args(script_parser(), ["--device", "cpu"])
+
+
+def test_env_and_runner_import_in_either_order_and_share_skip():
+    code = (
+        "import common.env, common.runner, common.errors\n"
+        "assert common.runner.SkipScript is common.env.SkipScript is common.errors.SkipScript\n"
+        "assert common.runner.SKIP_EXIT_CODE == 77"
+    )
+    for first in ("common.env", "common.runner"):
+        proc = subprocess.run(
+            [sys.executable, "-c", f"import {first}\n{code}"], capture_output=True, text=True, timeout=60
+        )
+        assert proc.returncode == 0, proc.stderr
 
 
 def test_help_lists_common_flags(script):

@@ -210,9 +210,9 @@ def test_checkpoint_files_safe_and_verified(tmp_path):
     model(torch.randint(0, V, (2, T)), torch.randint(0, V, (2, T)))[1].backward()
     opt.step()
     ckpt.save_checkpoint(tmp_path, model, opt, step=7, extra={"note": "x"})
-    assert sorted(p.name for p in tmp_path.iterdir()) == [ckpt.WEIGHTS, ckpt.STATE]  # no temporaries left
     state = torch.load(tmp_path / ckpt.STATE, weights_only=True)  # no pickled code needed
     assert state["step"] == 7 and state["extra"] == {"note": "x"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [state["weights_file"], ckpt.STATE]  # no temporaries
 
     other = StandInLM(tie=True)
     other_opt = build_optimizer(other)
@@ -224,14 +224,14 @@ def test_checkpoint_files_safe_and_verified(tmp_path):
         muon_state[0]["momentum_buffer"], opt.optimizers["muon"].state_dict()["state"][0]["momentum_buffer"]
     )
 
-    weights = tmp_path / ckpt.WEIGHTS
+    weights = tmp_path / state["weights_file"]
     weights.write_bytes(weights.read_bytes()[:-10] + b"0123456789")
     with pytest.raises(ckpt.CheckpointError, match="checksum"):
         ckpt.load_checkpoint(tmp_path, other)
     (tmp_path / ckpt.STATE).write_bytes(b"not a torch file")
     with pytest.raises(ckpt.CheckpointError, match="unreadable"):
         ckpt.load_checkpoint(tmp_path, other)
-    with pytest.raises(ckpt.CheckpointError, match="no complete checkpoint"):
+    with pytest.raises(ckpt.CheckpointError, match="no checkpoint"):
         ckpt.load_checkpoint(tmp_path / "missing", other)
 
 
@@ -310,3 +310,53 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     assert ddp["True"]["losses"] == pytest.approx(single[True]["losses"], abs=1e-4)
     for name, p in single[True]["state"].items():
         torch.testing.assert_close(ddp["True"]["state"][name], p, atol=2e-3, rtol=0, msg=name)
+
+
+# ----------------------------------------------------------------------------- resume refusals
+
+
+def _tiny_decoder(**kw):
+    from common.models.decoder import DecoderConfig, DecoderLM
+
+    return DecoderLM(
+        DecoderConfig(vocab_size=V, context_length=T, n_layer=1, d_model=16, n_head=2, n_kv_head=2, **kw)
+    )
+
+
+def test_resume_without_a_checkpoint_is_an_error_not_a_fresh_run(data, tmp_path):
+    from common.errors import UsageError
+
+    folder = tmp_path / "none"
+    cfg = TrainConfig(steps=4, batch_size=2, eval_every=0, progress=False, ckpt_dir=str(folder), resume=True)
+    with pytest.raises(UsageError) as e:
+        train(StandInLM(), data, cfg)
+    assert str(e.value) == f"resume: no complete checkpoint in {folder} to resume from"
+    assert not folder.exists()  # nothing trained, nothing written
+
+
+def test_resume_names_the_setting_that_differs_and_refuses_steps_already_done(data, tmp_path):
+    from common.errors import UsageError
+
+    base = dict(
+        batch_size=2, warmup_steps=1, eval_every=0, eval_batches=1, progress=False, ckpt_dir=str(tmp_path)
+    )
+    train(_tiny_decoder(), data, TrainConfig(steps=3, **base))
+    state_before = (tmp_path / ckpt.STATE).read_bytes()
+    with pytest.raises(UsageError) as e:
+        train(_tiny_decoder(d_ff=32), data, TrainConfig(steps=6, resume=True, **base))
+    assert str(e.value) == (
+        f"resume: the checkpoint in {tmp_path} has a model with d_ff=None, this run asks for d_ff=32; "
+        "keep it, or use another output folder"
+    )
+    with pytest.raises(UsageError, match="was trained with batch_size=2, this run asks for batch_size=4"):
+        train(_tiny_decoder(), data, TrainConfig(steps=6, resume=True, **{**base, "batch_size": 4}))
+    for steps in (2, 3):
+        with pytest.raises(UsageError) as e:
+            train(_tiny_decoder(), data, TrainConfig(steps=steps, resume=True, **base))
+        assert str(e.value) == (
+            f"resume: the checkpoint in {tmp_path} is at step 3, so steps={steps} leaves nothing to train; "
+            "ask for more than 3 steps"
+        )
+    assert (tmp_path / ckpt.STATE).read_bytes() == state_before  # every refusal left the checkpoint alone
+    result = train(_tiny_decoder(), data, TrainConfig(steps=5, resume=True, **base))
+    assert result["resumed_from"] == 3 and result["steps"] == 5

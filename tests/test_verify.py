@@ -17,9 +17,12 @@ from verify.report import compare_reports
 HEADER = "from common.runner import run_script, script_parser\n"
 SCRIPTS = {
     "s1_1_pass.py": '''
-        """passes"""
+        """passes, and draws a plot into its default output folder"""
+        import os
         def main(argv=None):
             args = script_parser(__doc__).parse_args(argv)
+            os.makedirs("runs/s1_1_pass/curves", exist_ok=True)
+            open("runs/s1_1_pass/curves/loss.png", "wb").write(b"\\x89PNG\\r\\n\\x1a\\n")
             return {"accuracy": 0.97, "quick": args.quick, "loss": 0.25}
     ''',
     "s1_2_fail.py": '''
@@ -71,6 +74,10 @@ SCRIPTS = {
 def make_tree(root, scripts):
     chapter = root / "ch99_fake"
     chapter.mkdir(parents=True)
+    stale = root / "runs" / "s1_1_pass" / "stale.png"  # from an earlier run: not this run's plot
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"old")
+    os.utime(stale, (946684800, 946684800))
     for name, body in scripts.items():
         (chapter / name).write_text(
             HEADER + textwrap.dedent(body) + '\nif __name__ == "__main__":\n    run_script(main)\n'
@@ -121,7 +128,18 @@ def test_schema(run):
     r = run["report"]
     assert set(r) == {"environment", "scripts", "summary"}
     assert isinstance(r["environment"]["warnings"], list)
-    keys = {"name", "status", "reason", "exit_code", "seconds", "peak_rss_mb", "warnings", "figures", "log"}
+    keys = {
+        "name",
+        "status",
+        "reason",
+        "exit_code",
+        "seconds",
+        "peak_rss_mb",
+        "warnings",
+        "figures",
+        "log",
+        "plots",
+    }
     for e in r["scripts"]:
         assert set(e) == keys, e
         assert e["status"] in {"PASS", "FAIL", "SKIP", "TIMEOUT"}
@@ -158,8 +176,12 @@ def test_summary_exit_code_and_markdown(run):
     assert run["report"]["summary"] == {"PASS": 3, "FAIL": 2, "SKIP": 1, "TIMEOUT": 1}
     assert run["proc"].returncode == 1
     md = (run["out"] / "report.md").read_text()
-    assert "| `ch99_fake/s1_4_hang.py` | TIMEOUT |" in md and "accuracy = 0.97" in md
+    assert "| [`ch99_fake/s1_4_hang.py`](logs/ch99_fake__s1_4_hang.log) | TIMEOUT |" in md  # linked log
+    assert "accuracy = 0.97" in md
     assert "Version warnings" in md
+    packages = next(line for line in md.splitlines() if line.startswith("- Packages: "))
+    assert not any(p.startswith("torch ") for p in packages.removeprefix("- Packages: ").split("; "))
+    assert md.count(f"torch {run['report']['environment']['torch']['version']} ") == 1  # its own line only
     assert run["proc"].stdout.count("] PASS") == 3  # one progress line per script
 
 
@@ -184,13 +206,68 @@ def test_compare_reports(run):
     assert "nothing changed" in compare_reports(run["report"], run["report"])
 
 
+def test_plots_of_this_run_are_copied_into_the_report(run):
+    assert run["by"]["s1_1_pass.py"]["plots"] == ["plots/ch99_fake__s1_1_pass/curves/loss.png"]
+    assert (run["out"] / "plots" / "ch99_fake__s1_1_pass" / "curves" / "loss.png").exists()
+    assert not list(run["out"].rglob("stale.png"))  # written before the run: not this run's
+    assert run["by"]["s1_2_fail.py"]["plots"] == []
+
+
 def test_only_list_and_compare_flag(run, tmp_path):
+    import shutil
+
     listed = harness(run["root"], tmp_path, "--list", "--only", "pass", "--only", "*warn*")
     assert listed.stdout.split() == ["ch99_fake/s1_1_pass.py", "ch99_fake/s1_6_warn.py"]
-    again = harness(run["root"], tmp_path, "--only", "s1_1", "--compare", str(run["out"] / "report.json"))
-    assert again.returncode == 0
-    assert "gone      ch99_fake/s1_2_fail.py" in again.stdout
+    out = tmp_path / "copy"
+    shutil.copytree(run["out"], out)
+    again = harness(
+        run["root"], out, "--only", "s1_1", "--timeout", "0", "--compare", str(run["out"] / "report.json")
+    )
+    assert again.returncode == 0, again.stderr
+    assert "gone" not in again.stdout  # the scripts --only left out are not gone
+    assert "(6 script(s) of the earlier report not selected by --only this time)" in again.stdout
+    assert (
+        f"note: {out / 'report.json'} held 6 other script(s) (ch99_fake/s1_2_fail.py, "
+        "ch99_fake/s1_3_skip.py, ch99_fake/s1_4_hang.py, ...); "
+        "this --only run replaces it (--update keeps them)"
+    ) in again.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["environment"]["run"]["timeout"] == 0 and "no time limit" in again.stdout
     assert discover(run["root"], ["nothing-matches"]) == []
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "cannot read {}: No such file or directory"),
+        ("{not json", "{} is not JSON: Expecting property name enclosed in double quotes"),
+        ("[1, 2]", "{} is not a verify report (no list of scripts)"),
+        ('{"scripts": "all"}', "{} is not a verify report (no list of scripts)"),
+    ],
+    ids=["missing", "malformed", "not-an-object", "no-list"],
+)
+def test_a_bad_compare_file_is_refused_before_anything_runs(run, tmp_path, content, message):
+    old = tmp_path / "old.json"
+    if content is not None:
+        old.write_text(content)
+    proc = harness(run["root"], tmp_path / "out", "--compare", str(old))
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines()[-1].startswith(
+        "python -m verify: error: argument --compare: " + message.format(old)
+    )
+    assert "collecting the environment" not in proc.stdout and not (tmp_path / "out").exists()
+
+
+def test_only_without_a_match_and_impossible_timeouts_are_usage_errors(run, tmp_path):
+    proc = harness(run["root"], tmp_path, "--only", "zzz", "--only", "s9_*")
+    assert proc.returncode == 2
+    root = run["root"].resolve()
+    assert proc.stderr.splitlines()[-1] == (
+        f"python -m verify: error: no section script under {root} matches --only 'zzz' 's9_*'"
+    )
+    for bad in ("-5", "nan", "inf", "soon"):
+        proc = harness(run["root"], tmp_path, "--timeout", bad)
+        assert proc.returncode == 2 and "argument --timeout" in proc.stderr
 
 
 def test_interrupt_keeps_the_lines_written(tmp_path):

@@ -53,3 +53,39 @@ def test_committed_readmes_show_the_committed_full_report():
 def test_a_sample_without_a_log_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="ch09_x.s9_9_9_missing"):
         samples.rewrite("```\n$ python -m ch09_x.s9_9_9_missing\n```\n", tmp_path)
+
+
+def test_clean_drops_the_plain_progress_lines_of_a_log():
+    log = LOG.replace("data: 10 tokens\n", "data: 10 tokens\ntrain: 4/40 (10%) 1 s loss=3.210, lr=1.00\n")
+    assert "train: 4/40" not in samples.clean(log)
+    assert samples.clean(log) == samples.clean(LOG)
+
+
+def test_the_reports_plots_follow_their_sample_and_are_rewritten(tmp_path):
+    report = tmp_path / "verify" / "reports" / "cpu-full"
+    (report / "logs").mkdir(parents=True)
+    (report / "logs" / "ch09_x__s9_1_1_a.log").write_text(LOG)
+    chapter = tmp_path / "ch09_x"
+    chapter.mkdir()
+    readme = "# Chapter\n\n```\n$ python -m ch09_x.s9_1_1_a\nold\n```\n\nAfter.\n"
+    assert samples.rewrite(readme, report / "logs", chapter) == samples.rewrite(
+        readme, report / "logs"
+    )  # none
+    plots = report / "plots" / "ch09_x__s9_1_1_a"
+    (plots / "sub").mkdir(parents=True)
+    (plots / "loss.png").write_bytes(b"png")
+    (plots / "sub" / "curve.png").write_bytes(b"png")
+    new = samples.rewrite(readme, report / "logs", chapter)
+    region = (
+        "```\n\n<!-- plots -->\n"
+        "![loss](../verify/reports/cpu-full/plots/ch09_x__s9_1_1_a/loss.png)\n"
+        "![curve](../verify/reports/cpu-full/plots/ch09_x__s9_1_1_a/sub/curve.png)\n"
+        "<!-- /plots -->\n\nAfter.\n"
+    )
+    assert new.endswith("done\n" + region)
+    assert samples.rewrite(new, report / "logs", chapter) == new  # stable: the region is rewritten in place
+    (plots / "sub" / "curve.png").unlink()
+    fewer = samples.rewrite(new, report / "logs", chapter)
+    assert "curve" not in fewer and fewer.count("<!-- plots -->") == 1
+    (plots / "loss.png").unlink()
+    assert samples.rewrite(fewer, report / "logs", chapter) == samples.rewrite(readme, report / "logs")

@@ -6,10 +6,17 @@
     python -m verify --quick --compare verify/reports/cpu-quick/report.json
 
 Each script ``ch*/s*.py`` runs as ``python -m package.module --json FIGURES [--quick] --device D`` in a
-fresh process group with a time limit; a hang is killed at the limit together with its children.
-``report.json`` and ``report.md`` are rewritten atomically after every script, so a crash, a hang or
-an interrupt of the harness never loses the lines already written.  The exit status is 0 only when no
-script FAILED or TIMED OUT.
+fresh process group with a time limit (``--timeout 0``: none).  At the limit the script gets SIGTERM,
+which the runner turns into its Ctrl-C path (a training script saves its checkpoint), then, after a
+grace period, SIGKILL together with its children; the report says TIMEOUT.  The PNG plots a script
+wrote into its output folder (``runs/<script>/``) during the run are copied to
+``<report>/plots/<script>/`` and listed in its entry (``python -m verify.samples`` shows them in the
+chapter READMEs).  ``report.json`` and ``report.md`` are rewritten atomically after every script, so
+a crash, a hang or an interrupt of the harness never loses the lines already written.  The exit
+status is 0 only when no script FAILED or TIMED OUT.
+
+A run limited by ``--only`` writes to ``verify/out/partial/`` unless ``--out`` is given, so it never
+replaces the report of a whole run; ``--update`` merges it into the report in ``--out`` instead.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import fnmatch
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,6 +38,8 @@ from verify.report import compare_reports, format_markdown, summarize
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 STATUSES = ("PASS", "FAIL", "SKIP", "TIMEOUT")
+GRACE_SECONDS = 15.0  # between SIGTERM and SIGKILL at the time limit: time to save a checkpoint
+DEFAULT_OUT = REPO_ROOT / "verify" / "out"
 
 
 def _natural_key(path: str):
@@ -42,13 +52,17 @@ def discover(root: Path, patterns: list[str] | None = None) -> list[str]:
     A pattern matches when it is a substring of the path or an fnmatch glob of it.
     """
     found = sorted((str(p.relative_to(root)) for p in root.glob("ch*/s*.py")), key=_natural_key)
-    if patterns:
-        found = [p for p in found if any(pat in p or fnmatch.fnmatch(p, pat) for pat in patterns)]
-    return found
+    return [p for p in found if matches(p, patterns)]
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    """Kill the script's process group and any descendant that left it."""
+def matches(path: str, patterns: list[str] | None) -> bool:
+    """Whether ``path`` is selected by ``--only`` ``patterns`` (every path is, without patterns)."""
+    return not patterns or any(pat in path or fnmatch.fnmatch(path, pat) for pat in patterns)
+
+
+def _kill_group(proc: subprocess.Popen, grace: float = 5.0) -> None:
+    """End the script's process group and any descendant that left it: SIGTERM, then after ``grace``
+    seconds SIGKILL."""
     try:
         import psutil
 
@@ -65,7 +79,7 @@ def _kill_group(proc: subprocess.Popen) -> None:
                 child.send_signal(sig)
             except Exception:  # noqa: BLE001
                 pass
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + (grace if sig == signal.SIGTERM else 5)
         while time.monotonic() < deadline:
             if proc.poll() is not None and not any(_alive(c) for c in descendants):
                 return
@@ -103,6 +117,20 @@ def _warnings_from_log(log_path: Path) -> list[str]:
     return [f"{m.group(1)}: {m.group(2)}" for m in map(_WARNING_RE.match, text.splitlines()) if m]
 
 
+def copy_plots(script_out: Path, since: float, dest: Path, out_dir: Path) -> list[str]:
+    """Copy the PNGs written under ``script_out`` at or after ``since`` (epoch seconds) into ``dest``;
+    return their paths relative to ``out_dir`` (the report folder)."""
+    shutil.rmtree(dest, ignore_errors=True)
+    copied = []
+    for png in sorted(script_out.rglob("*.png")) if script_out.is_dir() else []:
+        if png.stat().st_mtime >= since:
+            target = dest / png.relative_to(script_out)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(png, target)
+            copied.append(str(target.relative_to(out_dir)))
+    return copied
+
+
 def run_one(
     rel_path: str,
     *,
@@ -112,8 +140,9 @@ def run_one(
     device: str,
     timeout: float,
     python: str = sys.executable,
+    grace: float = GRACE_SECONDS,
 ) -> dict:
-    """Run one section script; return its report entry."""
+    """Run one section script (``timeout`` 0: no limit); return its report entry."""
     module = rel_path[:-3].replace("/", ".").replace(os.sep, ".")
     stem = module.replace(".", "__")
     log_path = out_dir / "logs" / f"{stem}.log"
@@ -122,6 +151,7 @@ def run_one(
     fig_path.parent.mkdir(parents=True, exist_ok=True)
     if fig_path.exists():
         fig_path.unlink()
+    started_at = time.time() - 1  # file times are coarse on some filesystems
 
     cmd = [python, "-m", module, "--json", str(fig_path), "--device", device] + (["--quick"] if quick else [])
     env = dict(os.environ)
@@ -143,6 +173,7 @@ def run_one(
         "warnings": [],
         "figures": {},
         "log": str(log_path.relative_to(out_dir)),  # relative to the report folder
+        "plots": [],
     }
     start = time.monotonic()
     with open(log_path, "wb") as log:
@@ -164,9 +195,9 @@ def run_one(
                 if pid == proc.pid:
                     proc.returncode = os.waitstatus_to_exitcode(status)
                     break
-                if time.monotonic() - start > timeout:
+                if timeout and time.monotonic() - start > timeout:
                     timed_out = True
-                    _kill_group(proc)
+                    _kill_group(proc, grace)
                     break
                 time.sleep(0.05)
         except BaseException:
@@ -187,10 +218,14 @@ def run_one(
             payload_error = f"unreadable figures file: {e}"
     entry["figures"] = payload.get("figures", {}) if isinstance(payload, dict) else {}
     entry["warnings"] = payload.get("warnings") or _warnings_from_log(log_path)
+    script_out = root / "runs" / Path(rel_path).stem  # the runner's default --out
+    entry["plots"] = copy_plots(script_out, started_at, out_dir / "plots" / stem, out_dir)
 
     code = proc.returncode
     if timed_out:
-        entry["status"], entry["reason"] = "TIMEOUT", f"killed after {timeout:g} s"
+        entry["status"], entry["reason"] = "TIMEOUT", f"stopped after {timeout:g} s"
+        if isinstance(payload, dict) and payload.get("resume"):
+            entry["reason"] += f"; checkpoint saved, resume with: {payload['resume']}"
     elif code == 0:
         entry["status"] = "PASS"
         entry["reason"] = payload_error
@@ -258,9 +293,33 @@ def _kept_entries(old_report: Path, running: list[str], quick: bool) -> list[dic
     return [e for e in old["scripts"] if e["name"] not in running]
 
 
+def _non_negative_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not (value >= 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0 (0: no limit), got {text}")
+    return value
+
+
+def load_compare(parser: argparse.ArgumentParser, path: str) -> dict:
+    """The earlier report given as ``--compare``, checked before anything runs (a usage error if unusable)."""
+    try:
+        old = json.loads(Path(path).read_text())
+    except OSError as e:
+        parser.error(f"argument --compare: cannot read {path}: {e.strerror or e}")
+    except ValueError as e:
+        parser.error(f"argument --compare: {path} is not JSON: {e}")
+    scripts = old.get("scripts") if isinstance(old, dict) else None
+    if not isinstance(scripts, list) or not all(isinstance(e, dict) and "name" in e for e in scripts):
+        parser.error(f"argument --compare: {path} is not a verify report (no list of scripts)")
+    return old
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m verify", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="run every script in quick mode")
     parser.add_argument(
@@ -277,12 +336,15 @@ def main(argv=None) -> int:
     )
     parser.add_argument(
         "--timeout",
-        type=float,
+        type=_non_negative_seconds,
         default=None,
-        help="per-script time limit in seconds (default 300 quick, 1800 full)",
+        help="per-script time limit in seconds; 0: no limit (default 300 quick, 1800 full)",
     )
     parser.add_argument(
-        "--out", default=str(REPO_ROOT / "verify" / "out"), help="output folder for the report"
+        "--out",
+        default=None,
+        help=f"output folder for the report (default {DEFAULT_OUT.relative_to(REPO_ROOT)}/, "
+        f"or {(DEFAULT_OUT / 'partial').relative_to(REPO_ROOT)}/ for a run limited by --only)",
     )
     parser.add_argument(
         "--compare", metavar="OLD_REPORT_JSON", help="print what changed against an earlier report"
@@ -305,11 +367,17 @@ def main(argv=None) -> int:
         print("\n".join(scripts) if scripts else "no scripts found")
         return 0
     if not scripts:
-        print(f"no section scripts match under {root}", file=sys.stderr)
-        return 2
-    timeout = args.timeout or (300.0 if args.quick else 1800.0)
-    out_dir = Path(args.out).resolve()
+        what = f"--only {' '.join(map(repr, args.only))}" if args.only else "ch*/s*.py"
+        parser.error(f"no section script under {root} matches {what}")
+    old = load_compare(parser, args.compare) if args.compare else None
+    timeout = args.timeout if args.timeout is not None else (300.0 if args.quick else 1800.0)
+    partial = bool(args.only) and not args.update
+    out_dir = Path(args.out or (DEFAULT_OUT / "partial" if partial else DEFAULT_OUT)).resolve()
+    if out_dir.exists() and not out_dir.is_dir():
+        parser.error(f"argument --out: {out_dir} is not a folder")
     out_dir.mkdir(parents=True, exist_ok=True)
+    if partial and args.out:
+        _say_what_is_replaced(out_dir / "report.json", scripts)
 
     from common.env import format_report
 
@@ -325,16 +393,16 @@ def main(argv=None) -> int:
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         "command": " ".join(sys.argv),
     }
+    if args.only:
+        environment["run"]["only"] = args.only
     if kept:
         environment["run"]["kept_from_earlier_run"] = [e["name"] for e in kept]
     order = {name: i for i, name in enumerate(discover(root))}
     report["scripts"] = list(kept)
     write_report(report, out_dir)
     mode = "quick" if args.quick else "full"
-    print(
-        f"\nrunning {len(scripts)} scripts ({mode} mode, device {args.device}, limit {timeout:g} s each)",
-        flush=True,
-    )
+    limit = f"limit {timeout:g} s each" if timeout else "no time limit"
+    print(f"\nrunning {len(scripts)} scripts ({mode} mode, device {args.device}, {limit})", flush=True)
 
     interrupted = False
     for i, rel in enumerate(scripts, 1):
@@ -353,6 +421,7 @@ def main(argv=None) -> int:
                 "warnings": [],
                 "figures": {},
                 "log": "",
+                "plots": [],
             }
             interrupted = True
         report["scripts"].append(entry)
@@ -365,9 +434,25 @@ def main(argv=None) -> int:
 
     s = report["summary"]
     print("\n" + "  ".join(f"{k} {s.get(k, 0)}" for k in STATUSES) + f"   report: {out_dir / 'report.md'}")
-    if args.compare:
-        old = json.loads(Path(args.compare).read_text())
-        print("\n" + compare_reports(old, report))
+    if old is not None:
+        selected = (lambda name: matches(name, args.only)) if args.only else None
+        print("\n" + compare_reports(old, report, selected=selected))
     if interrupted:
         return 130
     return 1 if s.get("FAIL", 0) or s.get("TIMEOUT", 0) else 0
+
+
+def _say_what_is_replaced(old_report: Path, running: list[str]) -> None:
+    """A partial run replaces the report in its ``--out``: say so when that report covered more."""
+    try:
+        old = json.loads(old_report.read_text())
+        others = [e["name"] for e in old["scripts"] if e["name"] not in running]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if others:
+        print(
+            f"note: {old_report} held {len(others)} other script(s) ({', '.join(others[:3])}"
+            f"{', ...' if len(others) > 3 else ''}); this --only run replaces it (--update keeps them)",
+            file=sys.stderr,
+            flush=True,
+        )

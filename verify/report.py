@@ -47,7 +47,7 @@ def format_markdown(report: dict) -> str:
         + "; ".join(
             f"{p['name']} {p['version']}" + ("" if p["imports"] else " (does not import)")
             for p in env.get("packages", {}).values()
-            if p.get("version")
+            if p.get("version") and p["name"] != "torch"  # torch has its own line above
         ),
         "- Not installed: "
         + (", ".join(p["name"] for p in env.get("packages", {}).values() if not p.get("version")) or "none"),
@@ -63,13 +63,16 @@ def format_markdown(report: dict) -> str:
         "",
         " · ".join(f"**{k}** {s.get(k, 0)}" for k in STATUSES) + f" · of {len(report['scripts'])}",
         "",
+        "Each script's name links to its log.",
+        "",
         "| script | status | reason | time (s) | peak RSS (MB) | key figures |",
         "|---|---|---|---:|---:|---|",
     ]
     for e in report["scripts"]:
         figs = "; ".join(f"{k} = {_fmt(v)}" for k, v in list(e.get("figures", {}).items())[:3])
+        name = f"[`{e['name']}`]({e['log']})" if e.get("log") else f"`{e['name']}`"
         lines.append(
-            f"| `{e['name']}` | {e['status']} | {_cell(e.get('reason', ''))[:160]} | "
+            f"| {name} | {e['status']} | {_cell(e.get('reason', ''))[:160]} | "
             f"{e.get('seconds', 0):.1f} | {e.get('peak_rss_mb', 0):.0f} | {_cell(figs)} |"
         )
     warned = [e for e in report["scripts"] if e.get("warnings")]
@@ -99,9 +102,15 @@ def _moved(a, b) -> bool:
     return scale > 0 and abs(a - b) / scale > MOVED
 
 
-def compare_reports(old: dict, new: dict) -> str:
-    """What changed status, which scripts came or went, and which figures moved by more than 5 %."""
+def compare_reports(old: dict, new: dict, selected=None) -> str:
+    """What changed status, which scripts came or went, and which figures moved by more than 5 %.
+
+    ``selected(name)`` says which scripts the new run chose (``--only``): the earlier report's other
+    scripts were not run, not gone, and are only counted.
+    """
     before = {e["name"]: e for e in old.get("scripts", [])}
+    not_run = [n for n in before if selected is not None and not selected(n)]
+    before = {n: e for n, e in before.items() if n not in not_run}
     after = {e["name"]: e for e in new.get("scripts", [])}
     lines = ["Compared with the earlier report:"]
     for name, e in after.items():
@@ -126,4 +135,6 @@ def compare_reports(old: dict, new: dict) -> str:
             lines.append(f"  gone      {name}")
     if len(lines) == 1:
         lines.append("  nothing changed")
+    if not_run:
+        lines.append(f"  ({len(not_run)} script(s) of the earlier report not selected by --only this time)")
     return "\n".join(lines)

@@ -10,12 +10,18 @@ command line and the figures table the runner prints last are left out, and so a
 and DeepSpeed's "Setting accelerator to CPU" warning. An HTML comment on the line before the fence
 shortens a long block: ``<!-- sample: omit=REGEX -->`` turns each run of lines matching REGEX into
 one ``...``.
-Nothing outside the sample blocks changes.
+
+After each sample block come the script's plots from the same report (the PNGs the harness copied
+to ``<report>/plots/<script>/``), inline, between the markers ``<!-- plots -->`` and
+``<!-- /plots -->``, so a reader sees the curves without running anything.  The generator rewrites
+that region (adds it where a report has plots, removes it where it has none).
+Nothing outside the sample blocks and their plot regions changes.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 from pathlib import Path
 
@@ -24,10 +30,12 @@ from verify.harness import REPO_ROOT
 
 BLOCK = re.compile(
     r"(?:^<!-- sample: omit=(?P<omit>.+?) -->\n)?^```\n\$ python -m (?P<module>[\w.]+)(?P<args>[^\n]*)\n"
-    r"(?P<body>.*?)^```$",
+    r"(?P<body>.*?)^```$"
+    r"(?P<plots>\n\n<!-- plots -->\n.*?^<!-- /plots -->$)?",
     re.MULTILINE | re.DOTALL,
 )
-PROGRESS = re.compile(r"\d+%\||\d it/s|\ds/it|\?it/s")
+# tqdm's frames, and the plain lines common.progress prints instead where output is not a terminal
+PROGRESS = re.compile(r"\d+%\||\d it/s|\ds/it|\?it/s|^[^:]+: \d+/\d+ \(\d+%\) \d+ s\b")
 NOISE = re.compile(r"\[WARNING\] \[real_accelerator\.py")
 
 
@@ -61,16 +69,30 @@ def clean(log: str, omit: str | None = None) -> str:
     return re.sub(r"\n\n(?=\s*step )", "\n", text)  # a progress bar's empty line before a step report
 
 
-def rewrite(readme: str, logs: Path) -> str:
-    """``readme`` with every sample block's body rebuilt from ``logs/<module>.log``."""
+def plots_region(stem: str, logs: Path, readme_dir: Path) -> str:
+    """The Markdown images of ``<report>/plots/<stem>/`` (the report holding ``logs``), linked relative
+    to ``readme_dir``, between the plot markers; empty when the report has no plots for ``stem``."""
+    folder = logs.parent / "plots" / stem
+    pngs = sorted(folder.rglob("*.png")) if folder.is_dir() else []
+    if not pngs:
+        return ""
+    images = [f"![{p.stem}]({Path(os.path.relpath(p, readme_dir)).as_posix()})" for p in pngs]
+    return "\n\n<!-- plots -->\n" + "\n".join(images) + "\n<!-- /plots -->"
+
+
+def rewrite(readme: str, logs: Path, readme_dir: Path | None = None) -> str:
+    """``readme`` with every sample block's body rebuilt from ``logs/<module>.log`` and, given the
+    README's folder ``readme_dir``, the report's plots shown after it."""
 
     def body(m: re.Match) -> str:
-        log = logs / f"{m['module'].replace('.', '__')}.log"
+        stem = m["module"].replace(".", "__")
+        log = logs / f"{stem}.log"
         if not log.exists():
             raise FileNotFoundError(f"no log for the sample 'python -m {m['module']}': {log}")
         head = f"<!-- sample: omit={m['omit']} -->\n" if m["omit"] else ""
         text = clean(log.read_text(errors="replace"), m["omit"])
-        return f"{head}```\n$ python -m {m['module']}{m['args']}\n{text}\n```"
+        plots = plots_region(stem, logs, readme_dir) if readme_dir is not None else (m["plots"] or "")
+        return f"{head}```\n$ python -m {m['module']}{m['args']}\n{text}\n```{plots}"
 
     return BLOCK.sub(body, readme)
 
@@ -90,7 +112,7 @@ def main(argv=None) -> int:
     stale = []
     for readme in sorted(REPO_ROOT.glob("ch*/README.md")):
         old = readme.read_text()
-        new = rewrite(old, logs)
+        new = rewrite(old, logs, readme.parent)
         if new != old:
             stale.append(readme.relative_to(REPO_ROOT))
             if not args.check:

@@ -76,6 +76,10 @@ class DecoderConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.d_ff is not None and self.d_ff <= 0:
+            raise ValueError(f"d_ff must be positive (or None for the default width), got {self.d_ff}")
+        if not (math.isfinite(self.norm_eps) and self.norm_eps > 0):
+            raise ValueError(f"norm_eps must be a finite number > 0, got {self.norm_eps}")
 
     @property
     def head_dim(self) -> int:

@@ -20,7 +20,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.moe.losses import balance_loss, z_loss
-from common.moe.routing import Routing, check_topk, expert_capacity, positions_in_expert
+from common.moe.routing import (
+    Routing,
+    check_capacity_factor,
+    check_topk,
+    expert_capacity,
+    positions_in_expert,
+)
 
 
 class GShardRouter(nn.Module):
@@ -36,8 +42,7 @@ class GShardRouter(nn.Module):
     ):
         super().__init__()
         check_topk(2, num_experts)
-        if capacity_factor <= 0:
-            raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}")
+        check_capacity_factor(capacity_factor)
         self.num_experts, self.capacity_factor, self.random_routing = (
             num_experts,
             capacity_factor,

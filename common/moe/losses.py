@@ -26,6 +26,8 @@ def balance_loss(probs: torch.Tensor, expert_idx: torch.Tensor) -> torch.Tensor:
             f"balance_loss wants probs (tokens, E) and expert_idx (tokens, k), "
             f"got {tuple(probs.shape)} and {tuple(expert_idx.shape)}"
         )
+    if probs.shape[0] == 0:  # an empty batch routes nothing: no imbalance (and no 0/0)
+        return probs.sum() * 0.0
     num_experts = probs.shape[1]
     counts = torch.zeros(num_experts, device=probs.device, dtype=probs.dtype)
     counts.scatter_add_(0, expert_idx.reshape(-1), torch.ones_like(expert_idx, dtype=probs.dtype).reshape(-1))
@@ -36,6 +38,8 @@ def balance_loss(probs: torch.Tensor, expert_idx: torch.Tensor) -> torch.Tensor:
 
 def z_loss(logits: torch.Tensor) -> torch.Tensor:
     """Router z-loss (ST-MoE): mean over tokens of ``logsumexp(logits)²``; keeps logits small."""
+    if logits.shape[0] == 0:  # an empty batch: nothing to penalise
+        return logits.float().sum() * 0.0
     return torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
 
 
@@ -47,7 +51,9 @@ def sequence_balance_loss(scores: torch.Tensor, expert_idx: torch.Tensor, batch:
     scores: (batch·T, E) unbiased affinities (sigmoid for V3); expert_idx: (batch·T, k).
     """
     tokens, num_experts = scores.shape
-    if tokens % batch:
+    if tokens == 0:  # an empty batch (no sequences, or sequences of no tokens): nothing to balance
+        return scores.sum() * 0.0
+    if batch < 1 or tokens % batch:
         raise ValueError(f"{tokens} tokens do not split into {batch} sequences")
     k = expert_idx.shape[1]
     s = scores / scores.sum(dim=-1, keepdim=True)

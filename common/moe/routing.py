@@ -29,9 +29,17 @@ def expert_capacity(capacity_factor: float, tokens: int, num_experts: int, k: in
     With ``k = 1`` this is Switch Transformer's capacity; with ``k = 2`` it is DeepSpeed's
     ``top2gating`` capacity (which doubles the factor), i.e. room for every token's two choices.
     """
-    if capacity_factor <= 0:
-        raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}")
-    return math.ceil(capacity_factor * k * tokens / num_experts)
+    check_capacity_factor(capacity_factor)
+    check_topk(k, num_experts)
+    if tokens < 0:
+        raise ValueError(f"tokens must be >= 0, got {tokens}")
+    return math.ceil(capacity_factor * k * tokens / num_experts)  # 0 for an empty batch
+
+
+def check_capacity_factor(capacity_factor: float) -> None:
+    """A capacity factor is a finite positive number (NaN and infinity are refused here, not in forward)."""
+    if not (math.isfinite(capacity_factor) and capacity_factor > 0):
+        raise ValueError(f"capacity_factor must be a finite number > 0, got {capacity_factor}")
 
 
 def positions_in_expert(one_hot: torch.Tensor) -> torch.Tensor:

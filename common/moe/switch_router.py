@@ -21,7 +21,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.moe.losses import balance_loss, z_loss
-from common.moe.routing import Routing, check_topk, expert_capacity, positions_in_expert
+from common.moe.routing import (
+    Routing,
+    check_capacity_factor,
+    check_topk,
+    expert_capacity,
+    positions_in_expert,
+)
 
 
 class SwitchRouter(nn.Module):
@@ -39,8 +45,7 @@ class SwitchRouter(nn.Module):
     ):
         super().__init__()
         check_topk(1, num_experts)
-        if capacity_factor <= 0:
-            raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}")
+        check_capacity_factor(capacity_factor)
         if expert_capacity is not None and expert_capacity < 1:
             raise ValueError(f"expert_capacity must be >= 1, got {expert_capacity}")
         if not 0 <= jitter < 1:

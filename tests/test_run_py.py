@@ -1,0 +1,76 @@
+"""run.py, the newcomer's entry point: --help, the CPU wheel, a line per set-up step, pip not silenced."""
+
+import subprocess
+import sys
+import types
+
+import pytest
+
+import run
+from tests.conftest import REPO_ROOT
+
+
+def test_help_exits_0_and_points_at_the_harness_help():
+    proc = subprocess.run([sys.executable, "run.py", "--help"], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0
+    assert (
+        "python3 run.py book --help" in proc.stdout
+        and "--cpu" in proc.stdout
+        and "TORCH_INDEX" in proc.stdout
+    )
+    none = subprocess.run([sys.executable, "run.py"], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert none.returncode == 2 and none.stderr.strip() == "run.py: error: give a command: book, setup, test"
+
+
+@pytest.mark.parametrize(
+    "torch_env, index_env, cpu, expected",
+    [
+        (None, None, False, ["torch==2.13.0"]),
+        (None, None, True, ["torch==2.13.0", "--index-url", run.CPU_INDEX]),
+        (
+            "torch==2.13.0+cpu",
+            "https://example.org/simple",
+            False,
+            ["torch==2.13.0+cpu", "--index-url", "https://example.org/simple"],
+        ),
+        (
+            "/wheels/torch-2.13.0-cp311-linux_x86_64.whl --no-deps",
+            None,
+            False,
+            ["/wheels/torch-2.13.0-cp311-linux_x86_64.whl", "--no-deps"],
+        ),
+    ],
+)
+def test_which_torch(monkeypatch, torch_env, index_env, cpu, expected):
+    for name, value in (("TORCH", torch_env), ("TORCH_INDEX", index_env)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    assert run.torch_install_args(cpu) == expected
+
+
+def test_setup_says_each_step_and_lets_pip_show_its_progress(monkeypatch, tmp_path, capsys):
+    commands = []
+
+    def fake_run(cmd, **kwargs):
+        commands.append(list(cmd))
+        missing_torch = cmd[1:] == ["-c", "import torch"]
+        return types.SimpleNamespace(returncode=1 if missing_torch else 0)
+
+    monkeypatch.setattr(run, "STAMP", tmp_path / "setup.stamp")
+    monkeypatch.setattr(run.subprocess, "run", fake_run)
+    monkeypatch.delenv("TORCH", raising=False)
+    monkeypatch.delenv("TORCH_INDEX", raising=False)
+    assert run.main(["--cpu", "setup"]) == 0
+    out = capsys.readouterr().out
+    for step in ("[1/3] torch: pip install torch==2.13.0 --index-url", "[2/3]", "[3/3]", "set-up done"):
+        assert step in out
+    pips = [c for c in commands if c[1:4] == ["-m", "pip", "install"]]
+    assert len(pips) == 3 and not any("--quiet" in c or "-q" in c for c in pips)
+    assert pips[0][4:] == ["torch==2.13.0", "--index-url", run.CPU_INDEX]
+
+    commands.clear()
+    monkeypatch.setattr(run, "setup", lambda cpu=False: pytest.fail("help needs no set-up"))
+    assert run.main(["book", "--help"]) == 0
+    assert commands == [[sys.executable, "-m", "verify", "--help"]]  # no --quick added to a help request
