@@ -23,16 +23,28 @@ What DeepSpeed needs for MoE, shown in the code below:
 
 A reader sees the optimizer groups, each epoch's mean loss and the first -> last change beside the
 book's.
+
+No lost work: every process holds its own experts, so after every epoch each rank writes its own
+checkpoint (``--out``/checkpoint/rank{r}: weights as safetensors, the AdamW state of its ZeRO
+partition, the RNG and the epoch losses) with :func:`common.checkpoint.save_checkpoint`, atomically.
+Ctrl-C or SIGTERM reaches the parent, which ends the workers (:func:`common.launch.run_workers`),
+records the last epoch every rank saved and prints the ``--resume`` command; an interruption loses
+at most the epoch under way.  (DeepSpeed's own ``engine.save_checkpoint`` is not used: its
+``load_checkpoint`` unpickles with ``weights_only=False``.)
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import time
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common import checkpoint as ckpt
 from common.env import require
 from common.fmoe.expert_parallel import check_ep_size
 from common.launch import is_main, job_size, run_workers
@@ -84,6 +96,21 @@ class DSMoETransformer(nn.Module):
         return x, aux
 
 
+@contextmanager
+def signals_held():
+    """Hold SIGINT and SIGTERM back until the block ends (they are delivered then).
+
+    The ranks' shards must hold the same epoch: a rank ended between its own save and its peer's would
+    leave a set that cannot resume.  Within the block, between two barriers, every rank saves.
+    """
+    held = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
+
+
 def _worker(ctx, a):
     import deepspeed
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
@@ -93,6 +120,8 @@ def _worker(ctx, a):
     model = DSMoETransformer(
         a.layers, a.d_model, a.heads, a.experts, a.d_ff, ctx.world_size, a.capacity_factor
     )
+    shard = os.path.join(a.ckpt_dir, f"rank{ctx.rank}")  # this rank's experts and optimizer partition
+    state = ckpt.load_checkpoint(shard, model) if a.resume else None  # weights before the engine copies them
     groups = split_params_into_different_moe_groups_for_optimizer(
         {"params": list(model.parameters()), "name": "parameters"}
     )
@@ -105,6 +134,12 @@ def _worker(ctx, a):
         "steps_per_print": 10**9,
     }
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    base_optimizer = engine.optimizer.optimizer  # the AdamW that ZeRO steps on this rank's partition
+    epochs = []
+    if state is not None:
+        base_optimizer.load_state_dict(state["optimizer"])
+        ckpt.restore_rng_state(state["rng"])
+        epochs = state["extra"]["epochs"]
     group_info = [
         (g.get("name", "?"), bool(g.get("moe", False)), sum(p.numel() for p in g["params"])) for g in groups
     ]
@@ -112,8 +147,8 @@ def _worker(ctx, a):
     x = torch.randn(a.batches, a.batch, a.seq, a.d_model, generator=g)
     y = torch.randn(a.batches, a.batch, a.seq, a.d_model, generator=g)
     rows = slice(ctx.rank * a.batch // ctx.world_size, (ctx.rank + 1) * a.batch // ctx.world_size)
-    epochs, start = [], time.perf_counter()
-    for _ in range(a.epochs):
+    start = time.perf_counter()
+    for _ in range(len(epochs), a.epochs):
         losses = []
         for xb, yb in zip(x, y):
             out, aux = engine(xb[rows].to(engine.device))
@@ -124,12 +159,28 @@ def _worker(ctx, a):
             torch.distributed.all_reduce(mean)
             losses.append(mean.item() / ctx.world_size)
         epochs.append(sum(losses) / len(losses))
+        with signals_held():  # all ranks save this epoch, or none does
+            torch.distributed.barrier()
+            ckpt.save_checkpoint(shard, engine.module, base_optimizer, len(epochs), extra={"epochs": epochs})
+            torch.distributed.barrier()
     return {
         "epochs": epochs,
         "groups": group_info,
         "seconds": time.perf_counter() - start,
         "local_experts": engine.module.blocks[0].moe.num_local_experts,
+        "resumed_from": None if state is None else state["step"],
     }
+
+
+def saved_epoch(ckpt_dir: str, world: int) -> int | None:
+    """The epoch that every rank's shard in ``ckpt_dir`` holds, or None where there is no such set."""
+    steps = set()
+    for r in range(world):
+        shard = os.path.join(ckpt_dir, f"rank{r}")
+        if not ckpt.has_checkpoint(shard):
+            return None
+        steps.add(ckpt.read_state(shard)["step"])
+    return steps.pop() if len(steps) == 1 else None
 
 
 def main(argv=None) -> dict:
@@ -148,7 +199,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--epochs", type=int, default=5, help="epochs")
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
     parser.add_argument("--aux-coef", type=float, default=0.01, help="weight of the gates' l_aux")
+    parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     args = parse_args(parser, argv)
+    args.ckpt_dir = os.path.join(args.out, "checkpoint")
     if args.quick:
         args.d_model, args.d_ff, args.heads, args.batches, args.epochs = 64, 128, 4, 4, 3
     world = job_size(args.nproc)
@@ -162,9 +215,17 @@ def main(argv=None) -> dict:
             raise ValueError(f"--d-model {args.d_model} must divide by --heads {args.heads}")
     except ValueError as e:
         parser.error(str(e))
+    if args.resume and saved_epoch(args.ckpt_dir, world) is None:
+        parser.error(f"--resume: no checkpoint of all {world} ranks at one epoch in {args.ckpt_dir}")
     require("deepspeed")  # or skip with the reason
     device = "cuda" if args.device == "cuda" else "cpu"
-    results = run_workers(_worker, args.nproc, (args,), device=device, timeout=900)
+    try:
+        results = run_workers(_worker, args.nproc, (args,), device=device, timeout=900)
+    except KeyboardInterrupt as e:  # the workers are ended by now; their last complete epoch remains
+        epoch = saved_epoch(args.ckpt_dir, world)
+        if epoch is not None and is_main():
+            e.checkpoint_dir, e.step = args.ckpt_dir, epoch
+        raise
     if not is_main():
         return {}
     r = results[0]
@@ -184,7 +245,9 @@ def main(argv=None) -> dict:
         f"\nmean loss, first epoch -> last: ours {first:.3f} -> {last:.3f} "
         f"({100 * (last / first - 1):+.0f}%), "
         f"book {BOOK_LOSS[0]} -> {BOOK_LOSS[1]} ({book:+.0f}%); {r['seconds']:.1f} s of training"
+        + ("" if r["resumed_from"] is None else f" after resuming at epoch {r['resumed_from']}")
     )
+    print(f"checkpoint (one folder per rank): {args.ckpt_dir}")
     return {
         "zero_stage": args.zero_stage,
         "ep_size": world,
@@ -192,6 +255,7 @@ def main(argv=None) -> dict:
         "last_epoch_loss": last,
         "loss_change_pct": 100 * (last / first - 1),
         "train_seconds": r["seconds"],
+        "resumed_from": r["resumed_from"],
     }
 
 
