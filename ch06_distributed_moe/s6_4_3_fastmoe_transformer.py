@@ -358,7 +358,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (regression)")
     parser.add_argument("--aux-coef", type=float, default=0.0, help="weight of the gates' losses")
     parser.add_argument("--context", type=int, default=64, help="language model context")
-    parser.add_argument("--lm-steps", type=int, default=100, help="language model training steps")
+    parser.add_argument(
+        "--lm-steps", type=positive_int, default=None, help="language model steps (default 100; quick 20)"
+    )
     parser.add_argument("--lm-lr", type=float, default=3e-3, help="AdamW learning rate (language model)")
     parser.add_argument(
         "--ckpt-every", type=non_negative_int, default=25, help="checkpoint the language model every N steps"
@@ -372,7 +374,9 @@ def main(argv=None) -> dict:
     args = parse_args(parser, argv)
     args.ckpt_dir = os.path.join(args.out, "checkpoint")
     if args.quick:
-        args.d_model, args.d_hidden, args.batches, args.epochs, args.lm_steps = 64, 128, 4, 4, 20
+        args.d_model, args.d_hidden, args.batches, args.epochs = 64, 128, 4, 4
+    if args.lm_steps is None:
+        args.lm_steps = 20 if args.quick else 100
     for name in ("nproc", "layers", "d_model", "experts", "d_hidden", "batch", "batches", "epochs"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")

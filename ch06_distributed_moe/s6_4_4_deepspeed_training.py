@@ -49,7 +49,7 @@ from common.env import require
 from common.fmoe.expert_parallel import check_ep_size
 from common.launch import is_main, job_size, run_workers
 from common.models.attention import MultiHeadAttention
-from common.runner import parse_args, run_script, script_parser
+from common.runner import parse_args, positive_int, run_script, script_parser
 
 BOOK_LOSS = (1.784, 1.001)
 
@@ -195,15 +195,21 @@ def main(argv=None) -> dict:
     parser.add_argument("--capacity-factor", type=float, default=1.25, help="DeepSpeed's capacity factor")
     parser.add_argument("--batch", type=int, default=32, help="global batch (sequences)")
     parser.add_argument("--seq", type=int, default=8, help="tokens per sequence")
-    parser.add_argument("--batches", type=int, default=10, help="batches in the fixed random data set")
-    parser.add_argument("--epochs", type=int, default=5, help="epochs")
+    parser.add_argument(
+        "--batches", type=positive_int, default=None, help="batches in the fixed random data set (default 10; quick 4)"
+    )
+    parser.add_argument("--epochs", type=positive_int, default=None, help="epochs (default 5; quick 3)")
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
     parser.add_argument("--aux-coef", type=float, default=0.01, help="weight of the gates' l_aux")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     args = parse_args(parser, argv)
     args.ckpt_dir = os.path.join(args.out, "checkpoint")
     if args.quick:
-        args.d_model, args.d_ff, args.heads, args.batches, args.epochs = 64, 128, 4, 4, 3
+        args.d_model, args.d_ff, args.heads = 64, 128, 4
+    if args.batches is None:
+        args.batches = 4 if args.quick else 10
+    if args.epochs is None:
+        args.epochs = 3 if args.quick else 5
     world = job_size(args.nproc)
     try:
         check_ep_size(world, world)
