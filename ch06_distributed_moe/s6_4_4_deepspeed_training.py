@@ -196,7 +196,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch", type=int, default=32, help="global batch (sequences)")
     parser.add_argument("--seq", type=int, default=8, help="tokens per sequence")
     parser.add_argument(
-        "--batches", type=positive_int, default=None, help="batches in the fixed random data set (default 10; quick 4)"
+        "--batches", type=positive_int, default=None, help="batches of random data (default 10; quick 4)"
     )
     parser.add_argument("--epochs", type=positive_int, default=None, help="epochs (default 5; quick 3)")
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
