@@ -16,9 +16,13 @@ fastmoe layer has no residual or norm inside; the block adds them).  The script:
    parameters (attention, norms, gates) summed by :class:`~common.fmoe.DistributedGroupedDataParallel`.
    Its loss at every step equals the one-process run's with the same weights and batches;
 4. **a language model** on the embedded corpus with the same blocks: validation loss before and after.
+   It is checkpointed (``--out``/checkpoint, :mod:`common.checkpoint`) every ``--ckpt-every`` steps
+   and on Ctrl-C or SIGTERM, and ``--resume`` continues it (parts 1-3 run again: they are short and
+   deterministic).  The one-process runs use ``--threads`` intra-op threads (1 by default).
 
     python -m ch06_distributed_moe.s6_4_3_fastmoe_transformer
     python -m ch06_distributed_moe.s6_4_3_fastmoe_transformer --quick
+    python -m ch06_distributed_moe.s6_4_3_fastmoe_transformer --resume     # after Ctrl-C or SIGTERM
     python -m ch06_distributed_moe.s6_4_3_fastmoe_transformer --nproc 4 --experts 8
     torchrun --nproc_per_node 2 -m ch06_distributed_moe.s6_4_3_fastmoe_transformer
 

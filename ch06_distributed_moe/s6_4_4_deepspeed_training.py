@@ -18,6 +18,7 @@ What DeepSpeed needs for MoE, shown in the code below:
 
     python -m ch06_distributed_moe.s6_4_4_deepspeed_training
     python -m ch06_distributed_moe.s6_4_4_deepspeed_training --quick
+    python -m ch06_distributed_moe.s6_4_4_deepspeed_training --resume       # after Ctrl-C or SIGTERM
     python -m ch06_distributed_moe.s6_4_4_deepspeed_training --zero-stage 1 --nproc 2
     deepspeed --num_gpus 2 ch06_distributed_moe/s6_4_4_deepspeed_training.py --device cuda
 
