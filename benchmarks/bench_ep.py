@@ -105,11 +105,11 @@ def _ep_worker(ctx, c: Config, repeats: int, warmup: int):
     for _ in range(repeats):
         times["ours"].append(step(ours))
         times["DeepSpeed"].append(step(ds))
-    return times
+    return times, torch.get_num_threads()  # both layers ran with this worker's thread count
 
 
 def time_config(c: Config, repeats: int, warmup: int) -> dict:
-    ep = run_workers(_ep_worker, 2, (c, repeats, warmup), timeout=1800)[0]
+    ep, worker_threads = run_workers(_ep_worker, 2, (c, repeats, warmup), timeout=1800)[0]
     torch.manual_seed(0)
     ours = FMoETransformerMLP(c.experts, c.d_model, c.d_hidden, top_k=c.top_k)
     floor = _randomize(Floor(c.d_model, c.d_hidden, kind="gelu"))
@@ -131,6 +131,7 @@ def time_config(c: Config, repeats: int, warmup: int) -> dict:
         "ep_seconds": ep,  # rank 0's rounds, each the slower process's step
         "ep_median_s": {n: statistics.median(ts) for n, ts in ep.items()},
         "ep_x_deepspeed": x_ds,
+        "ep_threads_per_worker": worker_threads,
         "one_process_seconds": one,
         "one_process_median_s": {n: statistics.median(ts) for n, ts in one.items()},
         "x_floor": x_floor,
