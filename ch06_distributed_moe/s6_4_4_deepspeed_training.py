@@ -121,6 +121,11 @@ def _worker(ctx, a):
     model = DSMoETransformer(
         a.layers, a.d_model, a.heads, a.experts, a.d_ff, ctx.world_size, a.capacity_factor
     )
+    # ZeRO turns the engine's parameters into views of one flat buffer, which safetensors refuses to
+    # save; the checkpoint is written from this copy with tensors of its own
+    snapshot = DSMoETransformer(
+        a.layers, a.d_model, a.heads, a.experts, a.d_ff, ctx.world_size, a.capacity_factor
+    )
     shard = os.path.join(a.ckpt_dir, f"rank{ctx.rank}")  # this rank's experts and optimizer partition
     state = ckpt.load_checkpoint(shard, model) if a.resume else None  # weights before the engine copies them
     groups = split_params_into_different_moe_groups_for_optimizer(
@@ -162,7 +167,8 @@ def _worker(ctx, a):
         epochs.append(sum(losses) / len(losses))
         with signals_held():  # all ranks save this epoch, or none does
             torch.distributed.barrier()
-            ckpt.save_checkpoint(shard, engine.module, base_optimizer, len(epochs), extra={"epochs": epochs})
+            snapshot.load_state_dict(engine.module.state_dict())
+            ckpt.save_checkpoint(shard, snapshot, base_optimizer, len(epochs), extra={"epochs": epochs})
             torch.distributed.barrier()
     return {
         "epochs": epochs,
