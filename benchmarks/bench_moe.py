@@ -91,14 +91,19 @@ QUICK = [
 
 
 class Floor(nn.Module):
-    """One dense SwiGLU (fused gate/up, then down) at the expert width, on tokens·k rows."""
+    """One dense feed-forward at the expert width, on tokens·k rows: a SwiGLU (fused gate/up, then
+    down), or with ``kind="gelu"`` fastmoe's expert ``Linear -> GELU -> Linear`` with biases."""
 
-    def __init__(self, d_model: int, d_ff: int):
+    def __init__(self, d_model: int, d_ff: int, kind: str = "swiglu"):
         super().__init__()
-        self.gate_up = nn.Linear(d_model, 2 * d_ff, bias=False)
-        self.down = nn.Linear(d_ff, d_model, bias=False)
+        self.kind = kind
+        gelu = kind == "gelu"
+        self.gate_up = nn.Linear(d_model, d_ff if gelu else 2 * d_ff, bias=gelu)
+        self.down = nn.Linear(d_ff, d_model, bias=gelu)
 
     def forward(self, x):
+        if self.kind == "gelu":
+            return self.down(F.gelu(self.gate_up(x)))
         gate, up = self.gate_up(x).chunk(2, dim=-1)
         return self.down(F.silu(gate) * up)
 

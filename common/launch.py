@@ -31,6 +31,7 @@ the one process that should print and write files.
 from __future__ import annotations
 
 import os
+import pickle
 import queue
 import socket
 import time
@@ -56,6 +57,12 @@ class WorkerTimeout(WorkerError):
 def launched() -> bool:
     """True when a launcher (torchrun, deepspeed) started this process as one rank of a job."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def job_size(nproc: int) -> int:
+    """How many ranks the job has: the launcher's ``WORLD_SIZE`` when launched, else ``nproc`` (the
+    workers :func:`run_workers` will start), so a script can check its flags before any worker starts."""
+    return int(os.environ["WORLD_SIZE"]) if launched() else nproc
 
 
 def is_main() -> bool:
@@ -92,7 +99,9 @@ def _worker_main(rank: int, nproc: int, port: int, device: str, threads: int, fn
         if threads:
             torch.set_num_threads(threads)  # the workers share this machine's cores
         ctx = setup_distributed(device)
-        results.put((rank, True, fn(ctx, *args)))
+        # pickled here, by value: torch's queue would pass tensors as shared memory, which vanishes
+        # when this worker exits before the parent has read them
+        results.put((rank, True, pickle.dumps(fn(ctx, *args))))
     except BaseException:  # noqa: BLE001 - the parent reports whatever ended this worker
         results.put((rank, False, traceback.format_exc()))
         time.sleep(0.5)  # let the parent hear this rank before its peers fail on the closed link
@@ -128,7 +137,7 @@ def _poll(processes, results, outcome: dict, timeout: float, settle: bool = Fals
         except queue.Empty:
             break
         if ok:
-            outcome[rank] = value
+            outcome[rank] = pickle.loads(value)
         else:
             failures[rank] = (True, value)
         if not settle and not failures:

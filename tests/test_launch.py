@@ -70,3 +70,12 @@ def test_plain_process_is_main_and_not_launched(monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert is_main() and not launched()
+
+
+def _returns_tensors(ctx):
+    return {"rank": torch.full((3,), float(ctx.rank)), "big": torch.ones(1000, 100) * ctx.rank}
+
+
+def test_tensor_results_survive_the_workers_exit():
+    out = run_workers(_returns_tensors, nproc=2, timeout=120)
+    assert [float(o["rank"][0]) for o in out] == [0.0, 1.0] and float(out[1]["big"].sum()) == 1e5

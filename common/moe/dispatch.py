@@ -3,7 +3,8 @@
 :func:`dispatch` (the fast one):
 
 1. flatten the (token, slot) pairs and give dropped slots a sentinel expert ``E``;
-2. sort the pairs by expert once (a stable argsort), count them per expert (one host sync);
+2. sort the pairs by expert once (a stable argsort), count them per expert (one host sync):
+   :func:`sort_by_expert`, which fastmoe's layers (:mod:`common.fmoe`) use too;
 3. gather the token rows in that order, so every expert's tokens sit in one contiguous slice;
 4. run each expert on its slice (:meth:`Experts.forward_sorted`: one grouped matmul per
    projection, or a loop over the non-empty experts);
@@ -52,22 +53,36 @@ def dispatch(
     _check(x, expert_idx, weights, keep)
     tokens, k = expert_idx.shape
     num_experts = experts.num_experts
-    flat_e = expert_idx.reshape(-1)  # (tokens·k,)
-    if keep is not None:
-        flat_e = flat_e.masked_fill(~keep.reshape(-1), num_experts)  # dropped -> sentinel E
-    order = torch.argsort(flat_e, stable=True)  # (tokens·k,) by expert
-    counts = torch.bincount(flat_e, minlength=num_experts + 1)  # (E+1,)
-    counts_list = counts.tolist()  # the one host sync
-    kept = tokens * k - counts_list[num_experts]
-    order = order[:kept]  # drop the sentinel tail
+    order, counts, counts_list = sort_by_expert(expert_idx, num_experts, keep)
+    kept = len(order)
     token = order // k  # (kept,) source token of each row
     rows = x.index_select(0, token)  # (kept, d_model) grouped
     scale = weights.reshape(-1).index_select(0, order).to(x.dtype)  # (kept,) routing weights
-    y = experts.forward_sorted(
-        rows, scale, counts[:num_experts], counts_list[:num_experts]
-    )  # (kept, d_model)
+    y = experts.forward_sorted(rows, scale, counts, counts_list)  # (kept, d_model)
     out = x.new_zeros(x.shape).index_add(0, token, y)  # sum each token's slots
-    return out, counts[:num_experts], tokens * k - kept
+    return out, counts, tokens * k - kept
+
+
+def sort_by_expert(
+    expert_idx: torch.Tensor, num_experts: int, keep: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Steps 1-2 of :func:`dispatch`: the kept (token, slot) pairs in expert order, and their counts.
+
+    expert_idx, keep: (tokens, k); a slot whose ``keep`` is False, or whose expert is negative
+    (fastmoe's ``-1`` for a dropped slot), is left out.  Returns ``(order, counts, counts_list)``:
+    order (kept,) flat slot indices ``token·k + slot`` grouped by expert, in token order within an
+    expert; counts (E,) slots per expert, as a tensor and as a list (the one host sync).
+    """
+    flat_e = expert_idx.reshape(-1)  # (tokens·k,)
+    dropped = flat_e < 0
+    if keep is not None:
+        dropped = dropped | ~keep.reshape(-1)
+    flat_e = flat_e.masked_fill(dropped, num_experts)  # dropped -> sentinel E
+    order = torch.argsort(flat_e, stable=True)  # (tokens·k,) by expert
+    counts = torch.bincount(flat_e, minlength=num_experts + 1)  # (E+1,)
+    counts_list = counts.tolist()
+    kept = flat_e.numel() - counts_list[num_experts]
+    return order[:kept], counts[:num_experts], counts_list[:num_experts]
 
 
 def dense_loop(
