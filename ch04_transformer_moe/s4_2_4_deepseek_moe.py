@@ -73,7 +73,8 @@ def train_run(args, gamma: float, x_all: torch.Tensor, teacher: torch.nn.Module,
         x = x_all[idx]  # (batch, seq, d_model)
         with torch.no_grad():
             y = teacher(x)
-        loss = (layer(x) - y).pow(2).mean()  # no auxiliary loss added
+        out, _ = layer(x)  # its auxiliary loss is not added
+        loss = (out - y).pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
