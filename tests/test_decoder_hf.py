@@ -1,6 +1,7 @@
 """The decoder LM against transformers' LlamaForCausalLM (and Qwen3 for QK-norm) from tiny configs:
 logits, loss and gradients with weights copied across, MHA/GQA/MQA, rope_theta, tied/untied, biases;
-decoder_to_hf / decoder_from_hf round trips and save_pretrained / from_pretrained; the config's errors. fp32, 1e-5."""
+decoder_to_hf / decoder_from_hf round trips and save_pretrained / from_pretrained; the config's errors.
+fp32, 1e-5."""
 
 import pytest
 import torch
