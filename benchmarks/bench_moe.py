@@ -50,6 +50,8 @@ from common.moe import DeepSeekMoE, TopKMoE
 from common.moe.experts import SwiGLU
 from common.runner import write_json
 
+FORMAT = 2  # the JSON's layout; benchmarks.speed_section reads only this one
+
 
 @dataclass
 class Config:
@@ -410,6 +412,7 @@ def main(argv=None) -> dict:
         )
     print(f"\n{table(results)}")
     payload = {
+        "format": FORMAT,
         "quick": args.quick,
         "repeats": args.repeats,
         "threads": torch.get_num_threads(),

@@ -6,7 +6,8 @@
 Every figure in the section comes from ``benchmarks/results/bench_decoder.json`` and
 ``bench_moe.json``: the tables as the benchmarks print them (:func:`bench_decoder.report`,
 :func:`bench_moe.table`), the prose figures computed from the same results. The section runs from
-its heading to the end of the README.
+its heading to the end of the README. Results written by an older version of a benchmark (their
+``format`` is not the benchmark's ``FORMAT``) are refused with the command that rewrites them.
 """
 
 from __future__ import annotations
@@ -119,8 +120,17 @@ def main(argv=None) -> int:
     parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if the README is stale")
     args = parser.parse_args(argv)
     results = ROOT / "benchmarks" / "results"
-    dec = json.loads((results / "bench_decoder.json").read_text())
-    moe = json.loads((results / "bench_moe.json").read_text())
+    payloads = {}
+    for bench in (bench_decoder, bench_moe):
+        name = bench.__name__.rsplit(".", 1)[1]
+        payloads[name] = json.loads((results / f"{name}.json").read_text())
+        if payloads[name].get("format") != bench.FORMAT:
+            print(
+                f"benchmarks/results/{name}.json predates this benchmark's format: "
+                f"rerun python -m benchmarks.{name}"
+            )
+            return 1
+    dec, moe = payloads["bench_decoder"], payloads["bench_moe"]
     text = README.read_text()
     if HEADING not in text:
         raise SystemExit(f"{README} lacks the heading {HEADING!r}")
