@@ -53,8 +53,8 @@ def add_malloc_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def apply_malloc_flag(args: argparse.Namespace) -> str:
-    """Keep freed memory unless ``--system-malloc`` (the benchmark's own opt-in: nothing else in the book
-    changes the allocator); returns the setting in words, for the output and the JSON."""
+    """Keep freed memory unless ``--system-malloc`` (the benchmark opts in for its own process); returns
+    the setting in words, for the output and the JSON."""
     from common.env import keep_freed_memory
 
     return "system defaults" if args.system_malloc or not keep_freed_memory() else "freed memory kept"
