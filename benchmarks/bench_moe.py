@@ -177,7 +177,7 @@ def build_variants(c: Config) -> tuple[dict, dict]:
         num_key_value_heads=8,
         router_jitter_noise=0.0,
         num_hidden_layers=1,  # only its MoE block is timed
-        vocab_size=2,
+        vocab_size=32,  # room for the default special token ids
     )
     hf_mixtral, impl = hf_block(MixtralForCausalLM, mcfg)
     _randomize(hf_mixtral)
@@ -203,7 +203,7 @@ def build_variants(c: Config) -> tuple[dict, dict]:
         kv_lora_rank=64,
         q_lora_rank=None,
         num_hidden_layers=1,  # only its MoE block is timed
-        vocab_size=2,
+        vocab_size=32,  # room for the default special token ids
     )
     hf_ds, impl = hf_block(DeepseekV3ForCausalLM, dcfg)
     _randomize(hf_ds)
