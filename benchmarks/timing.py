@@ -47,12 +47,14 @@ def add_malloc_flag(parser: argparse.ArgumentParser) -> None:
         "--system-malloc",
         action="store_true",
         help="leave glibc's malloc at its defaults (tensors over 32 MiB page-fault on every allocation); "
-        "by default freed memory is kept for reuse, as in the book's scripts (common.env.keep_freed_memory)",
+        "by default the benchmark keeps freed memory for reuse (common.env.keep_freed_memory), a "
+        "process-wide setting it opts in to for itself",
     )
 
 
 def apply_malloc_flag(args: argparse.Namespace) -> str:
-    """Keep freed memory unless ``--system-malloc``; returns the setting in words, for the output."""
+    """Keep freed memory unless ``--system-malloc`` (the benchmark opts in for its own process); returns
+    the setting in words, for the output and the JSON."""
     from common.env import keep_freed_memory
 
     return "system defaults" if args.system_malloc or not keep_freed_memory() else "freed memory kept"

@@ -29,6 +29,7 @@ import torch
 from common.data import EOT, TokenData, get_tokenizer, load_corpus
 from common.models.decoder import PRESETS, DecoderConfig, DecoderLM
 from common.models.generation import generate
+from common.models.hf_llama import decoder_to_hf
 from common.plotting import pyplot, save_figure
 from common.runner import parse_args, run_script, script_parser
 from common.training import TrainConfig, train
@@ -60,7 +61,7 @@ def hf_check(config: DecoderConfig, device: str, seed: int) -> float:
     """Max |logit difference| between our model and its LlamaForCausalLM conversion on random tokens."""
     torch.manual_seed(seed)
     ours = DecoderLM(config).to(device).eval()
-    hf = ours.to_hf()
+    hf = decoder_to_hf(ours)
     idx = torch.randint(0, config.vocab_size, (2, min(64, config.context_length)), device=device)
     with torch.no_grad():
         return (ours(idx)[0] - hf(idx).logits).abs().max().item()

@@ -69,7 +69,7 @@ def main(argv=None) -> dict:
 
     # 1. routing of the first tokens
     layer.train()
-    out = layer(x)
+    out, _ = layer(x)  # the output and the auxiliary loss; the routing is recorded on the layer
     r = layer.last_routing
     print("\ntoken  chosen experts  weights (renormalised top-k softmax)")
     for t in range(4):
@@ -82,7 +82,7 @@ def main(argv=None) -> dict:
         layer.zero_grad()
         xi = x.clone().requires_grad_(True)
         torch.manual_seed(args.seed)
-        y = layer(xi, reference=reference)
+        y, _ = layer(xi, reference=reference)
         (y * probe).sum().backward()  # a fixed random direction: O(1) gradients
         return y.detach(), xi.grad, layer.experts.gate_up.grad.clone(), layer.router.weight.grad.clone()
 
@@ -100,8 +100,8 @@ def main(argv=None) -> dict:
     )
 
     # 3. losses and 4. loads
-    layer(x)
-    losses, stats, aux = layer.last_losses, layer.last_stats, float(layer.aux_loss.detach())
+    _, aux_loss = layer(x)
+    losses, stats, aux = layer.last_losses, layer.last_stats, float(aux_loss.detach())
     print(
         f"\nbalance loss E·Σ f·P = {float(losses['balance']):.4f} (1.0 is perfect balance), "
         f"z-loss = {float(losses['z']):.4f}, aux_loss added to the LM loss = {aux:.5f}"

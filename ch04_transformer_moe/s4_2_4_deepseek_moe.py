@@ -14,6 +14,11 @@ auxiliary-loss-free load balancing.
    direction so that a few experts win every token) shows max/mean expert load with and without the
    bias update, no auxiliary loss in either.
 
+This is DeepSeek-V3's MoE layer, which DeepSeek-V3.2 keeps unchanged (tests/test_moe_reference.py
+checks it against transformers' DeepseekV3MoE and the MoE block of DeepseekV32ForCausalLM). It is not
+the "DeepSeek v3.2 architecture" the book's code names: multi-head latent attention, multi-token
+prediction and V3.2's sparse attention are not here (ERRATA.md, chapter 4).
+
     python -m ch04_transformer_moe.s4_2_4_deepseek_moe
     python -m ch04_transformer_moe.s4_2_4_deepseek_moe --quick
 
@@ -73,7 +78,8 @@ def train_run(args, gamma: float, x_all: torch.Tensor, teacher: torch.nn.Module,
         x = x_all[idx]  # (batch, seq, d_model)
         with torch.no_grad():
             y = teacher(x)
-        loss = (layer(x) - y).pow(2).mean()  # no auxiliary loss added
+        out, _ = layer(x)  # its auxiliary loss is not added
+        loss = (out - y).pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -108,6 +114,10 @@ def main(argv=None) -> dict:
     routed = layer.experts.gate_up.numel() + layer.experts.down.numel()
     shared = sum(p.numel() for p in layer.shared.parameters()) if layer.shared is not None else 0
     active = routed * k_fine // n_fine + shared
+    print(
+        "DeepSeek-V3's MoE layer (V3.2 keeps it); not the whole V3.2 architecture: no latent attention, "
+        "multi-token prediction or sparse attention (ERRATA.md)"
+    )
     print(
         f"fine-grained: {args.experts} experts of width {args.d_ff}, top-{args.k} -> split m={args.m}: "
         f"{n_fine} experts of width {d_fine}, top-{k_fine}; {args.shared} shared expert(s) of width {d_fine}"

@@ -209,8 +209,8 @@ def main(argv=None) -> dict:
     x, y = next(data.val_batches(cfg.batch_size, 1))
     moe.train()
     with torch.no_grad():
-        _, loss = moe(x.to(args.device), y.to(args.device))
-    aux = float(loss - moe.last_ce_loss)
+        logits, loss = moe(x.to(args.device), y.to(args.device))
+    aux = float(loss - nn.functional.cross_entropy(logits.flatten(0, 1), y.to(args.device).flatten()))
     print(
         f"\nbalance loss summed over {len(moe_layers)} MoE layers: "
         f"{aux / args.balance_coef if args.balance_coef else 0:.4f} "

@@ -1,38 +1,76 @@
-"""The decoder benchmark's quick mode runs end to end: same tokens and losses as HF, every contender
-timed, and a report rebuilt from the JSON alone that is what the run printed. No timing is asserted:
-speed is the full benchmark's business, not a unit test's. The chapter README's speed section is what
-the committed results give."""
+"""The benchmarks' quick modes run end to end: the decoder benchmark gives the same tokens and losses
+as HF, the MoE benchmark the same outputs as transformers' blocks, every contender is timed, the
+library columns record their settings, and the reports and the README's speed section can be built
+from the JSON alone. No timing is asserted: speed is the full benchmarks' business, not a unit
+test's. The chapter README's speed section is what the committed results give."""
 
 import json
 
-from benchmarks import bench_decoder, speed_section
+import pytest
+
+from benchmarks import bench_decoder, bench_moe, speed_section
 
 
-def test_bench_decoder_quick_writes_a_report_its_json_reproduces(tmp_path, capsys):
-    out = tmp_path / "bench_decoder.json"
-    bench_decoder.main(["--quick", "--json", str(out)])
-    printed = capsys.readouterr().out
-    saved = json.loads(out.read_text())
+@pytest.fixture(scope="module")
+def decoder_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "bench_decoder.json"
+    result = bench_decoder.main(["--quick", "--json", str(out)])
+    return result, json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def moe_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "bench_moe.json"
+    bench_moe.main(["--quick", "--repeats", "1", "--warmup", "1", "--json", str(out)])
+    return json.loads(out.read_text())
+
+
+def test_bench_decoder_quick_writes_a_report_its_json_reproduces(decoder_run):
+    result, saved = decoder_run
+    assert saved == json.loads(json.dumps(result))
+    printed = bench_decoder.report(result, header=False)
 
     assert saved["same_tokens_as_hf"] is True
     assert saved["train_loss_max_abs_diff"] < 1e-4
     timed = {
         "ours (KV cache)",
-        "ours (KV cache, row-major)",
         "HF generate",
         "ours (no cache)",
         "ours train step",
         "HF train step",
         bench_decoder.FLOOR,
-        bench_decoder.SHORT_COL,
-        bench_decoder.SHORT_ROW,
     }
     assert set(saved["seconds"]) == timed
     assert all(len(v) == saved["repeats"] and min(v) > 0 for v in saved["seconds"].values())
     assert set(saved["train_step_x_floor"]) == {"ours", "hf"}
     assert set(saved["ratios"]) == set(bench_decoder.GOALS)
-    assert bench_decoder.report(saved, header=False) in printed
+    assert set(saved["goals_met"]) == {*bench_decoder.GOALS, "train_step_x_floor"}
+    assert saved["malloc"] == "freed memory kept" and saved["hf_settings"]["attn_implementation"]
+    assert bench_decoder.report(saved, header=False) == printed
     assert bench_decoder.report(saved).startswith(saved["setup"])
+
+
+def test_bench_moe_quick_times_default_and_eager_blocks_with_equal_outputs(moe_run):
+    assert moe_run["malloc"] == "freed memory kept"
+    for r in moe_run["results"]:
+        assert {"ours", "HF Mixtral", "HF Mixtral eager", "HF DeepseekV3", "HF DeepseekV3 eager"} <= set(
+            r["x_floor"]
+        )
+        # transformers' default for a model built normally, recorded; eager only as the extra column
+        assert "'grouped_mm' (default)" in r["settings"]["HF Mixtral"]
+        assert "'eager'" in r["settings"]["HF Mixtral eager"]
+        assert r["max_abs_diff"] and max(r["max_abs_diff"].values()) < 1e-4  # the same layer, same weights
+        assert set(r["measured"]) == set(r["config"]["goals"]) == set(r["goals_met"])
+        assert all(len(ts) == moe_run["repeats"] and min(ts) > 0 for ts in r["seconds"].values())
+    decode = next(r for r in moe_run["results"] if not r["config"]["train"])
+    assert "read active weights" in decode["x_floor"] and decode["active_experts"] > 0
+
+
+def test_speed_section_is_built_from_fresh_results(decoder_run, moe_run):
+    text = speed_section.section(decoder_run[1], moe_run)
+    assert text.startswith(speed_section.HEADING)
+    assert bench_moe.table(moe_run["results"]) in text
+    assert "grouped_mm" in text and "column-major" not in text
 
 
 def test_readme_speed_section_shows_the_committed_results():

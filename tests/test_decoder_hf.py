@@ -1,12 +1,14 @@
 """The decoder LM against transformers' LlamaForCausalLM (and Qwen3 for QK-norm) from tiny configs:
 logits, loss and gradients with weights copied across, MHA/GQA/MQA, rope_theta, tied/untied, biases;
-to_hf / from_hf round trips and save_pretrained / from_pretrained; the config's errors. fp32, 1e-5."""
+decoder_to_hf / decoder_from_hf round trips and save_pretrained / from_pretrained; the config's errors.
+fp32, 1e-5."""
 
 import pytest
 import torch
 from torch import nn
 
 from common.models.decoder import DecoderConfig, DecoderLM
+from common.models.hf_llama import decoder_from_hf, decoder_to_hf
 
 ATOL = 1e-5
 
@@ -57,7 +59,7 @@ def _llama(**kw):
 )
 def test_from_hf_matches_llama_logits_and_loss(kw):
     hf = _llama(**kw)
-    ours = DecoderLM.from_hf(hf)
+    ours = decoder_from_hf(hf)
     assert ours.config.n_kv_head == hf.config.num_key_value_heads
     idx = torch.randint(0, 101, (3, 17))
     labels = idx.clone()
@@ -65,15 +67,18 @@ def test_from_hf_matches_llama_logits_and_loss(kw):
     ref = hf(idx, labels=labels)
     # our targets are already shifted: targets[:, t] is the token after idx[:, t]
     targets = torch.cat([labels[:, 1:], torch.full((3, 1), -100)], dim=1)
-    logits, loss = ours(idx, targets, return_logits=True)
+    logits, loss = ours(idx, targets)
     torch.testing.assert_close(logits, ref.logits, atol=ATOL, rtol=0)
     torch.testing.assert_close(loss, ref.loss, atol=ATOL, rtol=0)
+    no_logits, fused = ours(idx, targets, fused_loss=True)
+    assert no_logits is None
+    torch.testing.assert_close(fused, ref.loss, atol=ATOL, rtol=0)
     assert ours.num_params() == sum(p.numel() for p in hf.parameters())
 
 
 def test_gradients_match_llama():
     hf = _llama(num_key_value_heads=2)
-    ours = DecoderLM.from_hf(hf)
+    ours = decoder_from_hf(hf)
     idx = torch.randint(0, 101, (2, 12))
     hf(idx, labels=idx).loss.backward()
     ours(idx, torch.cat([idx[:, 1:], torch.full((2, 1), -100)], dim=1))[1].backward()
@@ -110,10 +115,10 @@ def test_gradients_match_llama():
 def test_to_hf_matches_our_logits_and_round_trips(kw):
     ours = DecoderLM(tiny(**kw)).eval()
     _randomise(ours)
-    hf = ours.to_hf()
+    hf = decoder_to_hf(ours)
     idx = torch.randint(0, 101, (2, 20))
     torch.testing.assert_close(hf(idx).logits, ours(idx)[0], atol=ATOL, rtol=0)
-    back = DecoderLM.from_hf(hf)
+    back = decoder_from_hf(hf)
     torch.testing.assert_close(back(idx)[0], ours(idx)[0], atol=ATOL, rtol=0)
     if kw.get("norm") != "rmsnorm_noweight":  # the weightless norm comes back as an all-ones weight
         assert back.config == ours.config.replace(d_ff=ours.config.ffn_dim)
@@ -126,7 +131,7 @@ def test_save_pretrained_loads_back_from_the_folder(tmp_path):
 
     ours = DecoderLM(tiny(n_kv_head=2)).eval()
     _randomise(ours)
-    ours.to_hf().save_pretrained(tmp_path)
+    decoder_to_hf(ours).save_pretrained(tmp_path)
     loaded = LlamaForCausalLM.from_pretrained(tmp_path, local_files_only=True).eval()
     idx = torch.randint(0, 101, (2, 15))
     torch.testing.assert_close(loaded(idx).logits, ours(idx)[0], atol=ATOL, rtol=0)
@@ -154,7 +159,7 @@ def test_qk_norm_matches_qwen3():
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         )
     ).eval()
-    sd = plain.to_hf().state_dict()
+    sd = decoder_to_hf(plain).state_dict()
     for i, block in enumerate(ours.blocks):
         sd[f"model.layers.{i}.self_attn.q_norm.weight"] = block.attn.q_norm.weight
         sd[f"model.layers.{i}.self_attn.k_norm.weight"] = block.attn.k_norm.weight
@@ -175,12 +180,12 @@ def test_qk_norm_matches_qwen3():
 )
 def test_to_hf_refuses_what_llama_cannot_express(kw, what):
     with pytest.raises(ValueError, match=what):
-        DecoderLM(tiny(**kw)).to_hf()
+        decoder_to_hf(DecoderLM(tiny(**kw)))
 
 
 def test_from_hf_refuses_unsupported_llama():
     with pytest.raises(ValueError, match="hidden_act"):
-        DecoderLM.from_hf(_llama(hidden_act="gelu"))
+        decoder_from_hf(_llama(hidden_act="gelu"))
 
 
 # ----------------------------------------------------------------------------- variants and the interface
@@ -231,28 +236,32 @@ def test_tied_embeddings_share_one_tensor_and_param_counts():
 
 
 class _ToyMoE(nn.Module):
-    """Stands in for an MoE layer: a dense layer that sets ``aux_loss`` like the MoE layers do."""
+    """Stands in for an MoE layer: a dense layer that returns ``(output, aux_loss)`` as the MoE layers do."""
 
     def __init__(self, d):
         super().__init__()
         self.lin = nn.Linear(d, d)
         nn.init.constant_(self.lin.weight, 0.5)
-        self.aux_loss = None
+        self.inputs = []
 
     def forward(self, x):
-        self.aux_loss = 0.01 * x.square().mean()
-        return self.lin(x)
+        self.inputs.append(x.detach())
+        return self.lin(x), 0.01 * x.square().mean()
 
 
 def test_ffn_factory_plugs_in_layers_and_adds_their_aux_loss():
-    model = DecoderLM(tiny(), ffn_factory=lambda i, c: _ToyMoE(c.d_model) if i == 1 else None)
-    assert isinstance(model.blocks[1].ffn, _ToyMoE) and not isinstance(model.blocks[0].ffn, _ToyMoE)
+    model = DecoderLM(tiny(), ffn_factory=lambda i, c: _ToyMoE(c.d_model) if i in (0, 1) else None)
+    assert isinstance(model.blocks[1].ffn, _ToyMoE) and isinstance(model.blocks[0].ffn, _ToyMoE)
     assert torch.all(model.blocks[1].ffn.lin.weight == 0.5)  # a plugged-in layer keeps its own initialisation
     idx = torch.randint(0, 101, (2, 9))
-    logits, loss = model(idx, idx, return_logits=True)
+    logits, loss = model(idx, idx)
     ce = nn.functional.cross_entropy(logits.view(-1, 101), idx.view(-1))
-    torch.testing.assert_close(model.last_ce_loss, ce.detach())
-    torch.testing.assert_close(loss, ce + model.blocks[1].ffn.aux_loss)
+    aux = sum(0.01 * b.ffn.inputs[-1].square().mean() for b in model.blocks)
+    torch.testing.assert_close(loss, ce + aux)
+    _, fused = model(idx, idx, fused_loss=True)
+    torch.testing.assert_close(fused, ce + aux, atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="needs targets"):
+        model(idx, fused_loss=True)
 
 
 def test_presets_and_config_errors():

@@ -87,8 +87,8 @@ def test_without_grad_only_the_loss_is_computed():
 
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
 def test_decoder_loss_and_every_grad_equal_unfused_logits(tie):
-    """DecoderLM(idx, targets) (fused) vs cross-entropy of its full logits: the tied weight gets both the
-    embedding's and the head's gradient."""
+    """DecoderLM(idx, targets, fused_loss=True) vs the cross-entropy of its full logits (and the model's
+    default, plain loss): the tied weight gets both the embedding's and the head's gradient."""
     cfg = DecoderConfig(vocab_size=97, context_length=32, n_layer=2, d_model=32, n_head=4, n_kv_head=2)
     torch.manual_seed(0)
     model = DecoderLM(cfg.replace(tie_embeddings=tie))
@@ -98,19 +98,18 @@ def test_decoder_loss_and_every_grad_equal_unfused_logits(tie):
     targets = torch.roll(idx, -1, dims=1)
     targets[:, -1] = -100
     targets[1] = -100  # a whole row ignored
-    logits, loss = model(idx, targets)
+    logits, loss = model(idx, targets, fused_loss=True)
     assert logits is None  # the fused loss never builds the logits
     loss.backward()
     ref_logits, _ = ref(idx)
     ref_loss = F.cross_entropy(ref_logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
     ref_loss.backward()
     torch.testing.assert_close(loss, ref_loss, atol=ATOL, rtol=0)
-    torch.testing.assert_close(model.last_ce_loss, ref_loss.detach(), atol=ATOL, rtol=0)
     for (name, p), p_ref in zip(model.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad, p_ref.grad, atol=ATOL, rtol=1e-4, msg=name)
-    both, loss2 = model(idx, targets, return_logits=True)
-    torch.testing.assert_close(both, ref_logits, atol=ATOL, rtol=0)
-    torch.testing.assert_close(loss2, loss, atol=0, rtol=0)
+    plain_logits, plain_loss = model(idx, targets)  # the default: logits and F.cross_entropy over them
+    torch.testing.assert_close(plain_logits, ref_logits, atol=ATOL, rtol=0)
+    torch.testing.assert_close(plain_loss, ref_loss, atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])

@@ -7,13 +7,8 @@ import pytest
 import torch
 
 from common.models.decoder import DecoderConfig, DecoderLM
-from common.models.generation import (
-    COLUMN_MAJOR_MIN_TOKENS,
-    column_major_weights,
-    filter_logits,
-    generate,
-    sample_next,
-)
+from common.models.generation import filter_logits, generate, sample_next
+from common.models.hf_llama import decoder_to_hf
 
 PROMPTS = [[5, 6, 7, 8, 9], [11, 12], [20, 21, 22, 23, 24, 25, 26, 27], [3]]
 
@@ -68,7 +63,7 @@ def test_cached_logits_equal_full_forward():
 
 def test_greedy_matches_hf_generate():
     model = model_for(n_kv_head=2)
-    hf = model.to_hf()
+    hf = decoder_to_hf(model)
     for p in PROMPTS[:2]:
         ref = hf.generate(torch.tensor([p]), max_new_tokens=20, do_sample=False, pad_token_id=0)
         assert ref[0, len(p) :].tolist() == generate(model, [p], 20)[0]
@@ -139,38 +134,36 @@ def test_generate_rejects_bad_requests():
         generate(model, [[1, 200]], 2)
 
 
-def test_long_cpu_generation_runs_on_column_major_weights_and_restores_them():
-    model = model_for(tie_embeddings=True)
-    before = {n: (p, p.detach().clone()) for n, p in model.named_parameters()}
-    seen = []
-    hook = model.lm_head.register_forward_pre_hook(lambda m, a: seen.append(m.weight.stride()))
-    generate(model, [PROMPTS[0]], COLUMN_MAJOR_MIN_TOKENS)
-    generate(model, [PROMPTS[0]], COLUMN_MAJOR_MIN_TOKENS - 1)  # short: not worth the copies
-    generate(model, [PROMPTS[0]], 1, column_major=True)  # asked for
-    generate(model, [PROMPTS[0]], COLUMN_MAJOR_MIN_TOKENS, column_major=False)  # declined
-    hook.remove()
-    col, row = (1, model.config.vocab_size), (model.config.d_model, 1)
-    n = COLUMN_MAJOR_MIN_TOKENS
-    assert seen == [col] * n + [row] * (n - 1) + [col] + [row] * n
-    for n, p in model.named_parameters():
-        assert p is before[n][0] and p.is_contiguous() and torch.equal(p, before[n][1]), n
-        assert not p.is_inference()
+def _snapshot(model) -> dict:
+    """Every parameter: the object, its storage, strides and values."""
+    return {n: (p, p.data_ptr(), p.stride(), p.detach().clone()) for n, p in model.named_parameters()}
+
+
+def _assert_untouched(model, before: dict) -> None:
+    after = dict(model.named_parameters())
+    assert after.keys() == before.keys()
+    for n, (p, ptr, stride, values) in before.items():
+        q = after[n]
+        assert q is p and q.data_ptr() == ptr and q.stride() == stride, n
+        assert torch.equal(q, values) and not q.is_inference(), n
+
+
+@pytest.mark.parametrize("new_tokens", [1, 64])
+def test_generate_leaves_every_parameter_untouched(new_tokens):
+    model = model_for(tie_embeddings=True, context_length=96)
     model.train()
+    before = _snapshot(model)
+    generate(model, PROMPTS, new_tokens)  # batched, cached
+    generate(model, [PROMPTS[0]], new_tokens, temperature=1.0, top_k=5)  # sampled
+    generate(model, [PROMPTS[0]], new_tokens, use_cache=False)  # recomputed
+    _assert_untouched(model, before)
+    assert model.training  # the caller's mode comes back
     _, loss = model(torch.tensor([PROMPTS[0]]), torch.tensor([PROMPTS[0]]))
     loss.backward()  # still an ordinary, trainable model
     assert model.lm_head.weight.grad is not None
 
 
-def test_column_major_weights_are_restored_when_the_block_raises():
-    model = model_for()
-    with pytest.raises(KeyboardInterrupt):
-        with column_major_weights(model):
-            assert not model.lm_head.weight.is_contiguous()
-            raise KeyboardInterrupt
-    assert all(p.is_contiguous() for p in model.parameters())
-
-
-def test_moe_lm_decodes_on_column_major_expert_banks_with_the_tokens_of_recomputation():
+def test_moe_lm_generates_the_tokens_of_recomputation_and_leaves_its_experts_untouched():
     from common.moe import TopKMoE
 
     torch.manual_seed(0)
@@ -179,11 +172,7 @@ def test_moe_lm_decodes_on_column_major_expert_banks_with_the_tokens_of_recomput
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.3)
-    experts = model.blocks[0].ffn.experts
-    seen = []
-    hook = model.blocks[0].ffn.register_forward_pre_hook(lambda m, a: seen.append(experts.gate_up.stride()))
-    cached = generate(model, PROMPTS, 24, column_major=True)
-    hook.remove()
-    assert seen[0][1:] == (1, experts.gate_up.shape[1])  # each expert's (out, in) matrix column-major
+    before = _snapshot(model)
+    cached = generate(model, PROMPTS, 24)
     assert cached == generate(model, PROMPTS, 24, use_cache=False)
-    assert all(p.is_contiguous() for p in model.parameters())
+    _assert_untouched(model, before)

@@ -3,7 +3,8 @@
 * TopKMoE vs transformers' MixtralSparseMoeBlock (output, router logits) and its balance loss;
 * SwitchMoE vs transformers' SwitchTransformersSparseMLP / Top1Router (expert index, probabilities,
   capacity mask, output) and its balance loss / z-loss functions;
-* DeepSeekMoE vs transformers' DeepseekV3MoE (groups, shared experts, correction bias);
+* DeepSeekMoE vs transformers' DeepseekV3MoE (groups, shared experts, correction bias), and vs the MoE
+  block of a DeepseekV32ForCausalLM built normally: the part of DeepSeek-V3.2 this code reproduces;
 * Switch and GShard balance losses (and GShard's capacity and weights) vs DeepSpeed's
   top1gating / top2gating on the same logits.
 """
@@ -51,9 +52,10 @@ def test_topk_moe_matches_mixtral_block(k):
     with torch.no_grad():
         ref = block(x.clone())
         ref_logits = block.gate(x.reshape(-1, 32))[0]
-        out = ours(x)
+        out, aux = ours(x)
     torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
     torch.testing.assert_close(ours.last_routing.logits, ref_logits, atol=ATOL, rtol=0)
+    assert float(aux) == 0.0  # no auxiliary loss in eval mode
 
 
 def test_topk_balance_loss_is_mixtral_over_k():
@@ -63,11 +65,11 @@ def test_topk_balance_loss_is_mixtral_over_k():
     block = _mixtral_block(k=2)
     ours = TopKMoE.from_hf(block).train()
     x = torch.randn(2, 9, 32)
-    ours(x)
+    _, aux = ours(x)
     logits = ours.last_routing.logits
     hf = load_balancing_loss_func((logits,), num_experts=8, top_k=2)
     torch.testing.assert_close(ours.last_losses["balance"] * 2, hf, atol=ATOL, rtol=0)
-    torch.testing.assert_close(ours.aux_loss, 0.01 * ours.last_losses["balance"], atol=1e-7, rtol=0)
+    torch.testing.assert_close(aux, 0.01 * ours.last_losses["balance"], atol=1e-7, rtol=0)
 
 
 # ----------------------------------------------------------------------------- Switch
@@ -99,7 +101,7 @@ def test_switch_router_matches_hf(capacity):
     with torch.no_grad():
         expert_index, router_probs, router_logits = mlp.router(x.clone())
         ref = mlp(x.clone())
-        out = ours(x)
+        out, _ = ours(x)
     r = ours.last_routing
     ours_mask = F.one_hot(r.expert_idx[:, 0], 8) * r.keep  # capacity-masked one-hot
     assert torch.equal(ours_mask.view(2, 13, 8), expert_index)
@@ -130,7 +132,7 @@ def test_switch_passthrough_outputs_input_for_dropped_tokens():
     ours = SwitchMoE.from_hf(_switch_mlp(1), dropped="passthrough").eval()
     x = torch.randn(1, 20, 32)
     with torch.no_grad():
-        out = ours(x)
+        out, _ = ours(x)
     dropped = ~ours.last_routing.keep[:, 0]
     assert dropped.any()
     torch.testing.assert_close(out[0, dropped], x[0, dropped])
@@ -172,7 +174,7 @@ def test_deepseek_moe_matches_hf(n_group, topk_group, n_shared, norm):
     with torch.no_grad():
         ref = moe(x.clone())
         ref_logits, ref_w, ref_i = moe.gate(x.clone())
-        out = ours(x)
+        out, _ = ours(x)
     r = ours.last_routing
     torch.testing.assert_close(r.logits, ref_logits, atol=ATOL, rtol=0)
     # same experts with the same weights (slot order may differ: transformers' topk is unsorted)
@@ -189,6 +191,51 @@ def test_deepseek_group_limit_keeps_choices_inside_topk_groups():
     groups_used = (ours.last_routing.expert_idx // 4).sort(-1).values
     n_distinct = (groups_used[:, 1:] != groups_used[:, :-1]).sum(-1) + 1
     assert int(n_distinct.max()) <= 2
+
+
+def test_of_deepseek_v32_only_the_moe_block_is_reproduced():
+    """DeepSeek-V3.2's MoE block is V3's, and ours equals it (on transformers' default grouped_mm experts);
+    its attention is multi-head latent attention (low-rank q and kv projections) with the sparse-attention
+    indexer, which the book's decoder (one fused qkv projection, dense causal attention) does not have."""
+    from transformers import DeepseekV32Config, DeepseekV32ForCausalLM
+
+    from common.models.decoder import DecoderConfig, DecoderLM
+
+    cfg = DeepseekV32Config(
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_group=4,
+        topk_group=2,
+        n_shared_experts=1,
+        routed_scaling_factor=1.0,
+        first_k_dense_replace=0,
+        num_hidden_layers=1,
+        vocab_size=11,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        kv_lora_rank=16,
+        q_lora_rank=24,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=8,
+        index_n_heads=2,
+        index_head_dim=16,
+        index_topk=4,
+    )
+    layer = DeepseekV32ForCausalLM(cfg).eval().model.layers[0]
+    _randomize(layer.mlp)
+    ours = DeepSeekMoE.from_hf(layer.mlp).eval()
+    x = torch.randn(2, 7, 32)
+    with torch.no_grad():
+        out, _ = ours(x)
+        torch.testing.assert_close(out, layer.mlp(x), atol=ATOL, rtol=0)
+    v32_attention = {name for name, _ in layer.self_attn.named_children()}
+    assert {"q_a_proj", "kv_a_proj_with_mqa", "indexer"} <= v32_attention  # MLA and the DSA indexer
+    ours_attention = DecoderLM(DecoderConfig(vocab_size=11, n_layer=1, d_model=32, n_head=4)).blocks[0].attn
+    assert {name for name, _ in ours_attention.named_children()} <= {"qkv", "proj", "q_norm", "k_norm", "resid_dropout"}
 
 
 # ----------------------------------------------------------------------------- DeepSpeed gating

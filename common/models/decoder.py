@@ -3,13 +3,17 @@
 Every modern choice is a field of :class:`DecoderConfig` (norm kind and placement, RoPE or learned
 positions, MHA/GQA/MQA, QK-norm, GELU/SwiGLU/ReLU², tied embeddings, biases), so a reader can switch
 one on and off and see what it costs. With rmsnorm + rope + swiglu + pre-norm + no bias it is exactly a
-Llama, and :meth:`DecoderLM.to_hf` / :meth:`DecoderLM.from_hf` convert to and from transformers'
-``LlamaForCausalLM``.
+Llama, and :mod:`common.models.hf_llama` converts to and from transformers' ``LlamaForCausalLM``.
 
 ``forward(idx, targets)`` follows nanoGPT: ``targets`` are already shifted (targets[:, t] is the token
-after idx[:, t]), -100 marks positions to ignore. With targets the loss comes from the fused linear +
+after idx[:, t]), -100 marks positions to ignore; it returns the logits and the loss,
+``F.cross_entropy`` over the logits. ``fused_loss=True`` asks instead for the fused linear +
 cross-entropy (:mod:`common.models.fused_cross_entropy`), which never materialises the (tokens, vocab)
-logits, so the returned logits are None unless ``return_logits=True`` asks for them.
+logits: same loss, less memory at large vocabularies, and then no logits (None) are returned.
+
+A feed-forward plugged in through ``ffn_factory`` (an MoE layer) may return ``(output, aux_loss)``
+instead of its output alone; each block hands that auxiliary loss up, and the model adds the blocks'
+auxiliary losses to the cross-entropy.
 """
 
 from __future__ import annotations
@@ -19,11 +23,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from common.models.attention import CausalSelfAttention, KVCache
 from common.models.feedforward import FFNS, MLP, SwiGLU, default_d_ff, make_feedforward
-from common.models.fused_cross_entropy import linear_cross_entropy
+from common.models.fused_cross_entropy import IGNORE_INDEX, linear_cross_entropy
 from common.models.norms import NORMS, make_norm
 from common.models.positional import RotaryEmbedding
 
@@ -104,7 +109,9 @@ class DecoderConfig:
 
 
 class Block(nn.Module):
-    """One decoder layer. Pre-norm: ``x + attn(norm(x))``; post-norm: ``norm(x + attn(x))``."""
+    """One decoder layer. Pre-norm: ``x + attn(norm(x))``; post-norm: ``norm(x + attn(x))``.
+
+    Returns the new residual stream and the feed-forward's auxiliary loss (None for a dense one)."""
 
     def __init__(self, config: DecoderConfig, layer_idx: int, ffn: nn.Module | None = None):
         super().__init__()
@@ -132,15 +139,22 @@ class Block(nn.Module):
     def forward(self, x, rope=None, attn_mask=None, kv_cache=None):
         if self.pre_norm:
             x = x + self.attn(self.norm1(x), rope, attn_mask, kv_cache)
-            return x + self.ffn(self.norm2(x))
+            y, aux = self._ffn(self.norm2(x))
+            return x + y, aux
         x = self.norm1(x + self.attn(x, rope, attn_mask, kv_cache))
-        return self.norm2(x + self.ffn(x))
+        y, aux = self._ffn(x)
+        return self.norm2(x + y), aux
+
+    def _ffn(self, x):
+        """(output, aux_loss or None): an MoE layer returns both, a dense feed-forward its output."""
+        out = self.ffn(x)
+        return out if isinstance(out, tuple) else (out, None)
 
 
 class DecoderLM(nn.Module):
     """Decoder-only LM. ``ffn_factory(layer_idx, config)`` may return a module (e.g. an MoE layer) to use
-    as that layer's feed-forward, or None for the dense default. Feed-forwards that set an ``aux_loss``
-    attribute during forward have it added to the loss."""
+    as that layer's feed-forward, or None for the dense default. A feed-forward that returns
+    ``(output, aux_loss)`` has its auxiliary loss added to the loss."""
 
     def __init__(
         self,
@@ -163,10 +177,9 @@ class DecoderLM(nn.Module):
         self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
         if c.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        self.last_ce_loss: torch.Tensor | None = None
-        # plugged-in feed-forwards (MoE layers) may set an ``aux_loss`` during forward
-        self._aux_modules = [b.ffn for b in self.blocks if not isinstance(b.ffn, (MLP, SwiGLU))]
-        plugged = {id(m) for ffn in self._aux_modules for m in ffn.modules()}  # these keep their own init
+        plugged = {  # plugged-in feed-forwards (MoE layers) keep their own init
+            id(m) for b in self.blocks if not isinstance(b.ffn, (MLP, SwiGLU)) for m in b.ffn.modules()
+        }
         for module in self.modules():
             if id(module) not in plugged:
                 self._init_weights(module)
@@ -205,16 +218,17 @@ class DecoderLM(nn.Module):
         attn_mask: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         last_only: bool = False,
-        return_logits: bool = False,
+        fused_loss: bool = False,
     ):
         """idx (batch, seq) token ids -> (logits (batch, seq, vocab), loss or None).
 
         positions: (seq,) or (batch, seq) position of each token (default: counting on from the cache);
         attn_mask: boolean (batch, 1, seq, keys), True = may attend (default: causal);
         kv_cache: a :class:`KVCache` to read and extend; last_only: compute logits for the last position only.
-        targets (batch, seq): the loss is the mean cross-entropy over targets that are not -100 (plus any
-        ``aux_loss`` of plugged-in feed-forwards); it is computed chunk by chunk from the hidden states, so
-        logits are returned as None unless ``return_logits`` is True (which computes them in full as well).
+        targets (batch, seq): the loss is the mean cross-entropy over targets that are not -100, plus the
+        auxiliary losses of plugged-in feed-forwards. ``fused_loss=True`` computes the cross-entropy chunk
+        by chunk from the hidden states (:func:`~common.models.fused_cross_entropy.linear_cross_entropy`)
+        and returns None for the logits, which it never holds in full.
         """
         c = self.config
         if idx.dim() != 2:
@@ -226,6 +240,8 @@ class DecoderLM(nn.Module):
                 )
             if last_only:
                 raise ValueError("last_only computes the last position's logits only; it cannot take targets")
+        elif fused_loss:
+            raise ValueError("fused_loss computes the loss; it needs targets")
         b, t = idx.shape
         start = kv_cache.pos if kv_cache is not None else 0
         if start + t > c.context_length:
@@ -243,8 +259,11 @@ class DecoderLM(nn.Module):
             x = x + self.pos_emb(positions)
         x = self.drop(x)
         rope = self.rotary(positions) if self.rotary is not None else None
+        aux_losses = []
         for block in self.blocks:
-            x = block(x, rope, attn_mask, kv_cache)
+            x, aux = block(x, rope, attn_mask, kv_cache)
+            if aux is not None:
+                aux_losses.append(aux)
         if kv_cache is not None:
             kv_cache.pos += t
         if self.norm_f is not None:
@@ -253,14 +272,14 @@ class DecoderLM(nn.Module):
             if last_only:
                 x = x[:, -1:]
             return self.lm_head(x), None  # (batch, seq, vocab)
-        ce = linear_cross_entropy(x, self.lm_head.weight, targets)
-        self.last_ce_loss = ce.detach()
-        loss = ce
-        for ffn in self._aux_modules:
-            aux = getattr(ffn, "aux_loss", None)
-            if aux is not None:
-                loss = loss + aux
-        return (self.lm_head(x) if return_logits else None), loss
+        if fused_loss:
+            logits, loss = None, linear_cross_entropy(x, self.lm_head.weight, targets)
+        else:
+            logits = self.lm_head(x)  # (batch, seq, vocab)
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+        for aux in aux_losses:
+            loss = loss + aux
+        return logits, loss
 
     def new_kv_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         """An empty preallocated cache for ``batch`` sequences of up to ``max_len`` tokens."""
@@ -275,17 +294,3 @@ class DecoderLM(nn.Module):
             device=p.device,
             dtype=p.dtype,
         )
-
-    def to_hf(self):
-        """A ``transformers.LlamaForCausalLM`` with these weights (raises ValueError if Llama cannot express
-        this config)."""
-        from common.models.hf_llama import decoder_to_hf
-
-        return decoder_to_hf(self)
-
-    @classmethod
-    def from_hf(cls, llama_model) -> DecoderLM:
-        """A DecoderLM with the weights of a ``transformers.LlamaForCausalLM``."""
-        from common.models.hf_llama import decoder_from_hf
-
-        return decoder_from_hf(llama_model)

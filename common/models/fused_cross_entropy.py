@@ -13,6 +13,11 @@ logits, ``(softmax - one_hot) / n_valid``, which it turns into the gradients of 
 (``grad_logits @ W``) and of the weight (``grad_logits.T @ h``, accumulated over chunks). The backward
 pass only scales those stored gradients by the incoming gradient (1 for a plain ``loss.backward()``).
 
+:class:`~common.models.decoder.DecoderLM` uses it when asked, ``model(idx, targets, fused_loss=True)``;
+by default it computes the logits and ``F.cross_entropy`` over them, which is as fast or faster on a
+CPU (``benchmarks.bench_decoder``'s loss-head table): the fused head's point is the memory it saves
+at large vocabularies.
+
 Conventions are those of ``F.cross_entropy(F.linear(h, W), y, ignore_index=-100)``: the mean over
 the targets that are not ``ignore_index`` (NaN when there are none). Under autocast the matrix
 multiplies run in the autocast dtype, as they would in ``F.linear``, and the softmax math in fp32.

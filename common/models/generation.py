@@ -8,22 +8,14 @@ token, so a padded prompt sees exactly the positions (and RoPE angles) it would 
 The cache is preallocated for prompt + new tokens, so each step writes one column in place: after the
 prompt's single forward pass (the "prefill"), every step runs the model on one token per row.
 
-A decoding step on a CPU is a chain of matrix-vector products: its time is the time to stream every
-weight matrix from memory once. ``nn.Linear`` keeps its weight (out, in) row by row, and ``x @ W.T``
-then walks it in the order the BLAS's matrix-vector kernel reads slowest; with the same numbers laid
-out column by column (:func:`column_major_weights`) the product streams ``W.T`` row by row, which
-MKL does faster on this project's CPU machine (``benchmarks.bench_decoder`` times both layouts), so
-``generate`` switches the layout for the duration of a long enough cached generation on a CPU and
-switches it back afterwards. The weights keep their values; the products may differ in the last bit,
-as any change of BLAS kernel may.
+Generation only reads the model: its parameters keep their storage, layout and values (a decoding
+step is a chain of matrix-vector products, whose time is the time to stream every weight matrix from
+memory once; ``benchmarks.bench_decoder`` compares it with transformers' ``generate``).
 """
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
-from torch import nn
 
 from common.models.attention import causal_mask
 
@@ -66,46 +58,6 @@ def sample_next(
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
 
-# Below this many new tokens the two copies of the weights cost more than the faster steps save
-# (``benchmarks.bench_decoder`` times both layouts at this length: the gain there must be >= 1).
-COLUMN_MAJOR_MIN_TOKENS = 48
-
-
-def decode_weights(model: nn.Module) -> list[nn.Parameter]:
-    """The matrices a decoding step multiplies one row by: ``nn.Linear`` weights and MoE expert banks."""
-    from common.moe.experts import Experts  # (E, out, in) stacks: each expert's matrix alike
-
-    found: dict[int, nn.Parameter] = {}
-    for m in model.modules():
-        if type(m) is nn.Linear:
-            found[id(m.weight)] = m.weight
-        elif isinstance(m, Experts):
-            found.update({id(p): p for p in (m.gate_up, m.down)})
-    return list(found.values())
-
-
-def set_weight_layout(model: nn.Module, column_major: bool) -> None:
-    """Lay out every decode matrix of ``model`` (:func:`decode_weights`) column- or row-major.
-
-    Shapes, values and parameter objects stay the same (optimizers and tied weights are unaffected);
-    only the memory order of the last two dimensions changes. The new tensors are ordinary ones even
-    inside inference mode, so the model can train afterwards.
-    """
-    with torch.inference_mode(False), torch.no_grad():
-        for p in decode_weights(model):
-            p.data = p.data.mT.contiguous().mT if column_major else p.data.contiguous()
-
-
-@contextlib.contextmanager
-def column_major_weights(model: nn.Module):
-    """Column-major decode matrices while the block runs, row-major again afterwards (even if it raises)."""
-    set_weight_layout(model, column_major=True)
-    try:
-        yield model
-    finally:
-        set_weight_layout(model, column_major=False)
-
-
 @torch.inference_mode()
 def generate(
     model,
@@ -118,14 +70,11 @@ def generate(
     pad_id: int = 0,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
-    column_major: bool | None = None,
 ) -> list[list[int]]:
     """Continue each prompt (a list of token ids) by up to ``max_new_tokens`` tokens.
 
     Returns the new tokens of each prompt, cut before its first stop token (``stop_tokens``: an id or a
     collection of ids). ``use_cache=False`` recomputes the whole sequence every step (the slow reference).
-    ``column_major``: decode on column-major weights (:func:`column_major_weights`); None chooses it for
-    cached generation on a CPU of at least ``COLUMN_MAJOR_MIN_TOKENS`` new tokens.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs a non-empty list of non-empty prompts")
@@ -168,13 +117,10 @@ def generate(
         return allowed[:, None]
 
     cache = model.new_kv_cache(batch, total) if use_cache else None
-    if column_major is None:
-        column_major = use_cache and device.type == "cpu" and max_new_tokens >= COLUMN_MAJOR_MIN_TOKENS
-    layout = column_major_weights(model) if column_major else contextlib.nullcontext()
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     stop_tensor = torch.tensor(sorted(stops), dtype=torch.long, device=device)
     end = width
-    with layout:
+    try:
         for step in range(max_new_tokens):
             if cache is None:  # recompute everything so far
                 logits, _ = model(
@@ -202,8 +148,9 @@ def generate(
                 finished |= torch.isin(nxt, stop_tensor)
                 if bool(finished.all()):
                     break
-    if was_training:
-        model.train()
+    finally:  # the caller's mode back, even if a step raises
+        if was_training:
+            model.train()
 
     out = []
     for row in tokens[:, width:end].tolist():

@@ -1,14 +1,25 @@
 """MoE layers: a router, a bank of experts, the fast dispatch, optional shared experts.
 
-Every layer maps (batch, seq, d_model) -> (batch, seq, d_model) and, during forward, sets
+Every layer maps x (batch, seq, d_model) to ``(out, aux_loss)``: ``out`` (batch, seq, d_model) and
+``aux_loss``, a scalar tensor, the router's auxiliary losses already times their coefficients (0 in
+eval mode, so validation losses stay pure cross-entropy).  That is what ``DecoderLM(config,
+ffn_factory=...)`` plugs in: each block hands its layer's ``aux_loss`` up and the model adds them to
+the cross-entropy, so the loss a reader backpropagates is built from returned values, as DeepSpeed's
+``MoE`` returns ``(out, l_aux, exp_counts)``.
 
-* ``self.aux_loss``: a scalar tensor, the router's auxiliary losses already times their
-  coefficients (0 in eval mode, so validation losses stay pure cross-entropy);
+What a reader inspects and no loss needs is recorded on the layer by each forward, the way
+transformers records Mixtral's router logits with hooks instead of threading them through every
+block's return:
+
+* ``self.last_routing``: the :class:`~common.moe.routing.Routing` (chosen experts, weights, kept
+  slots, router logits);
 * ``self.last_stats``: an :class:`~common.moe.stats.ExpertLoad` (tokens per expert, max/mean,
-  coefficient of variation, dropped fraction) and ``self.last_losses`` (the unweighted terms).
+  coefficient of variation, dropped fraction) and ``self.last_losses`` (the unweighted loss terms).
 
-That is what ``DecoderLM(config, ffn_factory=...)`` plugs in.  Four named layers, one per router,
-each with ``from_hf(module)`` to load a transformers module's weights into it:
+A model of many layers would otherwise have to return every layer's diagnostics from its forward.
+
+Four named layers, one per router, each with ``from_hf(module)`` to load a transformers module's
+weights into it:
 
 =================  ==========================  ==========================================
 layer              router                      ``from_hf`` takes
@@ -51,13 +62,13 @@ class MoELayer(nn.Module):
                 f"router has {router.num_experts} experts, the expert bank {experts.num_experts}"
             )
         self.router, self.experts, self.shared, self.dropped = router, experts, shared, dropped
-        self.aux_loss = torch.zeros(())
         self.last_stats: ExpertLoad | None = None
         self.last_losses: dict[str, torch.Tensor] = {}
         self.last_routing = None  # the last Routing, for inspection
 
-    def forward(self, x: torch.Tensor, reference: bool = False) -> torch.Tensor:
-        """x: (batch, seq, d_model).  ``reference=True`` runs the dense loop instead of the dispatch."""
+    def forward(self, x: torch.Tensor, reference: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (batch, seq, d_model) -> (out (batch, seq, d_model), aux_loss).  ``reference=True`` runs
+        the dense loop instead of the dispatch."""
         if x.dim() != 3 or x.shape[-1] != self.experts.d_model:
             raise ValueError(f"MoE layer wants (batch, seq, {self.experts.d_model}), got {tuple(x.shape)}")
         batch, seq, d_model = x.shape
@@ -74,11 +85,11 @@ class MoELayer(nn.Module):
             out = out + flat * (~r.keep.any(dim=-1, keepdim=True)).to(flat.dtype)
         if self.shared is not None:
             out = out + self.shared(flat)
-        self.aux_loss = r.aux_loss if self.training else r.aux_loss.new_zeros(())
         self.last_stats = ExpertLoad(counts.detach(), dropped, r.expert_idx.numel())
         self.last_losses = r.losses
         self.last_routing = r
-        return out.view(batch, seq, d_model)
+        aux_loss = r.aux_loss if self.training else r.aux_loss.new_zeros(())
+        return out.view(batch, seq, d_model), aux_loss
 
 
 class TopKMoE(MoELayer):
