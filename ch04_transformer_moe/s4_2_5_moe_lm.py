@@ -89,7 +89,8 @@ def active_params(model: nn.Module) -> int:
 def ffn_output_rms(model: nn.Module, x: torch.Tensor) -> float:
     """RMS of the first block's feed-forward output on the normalised embeddings of ``x``."""
     block = model.blocks[0]
-    return block.ffn(block.norm2(model.tok_emb(x))).pow(2).mean().sqrt().item()
+    out, _aux_loss = block.feed_forward(block.norm2(model.tok_emb(x)))  # dense or MoE alike
+    return out.pow(2).mean().sqrt().item()
 
 
 def plot(path: str, results: dict) -> None:

@@ -31,7 +31,8 @@ def test_agreeing_experts_compute_the_dense_feed_forward(k):
         dense.gate_up.weight.copy_(torch.cat([gate.repeat(k, 1), up.repeat(k, 1)]))  # gate rows, then up
         dense.down.weight.copy_(down.repeat(1, k))
     x = torch.randn(2, 5, d_model)
-    torch.testing.assert_close(layer(x), dense(x), rtol=1e-5, atol=1e-6)
+    out, _aux_loss = layer(x)  # MoE layers return (output, auxiliary loss)
+    torch.testing.assert_close(out, dense(x), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("routed_scale,ratio", [(None, 1.0), (1.0, 0.5)])

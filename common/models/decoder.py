@@ -139,13 +139,13 @@ class Block(nn.Module):
     def forward(self, x, rope=None, attn_mask=None, kv_cache=None):
         if self.pre_norm:
             x = x + self.attn(self.norm1(x), rope, attn_mask, kv_cache)
-            y, aux = self._ffn(self.norm2(x))
+            y, aux = self.feed_forward(self.norm2(x))
             return x + y, aux
         x = self.norm1(x + self.attn(x, rope, attn_mask, kv_cache))
-        y, aux = self._ffn(x)
+        y, aux = self.feed_forward(x)
         return self.norm2(x + y), aux
 
-    def _ffn(self, x):
+    def feed_forward(self, x):
         """(output, aux_loss or None): an MoE layer returns both, a dense feed-forward its output."""
         out = self.ffn(x)
         return out if isinstance(out, tuple) else (out, None)
