@@ -235,7 +235,13 @@ def test_of_deepseek_v32_only_the_moe_block_is_reproduced():
     v32_attention = {name for name, _ in layer.self_attn.named_children()}
     assert {"q_a_proj", "kv_a_proj_with_mqa", "indexer"} <= v32_attention  # MLA and the DSA indexer
     ours_attention = DecoderLM(DecoderConfig(vocab_size=11, n_layer=1, d_model=32, n_head=4)).blocks[0].attn
-    assert {name for name, _ in ours_attention.named_children()} <= {"qkv", "proj", "q_norm", "k_norm", "resid_dropout"}
+    assert {name for name, _ in ours_attention.named_children()} <= {
+        "qkv",
+        "proj",
+        "q_norm",
+        "k_norm",
+        "resid_dropout",
+    }
 
 
 # ----------------------------------------------------------------------------- DeepSpeed gating
