@@ -11,11 +11,12 @@ By default the project's own trained LM (:func:`common.pretrained.pretrained_lm`
     print(source.describe(), evaluate_lm(source.model, source.data))
 
 A Llama-architecture folder becomes our :class:`~common.models.decoder.DecoderLM` (through
-:meth:`DecoderLM.from_hf`), so every script can take it apart; any other architecture is wrapped in
-:class:`HFCausalLM` (logits out, as our model), which serves the scripts that only need a forward
-pass; :meth:`LMSource.decoder` tells the others with a one-line error. The held-out text is the
-validation split of the embedded corpus (:class:`common.data.TokenData`), tokenized by the model's own
-tokenizer, so loss, perplexity and bits per byte of different models are measured on the same text.
+:func:`common.models.hf_llama.decoder_from_hf`), so every script can take it apart; any other
+architecture is wrapped in :class:`HFCausalLM` (logits out, as our model), which serves the scripts
+that only need a forward pass; :meth:`LMSource.decoder` tells the others with a one-line error.
+The held-out text is
+the validation split of the embedded corpus (:class:`common.data.TokenData`), tokenized by the model's
+own tokenizer, so loss, perplexity and bits per byte of different models are measured on the same text.
 """
 
 from __future__ import annotations
@@ -131,7 +132,7 @@ def load_hf_folder(path: str, device: str = "cpu", context_length: int = DEFAULT
         raise ValueError(problem)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from common.models.decoder import DecoderLM
+    from common.models.hf_llama import decoder_from_hf
 
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
@@ -142,7 +143,7 @@ def load_hf_folder(path: str, device: str = "cpu", context_length: int = DEFAULT
     hf.eval()
     ctx = min(context_length, getattr(config, "max_position_embeddings", context_length) or context_length)
     if config.model_type == "llama":
-        model = DecoderLM.from_hf(hf)
+        model = decoder_from_hf(hf)
         del hf
     else:
         model = HFCausalLM(hf, ctx)
@@ -226,7 +227,9 @@ def save_hf_folder(model, encode_tokenizer, path: str) -> str:
     ``tokenizer.json``) that :func:`load_hf_folder` and transformers' ``from_pretrained`` read back."""
     from transformers import PreTrainedTokenizerFast
 
-    model.to_hf().save_pretrained(path)
+    from common.models.hf_llama import decoder_to_hf
+
+    decoder_to_hf(model).save_pretrained(path)
     PreTrainedTokenizerFast(tokenizer_object=encode_tokenizer, eos_token=EOT).save_pretrained(path)
     return path
 

@@ -275,8 +275,8 @@ class PrunedDecoderLM(DecoderLM):
     """A DecoderLM whose layers may have different head counts and feed-forward widths after pruning.
 
     Everything works as in DecoderLM (forward, training, :func:`common.models.generation.generate`);
-    ``new_kv_cache`` sizes each layer's cache to that layer's KV heads. ``to_hf`` is refused, since a
-    Llama config has one head count and one width for all layers.
+    ``new_kv_cache`` sizes each layer's cache to that layer's KV heads. It has no Llama equivalent (a
+    Llama config has one head count and one width for all layers).
     """
 
     def new_kv_cache(self, batch: int, max_len: int | None = None):
@@ -286,9 +286,6 @@ class PrunedDecoderLM(DecoderLM):
             cache.k[i] = cache.k[i].new_empty(shape)
             cache.v[i] = cache.v[i].new_empty(shape)
         return cache
-
-    def to_hf(self):
-        raise ValueError("a pruned model has per-layer head counts and widths; a Llama config cannot hold it")
 
     def shape_summary(self) -> dict:
         """``{"heads": [per layer], "d_ff": [per layer]}``."""
