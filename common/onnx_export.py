@@ -106,16 +106,26 @@ class OrtLM:
     """An onnxruntime session over an exported decoder LM.
 
     ``providers`` defaults to CUDA when onnxruntime has it, else the CPU. ``threads`` sets the intra-op
-    thread count (None: onnxruntime's default, all cores). Graph optimisations are onnxruntime's default
-    (``ORT_ENABLE_ALL``).
+    thread count (None: onnxruntime's default, all cores). ``spinning=False`` stops its idle threads
+    from busy-waiting for the next run (``session.intra_op.allow_spinning``), which otherwise takes the
+    cores from whatever runs next in the process, such as PyTorch in an alternating timing. Graph
+    optimisations are onnxruntime's default (``ORT_ENABLE_ALL``).
     """
 
-    def __init__(self, path: str, providers: list[str] | None = None, threads: int | None = None):
+    def __init__(
+        self,
+        path: str,
+        providers: list[str] | None = None,
+        threads: int | None = None,
+        spinning: bool = True,
+    ):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        if not spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         available = ort.get_available_providers()
         if providers is None:
             providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
