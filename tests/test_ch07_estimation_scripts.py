@@ -1,0 +1,28 @@
+"""The 7.2-7.3 scripts refuse bad flags before any work, with a one-line error (argparse: exit 2)."""
+
+import importlib
+
+import pytest
+
+BAD_FLAGS = [
+    ("s7_3_1_memory_requirements", ["--batch", "0"]),
+    ("s7_3_1_memory_requirements", ["--preset", "huge"]),
+    ("s7_3_1_compute_requirements", ["--mfu", "1.5"]),
+    ("s7_3_1_compute_requirements", ["--seq", "-4"]),
+    ("s7_3_2_latency_estimation", ["--new", "0"]),
+    ("s7_3_2_throughput", ["--batches", "1,x"]),
+    ("s7_3_2_throughput", ["--batches", "0,4"]),
+    ("s7_3_2_throughput", ["--new", "1"]),
+    ("s7_2_2_gpu_shared_memory_attention", ["--lengths", "0,128"]),
+    ("s7_2_2_host_device_memory", ["--mbytes", "0"]),
+    ("s7_2_2_instruction_sets", ["--n", "-1"]),
+]
+
+
+@pytest.mark.parametrize("module,argv", BAD_FLAGS, ids=[f"{m}:{' '.join(a)}" for m, a in BAD_FLAGS])
+def test_bad_flags_exit_2(module, argv, capsys):
+    main = importlib.import_module(f"ch07_deployment.{module}").main
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--device", "cpu"])
+    assert e.value.code == 2
+    assert "error:" in capsys.readouterr().err
