@@ -63,6 +63,9 @@ def _config(name: str):
         ), name
     if name in PRESETS:
         return preset_config(name), name
+    if not os.path.exists(name):
+        choices = ", ".join([*PRESETS, *(f"decoder-{p}" for p in DECODER_PRESETS)])
+        raise ValueError(f"unknown model {name!r}: not a preset ({choices}) nor a config.json path")
     from common.estimate import load_config
 
     return load_config(name), os.path.basename(os.path.dirname(os.path.abspath(name))) or name
