@@ -196,7 +196,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--preset", default="small", choices=["small", "base"], help="the project's LM size")
     parser.add_argument("--batch", type=int, default=8, help="inference batch")
     parser.add_argument("--seq", type=int, default=512, help="inference tokens per sequence (prompt + new)")
-    parser.add_argument("--train-batch", type=int, default=8, help="training batch")
+    parser.add_argument("--train-batch", type=int, default=4, help="training batch")
     parser.add_argument("--train-seq", type=int, default=256, help="training sequence length")
     parser.add_argument("--vocab", type=int, default=65536, help="vocabulary of the loss-head comparison")
     args = parse_args(parser, argv)
@@ -204,7 +204,7 @@ def main(argv=None) -> dict:
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
     config = DecoderConfig.preset(args.preset, vocab_size=8192, context_length=max(args.seq, args.train_seq))
-    n_tokens = 2048
+    n_tokens = 1024  # fp32 logits of 256 MiB at the default vocabulary: far above one fused chunk
     if args.quick:
         config = DecoderConfig(
             vocab_size=4096, context_length=256, n_layer=2, d_model=256, n_head=4, n_kv_head=4

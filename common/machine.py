@@ -21,7 +21,9 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _best_seconds(fn, device: str, repeats: int) -> float:
+def best_seconds(fn, device: str, repeats: int) -> float:
+    """Seconds of the fastest of ``repeats`` calls of ``fn`` after one warm-up call (waiting for the GPU
+    on cuda): on a shared machine other work only ever adds time."""
     fn()  # warm up
     _sync(device)
     best = float("inf")
@@ -39,7 +41,7 @@ def matmul_flops(
     """FLOP/s of an (n, n) @ (n, n) product (2·n³ FLOPs), best of ``repeats``."""
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
-    return 2 * n**3 / _best_seconds(lambda: torch.mm(a, b), device, repeats)
+    return 2 * n**3 / best_seconds(lambda: torch.mm(a, b), device, repeats)
 
 
 def memory_bandwidth(mbytes: int = 256, device: str = "cpu", repeats: int = 5) -> float:
@@ -48,7 +50,7 @@ def memory_bandwidth(mbytes: int = 256, device: str = "cpu", repeats: int = 5) -
     n = mbytes * 2**20 // 4
     src = torch.randn(n, device=device)
     dst = torch.empty_like(src)
-    return 2 * src.nbytes / _best_seconds(lambda: dst.copy_(src), device, repeats)
+    return 2 * src.nbytes / best_seconds(lambda: dst.copy_(src), device, repeats)
 
 
 def measure_machine(device: str = "cpu", quick: bool = False) -> Hardware:

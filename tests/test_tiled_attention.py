@@ -1,10 +1,22 @@
-"""The blockwise online-softmax attention of section 7.2.2 against torch's scaled_dot_product_attention."""
+"""The blockwise online-softmax attention of section 7.2.2, in PyTorch and as a Triton kernel, against
+torch's scaled_dot_product_attention."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from ch07_deployment.s7_2_2_gpu_shared_memory_attention import blockwise_attention, naive_attention
+from ch07_deployment.s7_2_2_gpu_shared_memory_attention import (
+    blockwise_attention,
+    naive_attention,
+    triton_attention,
+)
 
 
 def reference(q, k, v, causal):
@@ -44,3 +56,76 @@ def test_bad_inputs():
         blockwise_attention(q, q[:, :, :4], q[:, :, :4], causal=True)
     with pytest.raises(ValueError, match="positive"):
         blockwise_attention(q, q, q, block_q=0)
+
+
+# (q_len, k_len, head_dim, block_q, block_k, scale of q): lengths that are not multiples of the blocks,
+# a single query, a head_dim below 16 and one that is not a power of two, and scores up to ~150, where
+# a plain exp() overflows float32 (above 88).
+TRITON_CASES = [
+    (64, 64, 16, 16, 16, 1),
+    (77, 77, 32, 16, 32, 1),
+    (33, 100, 20, 16, 16, 1),
+    (5, 93, 8, 16, 32, 1),
+    (1, 17, 16, 16, 16, 1),
+    (100, 100, 64, 32, 16, 1),
+    (40, 40, 8, 16, 16, 30.0),
+]
+
+# Triton chooses at its first import whether kernels are compiled or interpreted, for the whole process:
+# the interpreter runs in a fresh one, so that this test neither depends on nor changes how the rest of
+# the test session imported Triton.
+_CHILD = """
+import json, sys
+import torch
+import torch.nn.functional as F
+from ch07_deployment.s7_2_2_gpu_shared_memory_attention import load_triton, triton_attention
+
+assert load_triton("cpu")[2], "the kernel did not run under Triton's interpreter"
+diffs = {}
+for tq, tk, d, bq, bk, scale in json.loads(sys.argv[1]):
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 3, tq, d) * scale, torch.randn(2, 3, tk, d), torch.randn(2, 3, tk, d)
+    for causal in (False, True):
+        mask = torch.ones(tq, tk, dtype=torch.bool).tril(tk - tq) if causal else None
+        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = triton_attention(q, k, v, causal, bq, bk)
+        diffs[f"{tq},{tk},{d},{bq},{bk},{scale},{causal}"] = (out - ref).abs().max().item()
+print(json.dumps(diffs))
+"""
+
+
+@pytest.fixture(scope="module")
+def triton_diffs():
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is a GPU-only extra (requirements-gpu.txt)")
+    done = subprocess.run(
+        [sys.executable, "-c", _CHILD, json.dumps(TRITON_CASES)],
+        cwd=Path(__file__).resolve().parents[1],
+        env=os.environ | {"TRITON_INTERPRET": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("case", TRITON_CASES, ids=lambda c: "x".join(map(str, c)))
+def test_triton_kernel_equals_sdpa(triton_diffs, case, causal):
+    """The Triton kernel, run by Triton's interpreter on the CPU, against SDPA."""
+    diff = triton_diffs[",".join(map(str, case)) + f",{causal}"]
+    # fp32 scores of ~150 carry rounding of ~1e-5 in any fp32 attention: SDPA's own result differs from
+    # float64 SDPA by up to 1.1e-5 there. A softmax without the running maximum gives inf/NaN.
+    assert diff <= (1e-5 if case[-1] == 1 else 5e-5)
+
+
+def test_triton_bad_blocks():
+    """Checked before Triton is imported: this runs without it."""
+    q = torch.randn(1, 2, 8, 16)
+    with pytest.raises(ValueError, match="powers of two"):
+        triton_attention(q, q, q, block_q=24)
+    with pytest.raises(ValueError, match="powers of two"):
+        triton_attention(q, q, q, block_k=8)
+    with pytest.raises(ValueError, match="float32"):
+        triton_attention(q.double(), q.double(), q.double())
