@@ -228,7 +228,7 @@ class DecoderLM(nn.Module):
             raise ValueError(
                 f"sequence of {start + t} tokens is longer than the context length {c.context_length}"
             )
-        if idx.numel():
+        if idx.numel() and not torch.compiler.is_exporting():  # torch.export cannot branch on values
             lo, hi = torch.stack(torch.aminmax(idx)).tolist()  # one pass, one wait for the device
             if lo < 0 or hi >= c.vocab_size:
                 raise ValueError(f"token ids must lie in [0, {c.vocab_size}), got min {lo}, max {hi}")
