@@ -1,0 +1,166 @@
+"""Section 7.3.1: compute requirements: FLOPs per token, 6·N·D training compute, serving rates.
+
+With the estimators of ``common/estimate.py``:
+
+1. forward FLOPs per token of the published models (Llama-2 7B/13B/70B, Mixtral 8x7B, DeepSeek-V3) at a
+   1-token and a 4096-token context (MoE models count their active parameters only);
+2. 6·N·D training compute of Llama-2 (2 trillion tokens, its paper's figure) and the A100-80GB GPU-hours
+   it implies at a stated utilisation (MFU), beside the GPU-hours the Llama 2 paper reports;
+3. days to train and tokens/s to serve on each GPU of the datasheet table at that utilisation, and on
+   this machine, whose fp32/bf16 matmul FLOP/s the script measures;
+4. for the project's decoder LM: a training step's time predicted from 6·N·tokens (plus attention) over
+   the measured FLOP/s, beside the measured step time.
+
+    python -m ch07_deployment.s7_3_1_compute_requirements
+    python -m ch07_deployment.s7_3_1_compute_requirements --quick
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from common import estimate
+from common.machine import measure_machine
+from common.models.decoder import DecoderConfig, DecoderLM
+from common.runner import parse_args, run_script, script_parser
+
+PUBLISHED = ("llama-2-7b", "llama-2-13b", "llama-2-70b", "mixtral-8x7b", "deepseek-v3")
+# Llama 2 paper (Touvron et al. 2023, Table 2): pretraining on 2.0T tokens took these A100-80GB GPU-hours
+LLAMA2_GPU_HOURS = {"llama-2-7b": 184_320, "llama-2-13b": 368_640, "llama-2-70b": 1_720_320}
+LLAMA2_TOKENS = 2 * 10**12
+
+
+def flops_table() -> dict:
+    print("\nForward FLOPs per token (GFLOP) at a context of 1 and 4096 tokens")
+    figures = {}
+    for name in PUBLISHED:
+        p = estimate.count_params(name)
+        f1, f4k = estimate.flops_per_token(name, 1), estimate.flops_per_token(name, 4096)
+        print(f"  {name:14} active {p['active'] / 1e9:6.1f}B  {f1 / 1e9:8.1f}  {f4k / 1e9:8.1f}")
+        figures[f"{name}_gflops_per_token"] = f1 / 1e9
+    return figures
+
+
+def llama2_training(mfu: float) -> dict:
+    a100 = estimate.gpu("a100-80gb")
+    print(f"\nLlama 2 pretraining, 6·N·D with D = 2T tokens, A100-80GB at {mfu:.0%} of its bf16 peak")
+    figures = {}
+    for name, published in LLAMA2_GPU_HOURS.items():
+        flops = estimate.training_flops(name, LLAMA2_TOKENS)
+        hours = flops / (a100.bf16_tflops * 1e12 * mfu) / 3600
+        print(
+            f"  {name:12} {flops:.2e} FLOPs -> {hours:12,.0f} GPU-hours (paper: {published:,}; "
+            f"ratio {hours / published:.2f})"
+        )
+        figures[f"{name}_gpu_hours_est"] = hours
+        figures[f"{name}_gpu_hours_ratio"] = hours / published
+    return figures
+
+
+def hardware_table(machine: estimate.Hardware, mfu: float, model: str = "llama-2-7b") -> dict:
+    flops = estimate.training_flops(model, LLAMA2_TOKENS)
+    per_token = estimate.flops_per_token(model, 1024)
+    weights = estimate.weight_bytes(model, 16)
+    print(
+        f"\n{model} on each device at {mfu:.0%} utilisation (bf16): days to train on 2T tokens on one device,"
+    )
+    print("tokens/s to serve when compute-bound (large batch), and when memory-bound (batch 1)")
+    print(
+        f"  {'device':12}{'bf16 TFLOP/s':>14}{'GB/s':>8}{'days':>12}"
+        f"{'tok/s compute':>15}{'tok/s batch 1':>15}"
+    )
+    figures = {}
+    for hw in [*estimate.GPUS.values(), machine]:
+        rate = hw.bf16_tflops * 1e12 * mfu
+        days = flops / rate / 86400
+        serve = rate / per_token
+        batch1 = hw.bandwidth_gbs * 1e9 / weights
+        print(
+            f"  {hw.name:12}{hw.bf16_tflops:14.3g}{hw.bandwidth_gbs:8.0f}{days:12,.0f}"
+            f"{serve:15,.1f}{batch1:15.2f}"
+        )
+        figures[f"{hw.name.replace(' ', '_')}_days"] = days
+    return figures
+
+
+def measured_step(
+    config: DecoderConfig, batch: int, seq: int, machine: estimate.Hardware, steps: int
+) -> dict:
+    model = DecoderLM(config)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    idx = torch.randint(0, config.vocab_size, (batch, seq))
+    times = []
+    for _ in range(steps + 1):  # the first step allocates AdamW's state: not timed
+        start = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        _, loss = model(idx, idx)
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - start)
+    measured = sorted(times[1:])[len(times[1:]) // 2]
+    tokens = batch * seq
+    d_qk, d_v = estimate.attention_width(config)
+    # 6·N·tokens, plus attention (forward 2·layers·keys·(d_qk + d_v) per token, causal: keys ≈ seq/2; ×3)
+    attn = 3 * 2 * config.n_layer * (seq / 2) * (d_qk + d_v) * tokens
+    flops = estimate.training_flops(config, tokens) + attn
+    predicted = flops / (machine.fp32_tflops * 1e12)
+    print(
+        f"\nThe project's decoder LM ({estimate.count_params(config)['total']:,} parameters), "
+        f"a training step of {batch}x{seq} tokens, fp32:"
+    )
+    print(f"  6·N·D + attention = {flops:.3e} FLOPs; at the measured {machine.fp32_tflops * 1e3:.1f} GFLOP/s")
+    print(f"  predicted {predicted * 1e3:.0f} ms, measured {measured * 1e3:.0f} ms (median of {steps})")
+    print(
+        f"  measured/predicted = {measured / predicted:.2f}: the step also runs the optimizer, norms, softmax"
+        " and\n  element-wise work that 6·N·D leaves out, and its matmuls have other shapes than the"
+        " square one timed"
+    )
+    return {
+        "train_step_flops": flops,
+        "train_step_predicted_s": predicted,
+        "train_step_measured_s": measured,
+        "train_step_ratio": measured / predicted,
+        "achieved_gflops": flops / measured / 1e9,
+    }
+
+
+def main(argv=None) -> dict:
+    parser = script_parser(__doc__)
+    parser.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation assumed for the GPUs")
+    parser.add_argument("--preset", default="small", choices=["small", "base"], help="the project's LM size")
+    parser.add_argument("--batch", type=int, default=8, help="training batch of the timed step")
+    parser.add_argument("--seq", type=int, default=256, help="sequence length of the timed step")
+    parser.add_argument("--steps", type=int, default=3, help="timed training steps")
+    args = parse_args(parser, argv)
+    if not 0 < args.mfu <= 1:
+        parser.error("--mfu must be in (0, 1]")
+    for name in ("batch", "seq", "steps"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name} must be positive")
+    config = DecoderConfig.preset(args.preset, vocab_size=8192, context_length=args.seq)
+    if args.quick:
+        config = DecoderConfig(
+            vocab_size=4096, context_length=128, n_layer=2, d_model=256, n_head=4, n_kv_head=4
+        )
+        args.batch, args.seq, args.steps = 4, 128, 2
+
+    machine = measure_machine("cpu", quick=args.quick)
+    print(
+        f"This machine (measured): fp32 {machine.fp32_tflops * 1e3:.1f} GFLOP/s, "
+        f"bf16 {machine.bf16_tflops * 1e3:.1f} GFLOP/s (matmul), {machine.bandwidth_gbs:.1f} GB/s (copy)"
+    )
+    figures = {
+        "machine_fp32_gflops": machine.fp32_tflops * 1e3,
+        "machine_bf16_gflops": machine.bf16_tflops * 1e3,
+    }
+    figures |= flops_table()
+    figures |= llama2_training(args.mfu)
+    figures |= hardware_table(machine, args.mfu)
+    figures |= measured_step(config, args.batch, args.seq, machine, args.steps)
+    return figures
+
+
+if __name__ == "__main__":
+    run_script(main)
