@@ -662,3 +662,46 @@ def load_quantized(folder: str | os.PathLike, device: str = "cpu"):
         )
     load_model(model, str(folder / WEIGHTS), strict=True, device=str(device))
     return model.to(device).eval(), config
+
+
+# ----------------------------------------------------------------------------- one entry point
+
+METHODS = ("rtn", "gptq", "awq")
+
+
+def check_model_spec(model: nn.Module, bits: int, group_size: int) -> None:
+    """ValueError (one line) unless every block linear of ``model`` can take ``bits`` and ``group_size``."""
+    for i, block in enumerate(model.blocks):
+        for name, lin in block_linears(block):
+            try:
+                check_spec(bits, group_size, lin.in_features)
+            except ValueError as e:
+                raise ValueError(f"blocks.{i}.{name}: {e}") from None
+
+
+def quantize_model(
+    model: nn.Module,
+    method: str,
+    bits: int = 4,
+    group_size: int = 128,
+    windows: torch.Tensor | None = None,
+    progress: bool = False,
+    **options,
+):
+    """``(fake-quantised copy, {name: QuantizedWeight}, seconds)`` by ``method`` ("rtn", "gptq", "awq");
+    GPTQ and AWQ need calibration ``windows``; ``options`` go to :func:`gptq_model` / :func:`awq_model`."""
+    import time
+
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    check_model_spec(model, bits, group_size)
+    if method != "rtn" and windows is None:
+        raise ValueError(f"{method} needs calibration windows")
+    start = time.perf_counter()
+    if method == "rtn":
+        fake, qweights = rtn_model(model, bits, group_size)
+    elif method == "gptq":
+        fake, qweights = gptq_model(model, windows, bits, group_size, progress=progress, **options)
+    else:
+        fake, qweights, _ = awq_model(model, windows, bits, group_size, progress=progress, **options)
+    return fake, qweights, time.perf_counter() - start
