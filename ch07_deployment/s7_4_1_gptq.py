@@ -1,0 +1,185 @@
+"""Section 7.4.1: GPTQ, 4 and 3 bits, against round-to-nearest, on the trained LM.
+
+GPTQ (Frantar et al., 2022) rounds a layer's weight one column at a time and hands each column's
+rounding error, weighted by the inverse Hessian ``H = 2·XᵀX/n`` of the layer's calibration inputs, to the
+columns not yet rounded, so the layer's output moves as little as it can.  The code is in
+``common/quant.py`` (:func:`common.quant.gptq`, :func:`common.quant.gptq_model`): calibration windows come
+from the training split, and each layer's inputs come from the layers before it, already quantised.
+
+The script quantises every linear layer of the transformer blocks (embeddings and the output head stay
+fp32, as in the paper) with RTN and GPTQ at 4 bits per output channel and with groups of 128 columns,
+and at 3 bits with groups, and measures validation perplexity and bits per byte, quantisation time, and
+the size of the packed int4 model on disk beside the fp32 one.  The paper's OPT-125M WikiText-2 row is
+printed beside ours: the *shape* to compare is GPTQ's increase over fp being a fraction of RTN's.
+
+    python -m ch07_deployment.s7_4_1_gptq
+    python -m ch07_deployment.s7_4_1_gptq --hf-path /path/to/llama   # a local Llama checkpoint
+    python -m ch07_deployment.s7_4_1_gptq --quick
+
+auto-gptq and GPTQModel run on the same model (through ``to_hf()``) only when they import; the script
+says when they do not (auto-gptq 0.7.1 fails to import with transformers 5).
+"""
+
+from __future__ import annotations
+
+import os
+
+from common.lm_source import add_source_args, evaluate_lm, load_source
+from common.quant import (
+    QuantLinear,
+    calibration_windows,
+    check_model_spec,
+    pack_model,
+    quantize_model,
+    quantized_bytes,
+    save_quantized,
+)
+from common.runner import parse_args, run_script, script_parser
+
+# GPTQ paper, Table 3: OPT-125M, WikiText-2 perplexity, 4 bits per channel
+PAPER_OPT125M = {"fp16": 27.65, "rtn4": 37.28, "gptq4": 31.12}
+
+
+def library_status() -> dict:
+    """Whether auto-gptq / GPTQModel import here, and why not."""
+    status = {}
+    for name in ("auto_gptq", "gptqmodel"):
+        try:
+            __import__(name)
+            status[name] = "imports"
+        except Exception as e:  # noqa: BLE001 - a broken install raises anything
+            status[name] = f"does not import: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return status
+
+
+def file_size(model, folder: str, quantization: dict | None) -> int:
+    """Bytes on disk of ``model`` saved as safetensors (packed, with its config, when ``quantization``)."""
+    from safetensors.torch import save_model
+
+    os.makedirs(folder, exist_ok=True)
+    if quantization is None:
+        path = os.path.join(folder, "model.safetensors")
+        save_model(model, path)
+        return os.path.getsize(path)
+    save_quantized(model, folder, quantization)
+    return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
+
+
+def main(argv=None) -> dict:
+    parser = script_parser(__doc__)
+    add_source_args(parser)
+    parser.add_argument("--calib-samples", type=int, default=64, help="calibration windows (quick: 16)")
+    parser.add_argument(
+        "--group-size", type=int, default=128, help="columns per scale/zero group (quick: 32)"
+    )
+    parser.add_argument("--damp", type=float, default=0.01, help="dampening, a fraction of mean(diag H)")
+    parser.add_argument("--act-order", action="store_true", help="quantise columns by decreasing H_ii")
+    parser.add_argument("--eval-batches", type=int, default=None, help="validation batches of 16 (all)")
+    args = parse_args(parser, argv)
+    if args.quick:
+        args.calib_samples, args.group_size = min(args.calib_samples, 16), min(args.group_size, 32)
+        args.eval_batches = args.eval_batches or 4
+    if args.damp <= 0:
+        parser.error(f"--damp must be positive, got {args.damp}")
+    source = load_source(parser, args)
+    try:
+        model = source.decoder("GPTQ")
+        for bits in (4, 3):
+            check_model_spec(model, bits, args.group_size)
+        windows = calibration_windows(source.data.train, args.calib_samples, model.config.context_length)
+    except ValueError as e:
+        parser.error(str(e))
+    print(f"model: {source.describe()}; calibration: {tuple(windows.shape)} windows of the training split")
+
+    def evaluate(m) -> dict:
+        return evaluate_lm(m, source.data, batch_size=16, max_batches=args.eval_batches)
+
+    fp = evaluate(model)
+    rows = [{"name": "fp32", "bits": 32, "group": "-", "ppl": fp["ppl"], "bpb": fp["bpb"], "seconds": 0.0}]
+    kept = {}
+    for bits, group in ((4, -1), (4, args.group_size), (3, args.group_size)):
+        for method in ("rtn", "gptq"):
+            options = dict(damp=args.damp, act_order=args.act_order) if method == "gptq" else {}
+            fake, qweights, seconds = quantize_model(model, method, bits, group, windows, True, **options)
+            r = evaluate(fake)
+            rows.append(
+                {
+                    "name": method.upper(),
+                    "bits": bits,
+                    "group": group,
+                    "ppl": r["ppl"],
+                    "bpb": r["bpb"],
+                    "seconds": seconds,
+                }
+            )
+            kept[(method, bits, group)] = (fake, qweights)
+
+    print(f"\n{'':6} {'bits':>4} {'group':>6} {'ppl':>9} {'+ppl':>8} {'bpb':>7} {'quant s':>8}")
+    for r in rows:
+        print(
+            f"{r['name']:6} {r['bits']:>4} {r['group']:>6} {r['ppl']:9.3f} {r['ppl'] - fp['ppl']:+8.3f} "
+            f"{r['bpb']:7.4f} {r['seconds']:8.1f}"
+        )
+    p = PAPER_OPT125M
+    print(
+        f"\nthe paper's OPT-125M (WikiText-2, 4 bits per channel): fp16 {p['fp16']}, RTN {p['rtn4']} "
+        f"(+{p['rtn4'] - p['fp16']:.2f}), GPTQ {p['gptq4']} (+{p['gptq4'] - p['fp16']:.2f}): GPTQ keeps "
+        f"{(p['gptq4'] - p['fp16']) / (p['rtn4'] - p['fp16']):.2f} of RTN's increase"
+    )
+
+    def increase(method, bits, group):
+        row = next(
+            r for r in rows if r["name"] == method.upper() and r["bits"] == bits and r["group"] == group
+        )
+        return row["ppl"] - fp["ppl"]
+
+    g = args.group_size
+    ratio_g = increase("gptq", 4, g) / max(increase("rtn", 4, g), 1e-9)
+    ratio_c = increase("gptq", 4, -1) / max(increase("rtn", 4, -1), 1e-9)
+    print(f"ours: GPTQ keeps {ratio_c:.2f} of RTN's increase per channel, {ratio_g:.2f} with groups of {g}")
+
+    fake, qweights = kept[("gptq", 4, g)]
+    packed = pack_model(fake, qweights)
+    fp_bytes = file_size(model, os.path.join(args.out, "fp32"), None)
+    q_bytes = file_size(
+        packed,
+        os.path.join(args.out, f"gptq-int4-g{g}"),
+        {"method": "gptq", "bits": 4, "group_size": g, "damp": args.damp, "act_order": args.act_order},
+    )
+    block_fp = sum(4 * qw.codes.numel() for qw in qweights.values())  # those linears in fp32
+    block_q = sum(quantized_bytes(m) for m in packed.modules() if isinstance(m, QuantLinear))
+    print(
+        f"on disk: fp32 {fp_bytes / 1e6:.2f} MB, GPTQ int4 g{g} {q_bytes / 1e6:.2f} MB "
+        f"({q_bytes / fp_bytes:.2f}x; "
+        f"the block linears {block_q / block_fp:.2f}x, embeddings and head stay fp32)"
+    )
+    libs = library_status()
+    for name, status in libs.items():
+        print(f"{name}: {status}" + ("" if status == "imports" else "; only this repository's GPTQ ran"))
+
+    figures = {"model": source.name, "calib_windows": windows.shape[0], "calib_seq_len": windows.shape[1]}
+    for r in rows:
+        key = (
+            "fp32"
+            if r["name"] == "fp32"
+            else f"{r['name'].lower()}{r['bits']}_g{r['group']}".replace("-1", "ch")
+        )
+        figures[f"{key}_ppl"] = r["ppl"]
+        figures[f"{key}_bpb"] = r["bpb"]
+        if r["name"] != "fp32":
+            figures[f"{key}_seconds"] = r["seconds"]
+    figures.update(
+        gptq_over_rtn_increase_g=ratio_g,
+        gptq_over_rtn_increase_ch=ratio_c,
+        paper_gptq_over_rtn_increase=(p["gptq4"] - p["fp16"]) / (p["rtn4"] - p["fp16"]),
+        fp32_file_bytes=fp_bytes,
+        int4_file_bytes=q_bytes,
+        int4_over_fp32_file=q_bytes / fp_bytes,
+        block_linears_int4_over_fp32=block_q / block_fp,
+        **{f"{k}_status": v for k, v in libs.items()},
+    )
+    return figures
+
+
+if __name__ == "__main__":
+    run_script(main)

@@ -1,0 +1,266 @@
+"""Section 7.4.3: knowledge distillation: a smaller student learns from the trained LM's soft targets.
+
+The student's loss mixes the teacher's softened distribution with the usual next-token cross-entropy
+(Hinton et al., 2015)::
+
+    loss = α · T² · KL(softmax(t/T) ‖ softmax(s/T)) + (1 - α) · CE(s, y)
+
+where ``t`` and ``s`` are the teacher's and the student's logits; the ``T²`` keeps the soft term's
+gradients the size of the hard term's as ``T`` grows.  The control is the same student (same
+initial weights, same batches, same optimizer, same number of steps) trained on the cross-entropy alone.
+
+Default: the teacher is the project's trained LM (``--model tiny``, or ``--hf-path DIR``) and the
+student a decoder with fewer and narrower layers on the same tokenizer; the figures are both
+students' validation loss and bits per byte, and the teacher's.  ``--quick`` distils on scikit-learn's
+bundled handwritten digits (real data, no download): an MLP teacher trained on all training images, a
+much narrower MLP student that has labels for 100 of them; the distilled student also learns from the
+teacher's soft targets on the unlabelled rest (a transfer set, as in Hinton et al.), the control only
+from the 100 labels.  In both, ``distilled_val_loss`` should end below ``scratch_val_loss``.
+
+    python -m ch07_deployment.s7_4_3_knowledge_distillation
+    python -m ch07_deployment.s7_4_3_knowledge_distillation --quick
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common.lm_source import add_source_args, evaluate_lm, load_source
+from common.runner import parse_args, run_script, script_parser
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 2.0,
+    alpha: float = 0.5,
+) -> torch.Tensor:
+    """``α · T² · KL(softmax(t/T) ‖ softmax(s/T)) + (1 - α) · CE(s, y)``, averaged over positions.
+
+    Logits are (..., classes), targets (...) class ids, -100 where a position has no label."""
+    s = student_logits.reshape(-1, student_logits.shape[-1]).float()  # (positions, classes)
+    t = teacher_logits.reshape(-1, teacher_logits.shape[-1]).float()
+    soft = F.kl_div(
+        F.log_softmax(s / temperature, -1),
+        F.log_softmax(t / temperature, -1),
+        log_target=True,
+        reduction="batchmean",
+    )
+    hard = F.cross_entropy(s, targets.reshape(-1), ignore_index=-100)  # -100: no label, soft term only
+    return alpha * temperature**2 * soft + (1 - alpha) * hard
+
+
+def train_student(student, teacher, batches, steps, lr, temperature, alpha, logits_of) -> list[float]:
+    """Train ``student`` for ``steps`` on ``batches()`` (x, y); with a teacher, by the distillation loss,
+    else by cross-entropy. ``logits_of(model, x)`` gives a model's logits. Returns the loss per step."""
+    opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 - i / steps)
+    student.train()
+    losses = []
+    for x, y in batches():
+        s = logits_of(student, x)
+        if teacher is None:
+            loss = F.cross_entropy(s.reshape(-1, s.shape[-1]), y.reshape(-1))
+        else:
+            with torch.no_grad():
+                t = logits_of(teacher, x)
+            loss = distillation_loss(s, t, y, temperature, alpha)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    student.eval()
+    return losses
+
+
+def lm_logits(model, x):
+    return model(x)[0]  # called without targets: logits (batch, seq, vocab)
+
+
+def run_lm(args, source) -> dict:
+    from common.models.decoder import DecoderConfig, DecoderLM
+
+    teacher = source.model.eval()
+    data = source.data
+    tc = getattr(teacher, "config", None)
+    d_model = args.student_width
+    config = DecoderConfig(
+        vocab_size=data.vocab_size,
+        context_length=data.context_length,
+        n_layer=args.student_layers,
+        d_model=d_model,
+        n_head=max(1, d_model // 32),
+        n_kv_head=max(1, d_model // 32),
+        tie_embeddings=False,
+        dropout=0.0,
+    )
+    torch.manual_seed(args.seed)
+    student0 = DecoderLM(config)
+
+    def batches():
+        g = torch.Generator().manual_seed(args.seed + 1)  # the same batches for both students
+        for _ in range(args.steps):
+            yield data.get_batch("train", args.batch_size, generator=g)
+
+    def evaluate(m):
+        return evaluate_lm(m, data, batch_size=16, max_batches=args.eval_batches)
+
+    results = {}
+    for name, t in (("scratch", None), ("distilled", teacher)):
+        student = copy.deepcopy(student0)
+        start = time.perf_counter()
+        losses = train_student(
+            student, t, batches, args.steps, args.lr, args.temperature, args.alpha, lm_logits
+        )
+        results[name] = {**evaluate(student), "seconds": time.perf_counter() - start, "last_loss": losses[-1]}
+    teacher_eval = evaluate(teacher)
+    t_params = sum(p.numel() for p in teacher.parameters())
+    s_params = student0.num_params()
+    print(
+        f"teacher: {source.describe()}"
+        + (f", {tc.n_layer} layers x {tc.d_model}" if tc is not None else "")
+        + f"\nstudent: {s_params:,} parameters ({s_params / t_params:.2f}x), "
+        f"{config.n_layer} layers x {d_model}; "
+        f"{args.steps} steps of {args.batch_size} x {data.context_length} tokens, T={args.temperature}, "
+        f"alpha={args.alpha}"
+    )
+    print(f"\n{'':10} {'val loss':>9} {'ppl':>8} {'bpb':>7} {'train s':>8}")
+    print(f"{'teacher':10} {teacher_eval['loss']:9.4f} {teacher_eval['ppl']:8.2f} {teacher_eval['bpb']:7.4f}")
+    for name, r in results.items():
+        print(f"{name:10} {r['loss']:9.4f} {r['ppl']:8.2f} {r['bpb']:7.4f} {r['seconds']:8.1f}")
+    return {
+        "task": "lm",
+        "teacher": source.name,
+        "teacher_params": t_params,
+        "student_params": s_params,
+        "teacher_val_loss": teacher_eval["loss"],
+        "scratch_val_loss": results["scratch"]["loss"],
+        "distilled_val_loss": results["distilled"]["loss"],
+        "scratch_val_bpb": results["scratch"]["bpb"],
+        "distilled_val_bpb": results["distilled"]["bpb"],
+        "scratch_seconds": results["scratch"]["seconds"],
+        "distilled_seconds": results["distilled"]["seconds"],
+    }
+
+
+def mlp(width: int, hidden: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+
+
+def run_digits(args) -> dict:
+    """Distillation on scikit-learn's 8x8 digits: teacher MLP (256 hidden) -> student MLP (8 hidden)."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x_train, x_val, y_train, y_val = train_test_split(
+        digits.data / 16.0, digits.target, test_size=0.3, random_state=args.seed, stratify=digits.target
+    )
+    x_train, x_val = (torch.tensor(a, dtype=torch.float32) for a in (x_train, x_val))
+    y_train, y_val = (torch.tensor(a, dtype=torch.long) for a in (y_train, y_val))
+    labelled = 100  # the student's labelled images; the distilled one also sees the rest, unlabelled
+
+    def batches(x, y, steps):  # full batches
+        return lambda: ((x, y) for _ in range(steps))
+
+    def plain(model, x):
+        return model(x)
+
+    unlabelled = y_train.clone()
+    unlabelled[labelled:] = -100
+    student_data = {
+        "scratch": (x_train[:labelled], y_train[:labelled]),
+        "distilled": (x_train, unlabelled),  # the teacher's soft targets on every training image
+    }
+    torch.manual_seed(args.seed)
+    teacher = mlp(64, 256)
+    train_student(teacher, None, batches(x_train, y_train, 200), 200, 1e-2, 1.0, 0.0, plain)
+    torch.manual_seed(args.seed + 1)
+    student0 = mlp(64, 8)
+    results = {}
+    for name, t in (("scratch", None), ("distilled", teacher)):
+        student = copy.deepcopy(student0)
+        train_student(
+            student,
+            t,
+            batches(*student_data[name], args.steps),
+            args.steps,
+            1e-2,
+            args.temperature,
+            args.alpha,
+            plain,
+        )
+        with torch.no_grad():
+            logits = student(x_val)
+        results[name] = {
+            "loss": F.cross_entropy(logits, y_val).item(),
+            "acc": (logits.argmax(-1) == y_val).float().mean().item(),
+        }
+    with torch.no_grad():
+        t_logits = teacher(x_val)
+    t_loss, t_acc = (
+        F.cross_entropy(t_logits, y_val).item(),
+        (t_logits.argmax(-1) == y_val).float().mean().item(),
+    )
+    print(
+        f"digits (scikit-learn, 8x8, {len(x_train)} train / {len(x_val)} val): teacher MLP 64-256-10 on all "
+        f"training images; student MLP 64-8-10 with {labelled} of them labelled, {args.steps} steps, "
+        f"T={args.temperature}, "
+        f"alpha={args.alpha}; the scratch student trains on the labelled images, the distilled one also on "
+        f"the teacher's soft targets for the {len(x_train) - labelled} unlabelled ones (a transfer set)"
+    )
+    print(f"\n{'':10} {'val loss':>9} {'accuracy':>9}")
+    print(f"{'teacher':10} {t_loss:9.4f} {t_acc:9.3f}")
+    for name, r in results.items():
+        print(f"{name:10} {r['loss']:9.4f} {r['acc']:9.3f}")
+    return {
+        "task": "digits",
+        "teacher_val_loss": t_loss,
+        "teacher_val_acc": t_acc,
+        "scratch_val_loss": results["scratch"]["loss"],
+        "distilled_val_loss": results["distilled"]["loss"],
+        "scratch_val_acc": results["scratch"]["acc"],
+        "distilled_val_acc": results["distilled"]["acc"],
+    }
+
+
+def main(argv=None) -> dict:
+    parser = script_parser(__doc__)
+    add_source_args(parser)
+    parser.add_argument("--task", choices=["lm", "digits"], default=None, help="default lm (quick: digits)")
+    parser.add_argument("--steps", type=int, default=300, help="training steps of each student")
+    parser.add_argument("--batch-size", type=int, default=16, help="sequences per step (LM)")
+    parser.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate, linear decay to 0 (LM)")
+    parser.add_argument("--temperature", type=float, default=None, help="softmax temperature T (2; digits 4)")
+    parser.add_argument("--alpha", type=float, default=None, help="weight of the soft term (0.5; digits 0.9)")
+    parser.add_argument("--student-layers", type=int, default=2, help="student depth (LM)")
+    parser.add_argument("--student-width", type=int, default=64, help="student d_model (LM)")
+    parser.add_argument("--eval-batches", type=int, default=None, help="validation batches of 16 (all)")
+    args = parse_args(parser, argv)
+    args.task = args.task or ("digits" if args.quick else "lm")
+    if args.temperature is None:
+        args.temperature = 4.0 if args.task == "digits" else 2.0
+    if args.alpha is None:
+        args.alpha = 0.9 if args.task == "digits" else 0.5
+    if args.steps <= 0 or args.temperature <= 0 or not 0 <= args.alpha <= 1:
+        parser.error("--steps and --temperature must be positive and --alpha in [0, 1]")
+    if args.task == "digits":
+        figures = run_digits(args)
+    else:
+        figures = run_lm(args, load_source(parser, args))
+    gain = figures["scratch_val_loss"] - figures["distilled_val_loss"]
+    verdict = "lower" if gain > 0 else "NOT lower"
+    print(f"\nthe distilled student ends {verdict} than the one trained from scratch by {gain:.4f} nats")
+    figures["distillation_gain"] = gain
+    return figures
+
+
+if __name__ == "__main__":
+    run_script(main)

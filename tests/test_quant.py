@@ -1,0 +1,222 @@
+"""common.quant: RTN, GPTQ and AWQ against their defining properties; packing, QuantLinear, save/load."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from common.models.decoder import DecoderConfig, DecoderLM
+from common.quant import (
+    Hessian,
+    QuantLinear,
+    _scale_groups,
+    apply_scales,
+    awq_model,
+    block_inputs,
+    calibration_windows,
+    gptq,
+    gptq_model,
+    load_quantized,
+    pack_codes,
+    pack_model,
+    quantize_gptq,
+    quantize_rtn,
+    rtn,
+    rtn_model,
+    save_quantized,
+    unpack_codes,
+)
+
+
+def anisotropic_inputs(n=4096, cols=256, rank=32, seed=0):
+    """Correlated inputs whose channels differ in scale, as a transformer's activations do."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, rank, generator=g) @ torch.randn(rank, cols, generator=g)
+    x = x + 0.1 * torch.randn(n, cols, generator=g)
+    return x * torch.logspace(-0.5, 0.5, cols)
+
+
+def tiny_lm(seed=0, **overrides):
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=97, context_length=32, n_layer=2, d_model=64, n_head=4, n_kv_head=4)
+    model = DecoderLM(DecoderConfig(**{**cfg, **overrides})).eval()
+    with torch.no_grad():  # trained-looking norms: not all ones
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def logits(model, idx):
+    with torch.no_grad():
+        return model(idx)[0]
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_gptq_output_error_is_a_fraction_of_rtn(bits):
+    torch.manual_seed(0)
+    w = torch.randn(128, 256)
+    x = anisotropic_inputs()
+    h = Hessian(256)
+    h.add(x)
+    ref = x @ w.T
+    err_rtn = (x @ quantize_rtn(w, bits, 128).T - ref).pow(2).mean()
+    err_gptq = (x @ quantize_gptq(w, h.H, bits, 128).T - ref).pow(2).mean()
+    err_act = (x @ quantize_gptq(w, h.H, bits, 128, act_order=True).T - ref).pow(2).mean()
+    assert err_gptq < 0.4 * err_rtn  # about a third
+    assert err_act < err_gptq
+
+
+def test_hessian_is_two_xtx_over_n_across_batches():
+    x = torch.randn(300, 16)
+    h = Hessian(16)
+    for part in x.split(70):
+        h.add(part)
+    torch.testing.assert_close(h.H, 2 * x.T @ x / 300, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits,group_size,act_order", [(4, 32, False), (3, 32, True), (2, -1, False)])
+def test_every_group_holds_at_most_2_to_the_bits_values(bits, group_size, act_order):
+    torch.manual_seed(1)
+    w = torch.randn(16, 128)
+    h = Hessian(128)
+    h.add(anisotropic_inputs(1024, 128, 16))
+    for qw in (rtn(w, bits, group_size), gptq(w, h.H, bits, group_size, act_order=act_order)):
+        deq = qw.dequantize()
+        assert qw.codes.max() < 2**bits and qw.zero.max() < 2**bits
+        for g in qw.g_idx.unique():
+            cols = qw.g_idx == g
+            assert cols.sum() == (128 if group_size == -1 else group_size)
+            for row in deq[:, cols]:
+                assert row.unique().numel() <= 2**bits
+        assert (deq - w).abs().mean() < w.abs().mean()  # a quantisation of w, not of something else
+
+
+def test_rtn_error_is_at_most_half_a_step():
+    w = torch.randn(8, 64)
+    qw = rtn(w, 4, 16)
+    step = qw.scale[:, qw.g_idx]
+    assert ((qw.dequantize() - w).abs() <= step / 2 + 1e-6).all()
+
+
+def test_lazy_block_updates_equal_column_by_column_updates():
+    torch.manual_seed(2)
+    w = torch.randn(32, 256)
+    h = Hessian(256)
+    h.add(anisotropic_inputs(2048, 256, 64))
+    lazy = gptq(w, h.H, 4, 64, block_size=128).dequantize()
+    eager = gptq(w, h.H, 4, 64, block_size=1).dequantize()
+    torch.testing.assert_close(lazy, eager, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("cols", [64, 33])
+def test_pack_unpack_is_exact(bits, cols):
+    codes = torch.randint(0, 2**bits, (7, cols), dtype=torch.uint8)
+    packed = pack_codes(codes, bits)
+    if bits <= 4:
+        assert packed.shape == (7, (cols + 1) // 2)
+    assert torch.equal(unpack_codes(packed, cols, bits), codes)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_quantlinear_equals_float_linear_with_dequantised_weight(bias):
+    torch.manual_seed(3)
+    lin = torch.nn.Linear(64, 24, bias=bias)
+    h = Hessian(64)
+    h.add(anisotropic_inputs(512, 64, 8))
+    qw = gptq(lin.weight, h.H, 4, 16, act_order=True)
+    q = QuantLinear.from_quantized(qw, lin.bias)
+    x = torch.randn(3, 5, 64)
+    assert torch.equal(q(x), F.linear(x, qw.dequantize(), lin.bias))
+    assert q.qweight.dtype == torch.uint8 and q.qweight.shape == (24, 32)
+
+
+def test_save_load_gives_the_same_logits(tmp_path):
+    model = tiny_lm()
+    idx = torch.randint(0, 97, (2, 20))
+    windows = calibration_windows(torch.randint(0, 97, (8 * 32,)), 8, 32)
+    fake, qweights = gptq_model(model, windows, bits=4, group_size=32, act_order=True)
+    packed = pack_model(fake, qweights)
+    torch.testing.assert_close(logits(packed, idx), logits(fake, idx), rtol=1e-5, atol=1e-5)
+    save_quantized(packed, tmp_path / "q", {"method": "gptq", "bits": 4, "group_size": 32})
+    assert sorted(p.name for p in (tmp_path / "q").iterdir()) == ["model.safetensors", "quant_config.json"]
+    loaded, config = load_quantized(tmp_path / "q")
+    assert config["quantization"]["method"] == "gptq" and len(config["layers"]) == 8
+    assert torch.equal(logits(loaded, idx), logits(packed, idx))
+    assert not any(isinstance(m, torch.nn.Linear) for m in loaded.blocks.modules())
+
+
+def test_quantising_leaves_the_callers_model_alone():
+    model = tiny_lm()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    windows = calibration_windows(torch.randint(0, 97, (4 * 32,)), 4, 32)
+    rtn_model(model, 4, 32)
+    gptq_model(model, windows, 4, 32)
+    awq_model(model, windows, 4, 32, n_grid=4)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_awq_scaling_is_exact_before_quantisation():
+    model = tiny_lm(n_kv_head=4)
+    idx = torch.randint(0, 97, (2, 20))
+    expected = logits(model, idx)
+    torch.manual_seed(4)
+    with torch.no_grad():
+        for block in model.blocks:
+            groups = _scale_groups(block)
+            assert [g.prev for g in groups] == ["norm1", "v", "norm2", "up"]
+            for group in groups:
+                width = block.get_submodule(group.linears[0]).in_features
+                apply_scales(block, group, torch.empty(width).uniform_(0.25, 4.0))
+    assert not torch.allclose(model.blocks[0].norm1.weight, tiny_lm().blocks[0].norm1.weight)
+    torch.testing.assert_close(logits(model, idx), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_awq_model_is_a_scaled_model_with_4_bit_weights():
+    model = tiny_lm()
+    windows = calibration_windows(torch.randint(0, 97, (8 * 32,)), 8, 32)
+    fake, qweights, info = awq_model(model, windows, bits=4, group_size=32, n_grid=5)
+    assert len(info["alphas"]) == 8 and all(0 <= a < 1 for a in info["alphas"])
+    idx = torch.randint(0, 97, (2, 20))
+    torch.testing.assert_close(
+        logits(pack_model(fake, qweights), idx), logits(fake, idx), rtol=1e-5, atol=1e-5
+    )
+    for name, qw in qweights.items():
+        assert torch.equal(fake.get_submodule(name).weight, qw.dequantize())
+
+
+def test_block_inputs_are_the_first_blocks_inputs():
+    model = tiny_lm()
+    windows = torch.randint(0, 97, (5, 16))
+    (x, args, kwargs), *rest = block_inputs(model, windows, batch_size=4)
+    assert x.shape == (4, 16, 64) and len(rest) == 1
+    torch.testing.assert_close(x, model.tok_emb(windows[:4]))
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: quantize_rtn(torch.randn(4, 64), bits=5), "unsupported bit width 5"),
+        (lambda: quantize_rtn(torch.randn(4, 64), group_size=48), "group_size=48"),
+        (
+            lambda: quantize_gptq(torch.randn(4, 64), torch.eye(32), group_size=-1),
+            r"hessian must be \(64, 64\)",
+        ),
+        (lambda: calibration_windows(torch.arange(100), 4, 32), "calibration data has 100 tokens"),
+    ],
+)
+def test_bad_input_is_a_one_line_error(call, message):
+    with pytest.raises(ValueError, match=message) as err:
+        call()
+    assert "\n" not in str(err.value)
+
+
+def test_load_refuses_a_folder_that_is_not_a_quantised_model(tmp_path):
+    with pytest.raises(ValueError, match="not a quantised model folder"):
+        load_quantized(tmp_path)
+    (tmp_path / "quant_config.json").write_text(json.dumps({"format": "other"}))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="format"):
+        load_quantized(tmp_path)
