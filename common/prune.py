@@ -9,6 +9,9 @@ Unstructured pruning zeroes single weights; the matrices keep their shape::
 :func:`global_magnitude_masks` ranks every weight of every listed matrix together (the smallest
 ``|w|`` go first, some layers lose more than others), :func:`layer_magnitude_masks` gives each matrix
 the same sparsity. Both pick exactly what ``torch.nn.utils.prune``'s ``L1Unstructured`` picks.
+Wanda (Sun et al., 2023) scores a weight by ``|W_ij| · ‖X_j‖₂`` over calibration tokens and prunes within
+each output row (:func:`wanda_scores`, :func:`wanda_prune`); :func:`n_m_mask` keeps the 2 best of every 4
+consecutive inputs (2:4 semi-structured sparsity) by either score.
 
 Structured pruning removes whole units, so the model really gets smaller::
 
@@ -34,6 +37,7 @@ from torch import nn
 
 from common.models.decoder import DecoderLM
 from common.models.feedforward import MLP, SwiGLU
+from common.quant import _progress, _run_block, block_inputs, block_linears, layer_inputs
 
 # ----------------------------------------------------------------------------- unstructured
 
@@ -96,6 +100,90 @@ def layer_magnitude_masks(weights: dict[str, torch.Tensor], sparsity: float) -> 
         name: _keep_mask(magnitude_scores(w), round(sparsity * w.numel())).view_as(w)
         for name, w in weights.items()
     }
+
+
+def wanda_scores(weight: torch.Tensor, input_norm: torch.Tensor) -> torch.Tensor:
+    """Wanda's importance (Sun et al., 2023): ``|W_ij| · ‖X_j‖₂``, the weight's magnitude times the L2 norm
+    of its input feature ``j`` over the calibration tokens. ``weight`` is (out, in), ``input_norm`` (in,)."""
+    if input_norm.shape != (weight.shape[1],):
+        raise ValueError(f"input_norm must have shape ({weight.shape[1]},), got {tuple(input_norm.shape)}")
+    return magnitude_scores(weight) * input_norm.to(weight.device, torch.float32).view(1, -1)
+
+
+def input_norms(x: torch.Tensor) -> torch.Tensor:
+    """(in,) L2 norm of each input feature over the rows of a (tokens, in) calibration input."""
+    return x.detach().float().reshape(-1, x.shape[-1]).norm(dim=0)
+
+
+def row_masks(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Keep-mask that prunes the ``round(sparsity · in)`` lowest scores of every output row (Wanda
+    compares weights within a row: each output keeps the same number of inputs)."""
+    check_sparsity(sparsity)
+    n_prune = round(sparsity * scores.shape[1])
+    mask = torch.ones_like(scores, dtype=torch.bool)
+    if n_prune:
+        mask.scatter_(1, torch.topk(scores, n_prune, dim=1, largest=False).indices, False)
+    return mask
+
+
+def n_m_mask(scores: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
+    """Semi-structured N:M keep-mask: in every group of ``m`` consecutive weights along the input
+    dimension of a (out, in) score matrix, keep the ``n`` highest scores (2:4, 50% sparsity, is the
+    pattern sparse tensor cores run). ValueError when ``in`` is not a multiple of ``m``."""
+    if not 0 < n <= m:
+        raise ValueError(f"need 0 < n <= m for N:M sparsity, got {n}:{m}")
+    rows, cols = scores.shape
+    if cols % m:
+        raise ValueError(f"{n}:{m} sparsity needs an input width divisible by {m}, got {cols}")
+    groups = scores.reshape(rows, cols // m, m)  # (out, in / m, m)
+    mask = torch.zeros_like(groups, dtype=torch.bool)
+    mask.scatter_(2, torch.topk(groups, n, dim=2).indices, True)
+    return mask.reshape(rows, cols)
+
+
+def magnitude_n_m_masks(weights: dict[str, torch.Tensor], n: int = 2, m: int = 4) -> dict[str, torch.Tensor]:
+    """N:M keep-masks of every matrix by magnitude (:func:`n_m_mask` of ``|w|``)."""
+    return {name: n_m_mask(magnitude_scores(w), n, m) for name, w in weights.items()}
+
+
+@torch.no_grad()
+def wanda_prune(
+    model: nn.Module,
+    windows: torch.Tensor,
+    sparsity: float = 0.5,
+    n_m: tuple[int, int] | None = None,
+    progress: bool = False,
+) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """Wanda on every block linear of a DecoderLM: ``(pruned copy, {parameter name: keep-mask})``.
+
+    As in the paper's reference code, block by block: the block's linears see the calibration
+    ``windows`` (n, seq) as the already-pruned blocks before it hand them on
+    (:func:`common.quant.block_inputs`, :func:`common.quant.layer_inputs`), each weight is scored by
+    :func:`wanda_scores`, and each output row loses its ``sparsity`` lowest (or, with ``n_m=(2, 4)``,
+    keeps its 2 best of every 4 inputs); then the pruned block's outputs feed the next block.
+    ``model`` itself is not changed.
+    """
+    check_sparsity(sparsity)
+    model = copy.deepcopy(model).eval()
+    for i, block in enumerate(model.blocks):  # a bad width ends here, before any work
+        for name, lin in block_linears(block):
+            if n_m is not None and lin.in_features % n_m[1]:
+                raise ValueError(
+                    f"{n_m[0]}:{n_m[1]} sparsity needs input widths divisible by {n_m[1]}; "
+                    f"blocks.{i}.{name} has {lin.in_features}"
+                )
+    inputs = block_inputs(model, windows)
+    masks = {}
+    for i, block in enumerate(_progress(model.blocks, "Wanda blocks", progress)):
+        linears = block_linears(block)
+        seen = layer_inputs(block, inputs, [name for name, _ in linears])  # {name: (tokens, in)}
+        for name, lin in linears:
+            scores = wanda_scores(lin.weight, input_norms(seen[name]))
+            mask = n_m_mask(scores, *n_m) if n_m is not None else row_masks(scores, sparsity)
+            lin.weight.mul_(mask.to(lin.weight.dtype))
+            masks[f"blocks.{i}.{name}.weight"] = mask
+        inputs = _run_block(block, inputs)  # the next block sees this block pruned
+    return model, masks
 
 
 @torch.no_grad()

@@ -259,7 +259,8 @@ def block_linears(block: nn.Module) -> list[tuple[str, nn.Linear]]:
 
 @torch.no_grad()
 def _run_block(block, inputs):
-    return [(block(x, *args, **kwargs), args, kwargs) for x, args, kwargs in inputs]
+    """The next block's inputs: this block's hidden-state output (a Block returns ``(x, aux_loss)``)."""
+    return [(block(x, *args, **kwargs)[0], args, kwargs) for x, args, kwargs in inputs]
 
 
 @torch.no_grad()

@@ -1,5 +1,5 @@
-"""common.prune: magnitude masks against torch.nn.utils.prune, and physically removed heads and neurons
-against the same model with them zeroed."""
+"""common.prune: magnitude masks against torch.nn.utils.prune, Wanda's score and 2:4 masks against
+hand computations, and physically removed heads and neurons against the same model with them zeroed."""
 
 import pytest
 import torch
@@ -17,9 +17,15 @@ from common.prune import (
     linear_weights,
     lowest,
     lowest_per_layer,
+    magnitude_n_m_masks,
+    magnitude_scores,
+    n_m_mask,
     neuron_scores,
     prune_model,
+    row_masks,
     sparsity_of,
+    wanda_prune,
+    wanda_scores,
     zero_units,
 )
 
@@ -104,3 +110,82 @@ def test_no_heads_left_is_an_error():
         prune_model(tiny(), neurons={0: list(range(40))})
     with pytest.raises(ValueError, match="layer 7 does not exist"):
         prune_model(tiny(), heads={7: [0]})
+
+
+def test_two_four_mask_keeps_the_two_largest_of_every_four():
+    torch.manual_seed(1)
+    w = torch.randn(6, 16)
+    mask = n_m_mask(magnitude_scores(w), 2, 4)
+    groups = mask.reshape(6, 4, 4)
+    assert (groups.sum(dim=2) == 2).all()
+    kept = (w * mask).reshape(6, 4, 4)
+    assert ((kept != 0).sum(dim=2) == 2).all()
+    # the two kept are the two largest |w| of their group
+    top2 = w.abs().reshape(6, 4, 4).sort(dim=2, descending=True).values[..., :2]
+    assert torch.equal(kept.abs().sort(dim=2, descending=True).values[..., :2], top2)
+    masks = magnitude_n_m_masks(linear_weights(tiny()))
+    assert all(float(m.float().mean()) == 0.5 for m in masks.values())
+
+
+def test_two_four_needs_a_width_divisible_by_four():
+    with pytest.raises(ValueError, match="divisible by 4, got 6"):
+        n_m_mask(torch.rand(3, 6))
+    model = tiny(d_model=50, n_head=5, n_kv_head=5)
+    with pytest.raises(ValueError, match="divisible by 4; blocks.0.attn.qkv has 50"):
+        wanda_prune(model, torch.randint(0, 97, (2, 8)), n_m=(2, 4))
+
+
+def test_wanda_score_by_hand():
+    torch.manual_seed(2)
+    w, x = torch.randn(3, 5), torch.randn(7, 5)
+    want = torch.empty(3, 5)
+    for i in range(3):
+        for j in range(5):
+            want[i, j] = abs(float(w[i, j])) * sum(float(x[t, j]) ** 2 for t in range(7)) ** 0.5
+    assert torch.allclose(wanda_scores(w, x.norm(dim=0)), want, rtol=1e-5)
+    with pytest.raises(ValueError, match="input_norm must have shape"):
+        wanda_scores(w, torch.ones(4))
+
+
+@pytest.mark.parametrize("sparsity", [0.25, 0.5, 0.8])
+def test_wanda_with_uniform_norms_is_magnitude_per_row(sparsity):
+    torch.manual_seed(3)
+    w = torch.randn(8, 20)
+    wanda = row_masks(wanda_scores(w, torch.full((20,), 3.7)), sparsity)
+    assert torch.equal(wanda, row_masks(magnitude_scores(w), sparsity))
+    assert (wanda.sum(dim=1) == 20 - round(sparsity * 20)).all()
+    for i in range(8):  # each row as torch.nn.utils.prune prunes a one-row layer by L1
+        lin = nn.Linear(20, 1, bias=False)
+        lin.weight.data.copy_(w[i : i + 1])
+        torch_prune.l1_unstructured(lin, "weight", amount=sparsity)
+        assert torch.equal(lin.weight_mask.bool()[0], wanda[i])
+    assert torch.equal(n_m_mask(wanda_scores(w, torch.ones(20))), n_m_mask(magnitude_scores(w)))
+
+
+def test_wanda_prune_on_a_model():
+    model = tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    windows = torch.randint(0, 97, (4, 16))
+    pruned, masks = wanda_prune(model, windows, 0.5)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # caller's model untouched
+    assert set(masks) == set(linear_weights(model))
+    for name, mask in masks.items():
+        assert (mask.sum(dim=1) == mask.shape[1] // 2).all(), name
+    # the first block's inputs are the model's own: its masks follow from the scores by hand
+    seen = {}
+    hook = model.blocks[0].attn.qkv.register_forward_pre_hook(lambda m, a: seen.setdefault("x", a[0]))
+    with torch.no_grad():
+        model(windows)
+    hook.remove()
+    scores = model.blocks[0].attn.qkv.weight.abs() * seen["x"].reshape(-1, 48).norm(dim=0)
+    assert torch.equal(masks["blocks.0.attn.qkv.weight"], row_masks(scores, 0.5))
+    # the pruned copy is the original with the masks applied
+    ref = tiny()
+    apply_masks(ref, masks)
+    x = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        assert torch.allclose(pruned(x)[0], ref(x)[0], atol=1e-6)
+    _, masks24 = wanda_prune(model, windows, n_m=(2, 4))
+    assert all((m.reshape(m.shape[0], -1, 4).sum(dim=2) == 2).all() for m in masks24.values())
+    with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\)"):
+        wanda_prune(model, windows, 1.0)
