@@ -32,7 +32,6 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-from benchmarks.timing import paired_ratio, race
 from common.lm_source import add_source_args, evaluate_lm, load_source
 from common.plotting import pyplot, save_figure
 from common.prune import (
@@ -43,6 +42,7 @@ from common.prune import (
     sparsity_of,
 )
 from common.runner import parse_args, run_script, script_parser
+from common.timing import paired_ratio, race
 
 SPEED_SPARSITIES = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)
 
