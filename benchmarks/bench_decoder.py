@@ -31,13 +31,13 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from benchmarks.timing import add_malloc_flag, apply_malloc_flag, paired_ratio, race
 from common.env import choose_device, seed_everything
 from common.models.decoder import DecoderConfig, DecoderLM
 from common.models.fused_cross_entropy import linear_cross_entropy
 from common.models.generation import generate
 from common.models.hf_llama import decoder_to_hf
 from common.runner import write_json
+from common.timing import add_malloc_flag, apply_malloc_flag, paired_ratio, race
 
 FORMAT = 2  # the JSON's layout; benchmarks.speed_section reads only this one
 # speed-ups ours must reach (alternative's time / ours)

@@ -33,10 +33,10 @@ import torch.distributed as dist
 from torch import nn
 
 from benchmarks.bench_moe import Floor, _randomize
-from benchmarks.timing import add_malloc_flag, apply_malloc_flag, paired_ratio, race
 from common.fmoe import FMoETransformerMLP
 from common.launch import run_workers
 from common.runner import write_json
+from common.timing import add_malloc_flag, apply_malloc_flag, paired_ratio, race
 
 DEEPSPEED_SETTINGS = {  # deepspeed.moe.layer.MoE's defaults, as its users get them
     "k": 2,

@@ -45,10 +45,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.timing import add_malloc_flag, apply_malloc_flag, paired_ratio, race
 from common.moe import DeepSeekMoE, TopKMoE
 from common.moe.experts import SwiGLU
 from common.runner import write_json
+from common.timing import add_malloc_flag, apply_malloc_flag, paired_ratio, race
 
 FORMAT = 2  # the JSON's layout; benchmarks.speed_section reads only this one
 

@@ -28,11 +28,11 @@ import os
 import numpy as np
 import torch
 
-from benchmarks.timing import paired_ratio, race
 from common.lm_source import add_source_args, load_source
 from common.models.generation import generate
 from common.onnx_export import OrtLM, dynamic_axes_of, export_decoder
 from common.runner import parse_args, run_script, script_parser
+from common.timing import paired_ratio, race
 
 PROMPTS = ["The return value of", "A class is"]
 

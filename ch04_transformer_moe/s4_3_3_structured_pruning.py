@@ -31,7 +31,6 @@ import os
 
 import torch
 
-from benchmarks.timing import paired_ratio, race
 from common.lm_source import add_source_args, evaluate_lm, load_source
 from common.plotting import pyplot, save_figure
 from common.prune import (
@@ -45,6 +44,7 @@ from common.prune import (
     zero_units,
 )
 from common.runner import parse_args, run_script, script_parser
+from common.timing import paired_ratio, race
 from common.training import TrainConfig, train
 
 

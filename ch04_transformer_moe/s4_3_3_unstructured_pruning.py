@@ -10,8 +10,9 @@ sparsity the script shows:
    values, their column indices and the row pointers), both written as safetensors files;
 3. the honest speed story: a pruned matrix kept dense multiplies exactly as slowly as before (the
    zeros are still multiplied); a CSR sparse matrix-multiply skips them but pays for its indexing, so
-   the script times ``torch.sparse.mm`` against the dense product on one matrix at each sparsity
-   and reports where, if anywhere, the sparse product starts to pay off on this machine.
+   the script times ``torch.sparse.mm`` (CSR with int32 indices, built once) against the dense
+   product on one matrix at each sparsity, on one thread by default (``--threads``), and reports
+   where, if anywhere, the sparse product starts to pay off on this machine.
 
     python -m ch04_transformer_moe.s4_3_3_unstructured_pruning
     python -m ch04_transformer_moe.s4_3_3_unstructured_pruning --sparsities 0 0.5 0.8 0.95
@@ -32,7 +33,6 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-from benchmarks.timing import paired_ratio, race
 from common.lm_source import add_source_args, evaluate_lm, load_source
 from common.plotting import pyplot, save_figure
 from common.prune import (
@@ -43,6 +43,7 @@ from common.prune import (
     sparsity_of,
 )
 from common.runner import parse_args, run_script, script_parser
+from common.timing import paired_ratio, race
 
 SPEED_SPARSITIES = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)
 
@@ -76,23 +77,38 @@ def storage_bytes(weights: dict[str, torch.Tensor], folder: str) -> tuple[int, i
     return os.path.getsize(dense_path), os.path.getsize(csr_path)
 
 
-def matmul_race(n: int, tokens: int, sparsity: float, repeats: int, seed: int) -> dict:
-    """Time dense W @ X, the magnitude-pruned W kept dense @ X, and CSR(W) @ X for one (n, n) matrix."""
+def to_csr(w: torch.Tensor) -> torch.Tensor:
+    """``w`` in CSR with int32 indices, as the sparse kernel (MKL's on CPU) takes them: with torch's
+    default int64 indices every product would first copy both index arrays to int32."""
+    s = w.to_sparse_csr()
+    crow, col = s.crow_indices().to(torch.int32), s.col_indices().to(torch.int32)
+    return torch.sparse_csr_tensor(crow, col, s.values(), s.shape)
+
+
+def matmul_race(n: int, tokens: int, sparsity: float, repeats: int, seed: int, threads: int) -> dict:
+    """Time dense W @ X, the magnitude-pruned W kept dense @ X, and CSR(W) @ X for one (n, n) matrix,
+    on ``threads`` threads (the process's setting is restored afterwards). The CSR matrix is built
+    once, outside the timed calls."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, n, generator=g)
     x = torch.randn(n, tokens, generator=g)
     mask = layer_magnitude_masks({"w": w}, sparsity)["w"]
     w_pruned = w * mask
-    w_csr = w_pruned.to_sparse_csr()
-    with torch.inference_mode():
-        times = race(
-            {
-                "dense": lambda: w @ x,
-                "masked dense": lambda: w_pruned @ x,
-                "csr": lambda: torch.sparse.mm(w_csr, x),
-            },
-            repeats,
-        )
+    w_csr = to_csr(w_pruned)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            times = race(
+                {
+                    "dense": lambda: w @ x,
+                    "masked dense": lambda: w_pruned @ x,
+                    "csr": lambda: torch.sparse.mm(w_csr, x),
+                },
+                repeats,
+            )
+    finally:
+        torch.set_num_threads(before)
     return {
         "sparsity": sparsity,
         "masked_over_dense": paired_ratio(times["masked dense"], times["dense"]),
@@ -133,6 +149,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--tokens", type=int, default=128, help="columns of the timed right-hand side")
     parser.add_argument("--eval-batches", type=int, default=None, help="validation batches of 8 (quick: 4)")
     parser.add_argument("--repeats", type=int, default=None, help="timing rounds (quick: 5)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="threads of the timed products (default 1: a per-core comparison; on a busy machine the "
+        "threaded sparse kernel spins waiting for a core and its time says nothing about its work)",
+    )
     args = parse_args(parser, argv)
     sparsities = args.sparsities or ([0.0, 0.5, 0.9] if args.quick else [i / 10 for i in range(10)])
     for s in sparsities:
@@ -143,8 +166,8 @@ def main(argv=None) -> dict:
     n = args.matrix or (512 if args.quick else 2048)
     eval_batches = args.eval_batches or (4 if args.quick else 16)
     repeats = args.repeats or (5 if args.quick else 15)
-    if n < 1 or args.tokens < 1 or eval_batches < 1 or repeats < 1:
-        parser.error("--matrix, --tokens, --eval-batches and --repeats must be >= 1")
+    if n < 1 or args.tokens < 1 or eval_batches < 1 or repeats < 1 or args.threads < 1:
+        parser.error("--matrix, --tokens, --eval-batches, --repeats and --threads must be >= 1")
     source = load_source(parser, args)
     print(f"model: {source.describe()}")
 
@@ -178,13 +201,13 @@ def main(argv=None) -> dict:
     )
 
     print(
-        f"\n3. ({n}, {n}) @ ({n}, {args.tokens}) fp32 on {torch.get_num_threads()} threads, {repeats} "
+        f"\n3. ({n}, {n}) @ ({n}, {args.tokens}) fp32 on {args.threads} thread(s), {repeats} "
         f"alternating rounds: time relative to the dense product"
     )
     print(f"   {'sparsity':>8} {'masked dense':>13} {'CSR':>8}")
     speed = []
     for s in SPEED_SPARSITIES:
-        r = matmul_race(n, args.tokens, s, repeats, args.seed)
+        r = matmul_race(n, args.tokens, s, repeats, args.seed, args.threads)
         speed.append(r)
         print(f"   {100 * s:>7.0f}% {r['masked_over_dense']:>12.2f}x {r['csr_over_dense']:>7.2f}x")
     # the crossover: the lowest sparsity from which CSR stays faster at every higher one
@@ -218,6 +241,7 @@ def main(argv=None) -> dict:
         )
     figures["csr_crossover_sparsity"] = crossover if crossover is not None else "none up to 0.99"
     figures["matmul_shape"] = f"({n}, {n}) @ ({n}, {args.tokens})"
+    figures["matmul_threads"] = args.threads
     if not agree:
         raise AssertionError("torch.nn.utils.prune and common.prune chose different weights")
     return figures

@@ -104,7 +104,9 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
 # ----------------------------------------------------------------------------- the corpus
 
 
-def _module_docstrings(relpath: str) -> str | None:
+def module_docstrings(relpath: str) -> str | None:
+    """The docstrings (80 characters or more) of the standard-library module at ``relpath`` ("json",
+    "email/message"), joined by blank lines; None when this Python has no such module."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     for candidate in (stdlib / f"{relpath}.py", stdlib / relpath / "__init__.py"):
         if candidate.is_file():
@@ -155,7 +157,7 @@ def _default_corpus() -> str:
 
     documents = [topics[key].strip() for key in sorted(topics)]
     for name in STDLIB_MODULES:
-        docs = _module_docstrings(name)
+        docs = module_docstrings(name)
         if docs:
             documents.append(docs)
     return "\n\n".join(documents) + "\n"

@@ -4,7 +4,16 @@ LoRA equals peft's LoRA on the same model converted to transformers' Llama with 
 import pytest
 import torch
 
-from ch04_transformer_moe.s4_3_3_low_rank import LowRankLinear, add_lora, factorized, merge_lora, peft_twin
+from ch04_transformer_moe.s4_3_3_low_rank import (
+    ADAPT_MODULES,
+    LowRankLinear,
+    adaptation_data,
+    add_lora,
+    factorized,
+    merge_lora,
+    peft_twin,
+)
+from common.data import STDLIB_MODULES, TokenData, load_corpus, module_docstrings
 from common.models.decoder import DecoderConfig, DecoderLM
 
 
@@ -49,3 +58,21 @@ def test_lora_merged_and_peft_equal_ours(kw):
         assert (merge_lora(lora)(x)[0] - ours).abs().max() < 1e-5
         twin = peft_twin(model, lora, 4, 8.0)
         assert (twin(input_ids=x).logits - ours).abs().max() < 1e-5
+
+
+def test_lora_adaptation_domain_is_outside_the_corpus():
+    """LoRA adapts on text the base model never trained on, split into two sets of documents."""
+    assert set(ADAPT_MODULES).isdisjoint(STDLIB_MODULES)
+    corpus = load_corpus()
+    first_docs = [module_docstrings(m).split("\n\n")[0] for m in ADAPT_MODULES[:4]]
+    assert all(doc and doc not in corpus for doc in first_docs)
+
+    class Source:  # bytes as tokens: enough to check the split
+        eot_id = 0
+        data = TokenData(torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), 8, None, 256)
+
+        def encode(self, text):
+            return list(text.encode("utf-8"))
+
+    data = adaptation_data(Source())
+    assert len(data.train) > 2 * len(data.val) > 10_000

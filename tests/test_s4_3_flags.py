@@ -12,6 +12,7 @@ CASES = [
     ("s4_3_3_low_rank", ["--lora-rank", "0"], "rank 0 is larger than the matrices allow: must be in [1,"),
     ("s4_3_3_unstructured_pruning", ["--sparsities", "0.5", "1.0"], "sparsity must be in [0, 1)"),
     ("s4_3_3_unstructured_pruning", ["--sparsities", "-0.1"], "sparsity must be in [0, 1)"),
+    ("s4_3_3_unstructured_pruning", ["--threads", "0"], "--threads must be >= 1"),
     ("s4_3_3_structured_pruning", ["--ratios", "0.75"], "leaves no heads"),
     ("s4_3_3_structured_pruning", ["--ratios", "1.0"], "sparsity must be in [0, 1)"),
     ("s4_3_2_onnx", ["--hf-path", "{missing}"], "no such folder"),

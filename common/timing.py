@@ -1,4 +1,5 @@
-"""What the benchmarks share: round-robin timing, ratios taken round by round, the allocator flag."""
+"""Round-robin timing, shared by the benchmarks and the section scripts: contenders alternate round by
+round, ratios are taken round by round; and the allocator flag."""
 
 from __future__ import annotations
 
