@@ -521,17 +521,24 @@ OPTIMIZERS = ("sgd", "adamw", "muon")
 
 
 def activation_bytes(
-    config, batch: int, seq_len: int, checkpointing: bool = False, bytes_per_value: int = 4
+    config,
+    batch: int,
+    seq_len: int,
+    checkpointing: bool = False,
+    bytes_per_value: int = 4,
+    fused_loss: bool = False,
 ) -> int:
-    """Bytes autograd keeps for the backward pass of a pre-norm RMSNorm/RoPE decoder (our DecoderLM) with
-    the fused linear + cross-entropy head.
+    """Bytes autograd keeps for the backward pass of a pre-norm RMSNorm/RoPE decoder (our DecoderLM), with
+    the plain head (logits, then cross-entropy) or, with ``fused_loss``, the fused linear + cross-entropy
+    head (``DecoderLM(..., fused_loss=True)``).
 
     Per token per layer (values): the two norms keep their inputs and 1/rms and the matrix products their
     inputs (``5·d + 2``), attention keeps the rotated queries and keys, the q/k/v projection, the output
     and its transposed copy, and a log-sum-exp per head; a gated feed-forward keeps the gate/up product,
     the activation and the down projection's input (``4·d_ff``; a two-matrix MLP ``2·d_ff``). Outside the
-    layers: the final norm, the hidden-state gradient and the token ids per token; the fused head's weight
-    gradient (``vocab · d``) and the RoPE tables. ``checkpointing`` (one checkpoint per layer) keeps each
+    layers: ``3·d + 1`` values per token for the final norm and the head, the token ids, and the RoPE
+    tables; the plain head keeps the log-softmax of the logits (``vocab`` per token) and a scalar, the fused
+    head instead its weight gradient (``vocab · d``), whatever the number of tokens. ``checkpointing`` (one checkpoint per layer) keeps each
     layer's input and recomputes one layer at a time during the backward pass.
     (``tests/test_estimate.py`` checks this count against autograd's saved tensors.)
     """
@@ -543,7 +550,8 @@ def activation_bytes(
     ffn_width = s.d_ff if not s.is_moe else s.top_k * s.d_ff_expert + s.d_ff_expert * s.n_shared_experts
     layer = 5 * d + 2 + attn + (4 if s.gated_ffn else 2) * ffn_width
     tokens = batch * seq_len
-    outside = tokens * (3 * d + 1 + 2) + s.vocab_size * d + 2 * seq_len * hd
+    head = s.vocab_size * d if fused_loss else tokens * s.vocab_size + 1
+    outside = tokens * (3 * d + 1 + 2) + head + 2 * seq_len * hd
     layers = (s.n_layer * d + layer) * tokens if checkpointing else s.n_layer * layer * tokens
     return (layers + outside) * bytes_per_value
 
@@ -583,6 +591,7 @@ def training_memory(
     checkpointing: bool = False,
     zero_stage: int = 0,
     world_size: int = 1,
+    fused_loss: bool = False,
 ) -> dict:
     """Bytes per rank of a training step, by part.
 
@@ -591,7 +600,8 @@ def training_memory(
     master copy counted with the optimizer states (AdamW: 4 + 8 = 12 bytes per parameter, the paper's
     K = 12) and 2-byte activations. ZeRO stage 1 divides the optimizer states over ``world_size``
     ranks, stage 2 the gradients too, stage 3 the weights too. ``loss_head`` is the fused head's
-    working set (:func:`loss_head_bytes`). The total adds every part, as if all were alive at once.
+    working set (:func:`loss_head_bytes`, with ``fused_loss``; the plain head's logits are counted with the
+    activations). The total adds every part, as if all were alive at once.
     """
     if zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {zero_stage!r}")
@@ -606,13 +616,13 @@ def training_memory(
         grads /= world_size
     if zero_stage >= 3:
         weights /= world_size
-    act = activation_bytes(config, batch, seq_len, checkpointing, bytes_per_value=wb)
+    act = activation_bytes(config, batch, seq_len, checkpointing, bytes_per_value=wb, fused_loss=fused_loss)
     parts = {
         "weights": weights,
         "gradients": grads,
         "optimizer": opt,
         "activations": act,
-        "loss_head": loss_head_bytes(config, batch * seq_len),
+        "loss_head": loss_head_bytes(config, batch * seq_len) if fused_loss else 0,
     }
     return {k: int(v) for k, v in parts.items()} | {"total": int(sum(parts.values()))}
 

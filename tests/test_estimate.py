@@ -311,7 +311,7 @@ def test_kv_cache_equals_transformers_cache(name):
 # ----------------------------------------------------------------------------- training memory
 
 
-def autograd_saved_bytes(model, idx):
+def autograd_saved_bytes(model, idx, fused_loss=False):
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen = {}
 
@@ -322,16 +322,18 @@ def autograd_saved_bytes(model, idx):
         return x
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-        model(idx, idx)
+        model(idx, idx, fused_loss=fused_loss)
     return sum(seen.values())
 
 
+@pytest.mark.parametrize("fused_loss", [False, True], ids=["plain-head", "fused-head"])
 @pytest.mark.parametrize("shape", [(1, 64, 4, 4, 32, 2), (2, 128, 4, 2, 64, 2), (3, 64, 2, 1, 48, 3)])
-def test_activation_bytes_equal_autograd_saved_tensors(shape):
+def test_activation_bytes_equal_autograd_saved_tensors(shape, fused_loss):
     n_layer, d, h, kv, t, b = shape
     c = DecoderConfig(vocab_size=300, context_length=64, n_layer=n_layer, d_model=d, n_head=h, n_kv_head=kv)
     idx = torch.randint(0, 300, (b, t))
-    assert estimate.activation_bytes(c, b, t) == autograd_saved_bytes(DecoderLM(c), idx)
+    saved = autograd_saved_bytes(DecoderLM(c), idx, fused_loss)
+    assert estimate.activation_bytes(c, b, t, fused_loss=fused_loss) == saved
 
 
 def test_checkpointing_keeps_less():
