@@ -538,8 +538,9 @@ def activation_bytes(
     the activation and the down projection's input (``4·d_ff``; a two-matrix MLP ``2·d_ff``). Outside the
     layers: ``3·d + 1`` values per token for the final norm and the head, the token ids, and the RoPE
     tables; the plain head keeps the log-softmax of the logits (``vocab`` per token) and a scalar, the fused
-    head instead its weight gradient (``vocab · d``), whatever the number of tokens. ``checkpointing`` (one checkpoint per layer) keeps each
-    layer's input and recomputes one layer at a time during the backward pass.
+    head instead its weight gradient (``vocab · d``), whatever the number of tokens. ``checkpointing``
+    (one checkpoint per layer) keeps each layer's input and recomputes one layer at a time during the
+    backward pass.
     (``tests/test_estimate.py`` checks this count against autograd's saved tensors.)
     """
     _positive("batch", batch)
