@@ -60,7 +60,7 @@ def clean(log: str, omit: str | None = None) -> str:
         for line in out:
             if pattern.search(line):
                 indent = line[: len(line) - len(line.lstrip())]
-                if not shortened or shortened[-1] != indent + "...":
+                if not shortened or shortened[-1].strip() != "...":  # one mark per run
                     shortened.append(indent + "...")
             else:
                 shortened.append(line)
