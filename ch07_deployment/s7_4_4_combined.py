@@ -37,11 +37,15 @@ spinning, so they do not take the cores from PyTorch's turn); PyTorch with its d
     python -m ch07_deployment.s7_4_4_combined
     python -m ch07_deployment.s7_4_4_combined --quick
 
-What to look for: 4-bit weights cut the file to about a third (the fp32 embeddings and output head are
-most of what is left at this size) for a small loss of perplexity, while on a CPU the dequantising
-``QuantLinear`` is slower than fp32; int8 costs almost nothing in perplexity; removing half the
-feed-forward neurons without retraining costs much more perplexity than either; the distilled student
-is the smallest float model, and quantising it or the pruned model stacks the two savings.
+What to look for: int8 costs almost no perplexity; onnxruntime's int8 file quantises the embedding table
+too (its Gather), where PyTorch's keeps it fp32; the 4-bit files stay near half of fp32 on a model this
+small because its fp32 embeddings and output head, unquantised as in the GPTQ and AWQ papers, are over a
+third of its weights; the dequantise-then-matmul ``QuantLinear`` is slower than fp32 on a CPU (it
+unpacks and rescales the whole weight on every call; GPUs fuse the two); removing half the feed-forward
+neurons without retraining, or a short distillation, costs far more perplexity than quantising, and
+quantising the pruned or distilled model adds little to that cost while stacking the two savings.
+PyTorch marks ``torch.ao.quantization`` deprecated in favour of torchao; it still ships, and its
+warnings are left to show.
 """
 
 from __future__ import annotations
@@ -169,18 +173,20 @@ def distil(teacher: nn.Module, data, args) -> nn.Module:
 
 
 def plot(path: str, rows: dict, title: str) -> str:
-    """Perplexity against size on disk (left) and against latency relative to fp32 (right)."""
+    """Perplexity against size on disk (left) and against latency relative to fp32 (right); each variant
+    one point with its own colour and marker, named in the legend."""
     plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    for key, r in rows.items():
-        for ax, x in zip(axes, (r["bytes"] / 1e6, r["latency_ratio"])):
-            ax.scatter([x], [r["ppl"]], s=40, zorder=3)
-            ax.annotate(VARIANTS[key], (x, r["ppl"]), xytext=(4, 3), textcoords="offset points", fontsize=7)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
+    for i, (key, r) in enumerate(rows.items()):
+        style = dict(s=55, color=f"C{i}", marker="osD^v<>ph"[i % 9], zorder=3, label=VARIANTS[key])
+        axes[0].scatter([r["bytes"] / 1e6], [r["ppl"]], **style)
+        axes[1].scatter([r["latency_ratio"]], [r["ppl"]], **style)
     axes[0].set(xlabel="size on disk (MB)", ylabel="validation perplexity", title=title)
     axes[1].set(xlabel="latency, batch 1, relative to fp32 (median of interleaved rounds)")
     axes[1].axvline(1.0, color="grey", lw=0.8, ls="--")
     for ax in axes:
         ax.grid(alpha=0.3)
+    axes[1].legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8)
     return save_figure(fig, path)
 
 
@@ -298,16 +304,17 @@ def main(argv=None) -> dict:
         f"\nms: one forward at batch 1 over {seq} tokens, median of {args.rounds} rounds; x fp32: median of "
         f"the per-round ratios. torch threads {torch.get_num_threads()}; onnxruntime: its default threads."
         f"\nparameters: fp32 {fp_params:,}; pruned {p_params:,} ({p_params / fp_params:.2f}x); student "
-        f"{s_params:,} ({s_params / fp_params:.2f}x: {student_cfg.n_layer} layers x {student_cfg.d_model})"
+        f"{s_params:,} ({s_params / fp_params:.2f}x: "
+        f"{student_cfg.n_layer} of the teacher's {cfg.n_layer} layers, width {student_cfg.d_model})"
         f"\nmax |logit - fp32 logit| on the timed sequence: torch int8 {logit_diff['torch_int8']:.3f}, "
         f"onnxruntime int8 {logit_diff['ort_int8']:.3f}"
     )
-    if pruned_g != g or student_g != g:
-        print(
-            f"groups of {g} do not divide every width of the pruned model (or the student): those were "
-            f"quantised with groups of {pruned_g} (pruned) and {student_g} (student), a little more "
-            "scale-and-zero overhead per weight"
-        )
+    for what, group in (("the pruned model", pruned_g), ("the student", student_g)):
+        if group != g:
+            print(
+                f"groups of {g} do not divide every input width of {what}: it was quantised with groups of "
+                f"{group} (a little more scale-and-zero overhead per weight)"
+            )
     plot_path = plot(os.path.join(args.out, "combined.png"), rows, f"compressing {source.name}")
     print(f"plot: {plot_path}")
 

@@ -48,17 +48,17 @@ def train_student(
     student, teacher, batches, steps, lr, temperature, alpha, logits_of, progress: str | None = None
 ) -> list[float]:
     """Train ``student`` for ``steps`` on ``batches()`` (x, y); with a teacher, by the distillation loss,
-    else by cross-entropy. ``logits_of(model, x)`` gives a model's logits. ``progress``: a tqdm bar with
-    that title. Returns the loss per step."""
+    else by cross-entropy. ``logits_of(model, x)`` gives a model's logits. ``progress``: a progress bar with
+    that title (:func:`common.progress.progress`). Returns the loss per step."""
     opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 - i / steps)
     student.train()
     losses = []
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from common.progress import progress as progress_bar
 
-        bar = tqdm(total=steps, desc=progress, leave=False)
+        bar = progress_bar(total=steps, desc=progress)
     for x, y in batches():
         s = logits_of(student, x)
         if teacher is None:
