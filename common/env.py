@@ -368,6 +368,14 @@ INCOMPATIBILITIES = [
         lambda r: f"deepspeed is installed but does not import ({r['packages']['deepspeed']['error']})",
     ),
     Incompatibility(
+        lambda r: _installed(r, "deepspeed") and _v(r, "torch") >= (2, 13),
+        lambda r: (
+            f"torch {r['packages']['torch']['version']} deprecates all_gather_into_tensor and "
+            f"reduce_scatter_tensor, which deepspeed {r['packages']['deepspeed']['version']}'s ZeRO calls at "
+            "every step: a FutureWarning each time (the book's workers show it once)"
+        ),
+    ),
+    Incompatibility(
         lambda r: _installed(r, "fmoe") and not _imports(r, "fmoe"),
         lambda r: (
             f"fastmoe is installed but does not import ({r['packages']['fmoe']['error']}); "

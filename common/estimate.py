@@ -557,13 +557,20 @@ def activation_bytes(
     return (layers + outside) * bytes_per_value
 
 
-def loss_head_bytes(config, tokens: int) -> int:
-    """Working set of the fused linear + cross-entropy head (:mod:`common.models.fused_cross_entropy`): a
-    chunk's fp32 logits and their log-softmax, alive together; a chunk holds at most
-    ``LOGITS_PER_CHUNK`` logits."""
+def loss_head_bytes(config, tokens: int, fused_loss: bool = False, bytes_per_value: int = 4) -> int:
+    """Transient memory of the loss head during the backward pass, beside the saved activations.
+
+    Plain head (``logits, loss = model(idx, targets)``): while cross-entropy's backward runs, the logits
+    (kept by the caller, who got them back), the gradient of the log-probabilities and the gradient of
+    the logits are alive together with the saved log-softmax (counted in :func:`activation_bytes`):
+    ``3 · tokens · vocab`` values. Fused head (:mod:`common.models.fused_cross_entropy`): a chunk's fp32
+    logits and their log-softmax, alive together; a chunk holds at most ``LOGITS_PER_CHUNK`` logits.
+    """
+    s = model_shape(config)
+    if not fused_loss:
+        return 3 * tokens * s.vocab_size * bytes_per_value
     from common.models.fused_cross_entropy import LOGITS_PER_CHUNK
 
-    s = model_shape(config)
     chunk_tokens = min(tokens, max(1, LOGITS_PER_CHUNK // s.vocab_size))
     return 2 * chunk_tokens * s.vocab_size * 4
 
@@ -600,9 +607,9 @@ def training_memory(
     (ZeRO paper's setting, Rajbhandari et al. 2020) keeps 2-byte weights and gradients plus a 4-byte
     master copy counted with the optimizer states (AdamW: 4 + 8 = 12 bytes per parameter, the paper's
     K = 12) and 2-byte activations. ZeRO stage 1 divides the optimizer states over ``world_size``
-    ranks, stage 2 the gradients too, stage 3 the weights too. ``loss_head`` is the fused head's
-    working set (:func:`loss_head_bytes`, with ``fused_loss``; the plain head's logits are counted with the
-    activations). The total adds every part, as if all were alive at once.
+    ranks, stage 2 the gradients too, stage 3 the weights too. ``loss_head`` is the head's transient
+    working set in the backward pass (:func:`loss_head_bytes`: the plain head's logits and their
+    gradients, or the fused head's chunk). The total adds every part, as if all were alive at once.
     """
     if zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {zero_stage!r}")
@@ -623,7 +630,7 @@ def training_memory(
         "gradients": grads,
         "optimizer": opt,
         "activations": act,
-        "loss_head": loss_head_bytes(config, batch * seq_len) if fused_loss else 0,
+        "loss_head": loss_head_bytes(config, batch * seq_len, fused_loss, bytes_per_value=wb),
     }
     return {k: int(v) for k, v in parts.items()} | {"total": int(sum(parts.values()))}
 

@@ -36,10 +36,30 @@ import queue
 import socket
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 GRACE_SECONDS = 5.0  # between SIGTERM and SIGKILL when ending workers
+
+
+def show_each_warning_once() -> None:
+    """From now on this process prints each distinct warning (category and text) once.
+
+    Python's own "once per place" is undone whenever code changes the warning filters, which DeepSpeed
+    and torch do around their calls: DeepSpeed's ZeRO then printed torch's deprecation of
+    ``all_gather_into_tensor`` at every step of every rank. Workers install this; nothing is hidden,
+    repeats are.
+    """
+    shown: set[tuple[type, str]] = set()
+    original = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if (category, str(message)) not in shown:
+            shown.add((category, str(message)))
+            original(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
 
 
 class WorkerError(RuntimeError):
@@ -95,6 +115,7 @@ def _worker_main(rank: int, nproc: int, port: int, device: str, threads: int, fn
 
     from common.training import setup_distributed
 
+    show_each_warning_once()
     try:
         if threads:
             torch.set_num_threads(threads)  # the workers share this machine's cores
@@ -170,6 +191,7 @@ def run_workers(
 
         from common.training import setup_distributed
 
+        show_each_warning_once()
         ctx = setup_distributed(device)
         result = fn(ctx, *args)
         gathered: list = [None] * ctx.world_size

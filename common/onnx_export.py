@@ -5,6 +5,7 @@ deployment).
     session = OrtLM("lm.onnx")                       # onnxruntime, CPU (or CUDA when it is there)
     logits = session(input_ids)                      # (batch, seq) ids -> numpy (batch, seq, vocab)
     tokens = session.greedy(prompt_ids, 20)          # greedy continuation, step by step through ORT
+    session.kernel_ms(input_ids)                     # ms per run in each operator type (ORT's profiler)
     evaluate_lm(OrtDecoder(session), data, device="cpu")   # the session where a model is expected
 
 The exported graph maps ``input_ids`` (int64, batch x seq) to ``logits`` (float, batch x seq x vocab):
@@ -23,6 +24,8 @@ import warnings
 import numpy as np
 import torch
 from torch import nn
+
+ORT_GEMM_OPS = ("MatMul", "FusedMatMul", "Gemm", "MatMulInteger", "DynamicQuantizeMatMul")  # int8 ones too
 
 
 class LogitsOnly(nn.Module):
@@ -130,6 +133,7 @@ class OrtLM:
         available = ort.get_available_providers()
         if providers is None:
             providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        self.path = path
         self.session = ort.InferenceSession(path, options, providers=providers)
         self.providers = self.session.get_providers()
         self.input_name = self.session.get_inputs()[0].name
@@ -139,6 +143,35 @@ class OrtLM:
         if isinstance(input_ids, torch.Tensor):
             input_ids = input_ids.cpu().numpy()
         return self.session.run(None, {self.input_name: np.ascontiguousarray(input_ids, dtype=np.int64)})[0]
+
+    def kernel_ms(self, input_ids, rounds: int = 10) -> dict[str, float]:
+        """Milliseconds per run spent in each operator type (``{"MatMul": 1.9, "Mul": 0.3, ...}``),
+        from onnxruntime's own profiler, in a second session over the same file and providers."""
+        import json
+        import tempfile
+        from collections import Counter
+
+        import onnxruntime as ort
+
+        if isinstance(input_ids, torch.Tensor):
+            input_ids = input_ids.cpu().numpy()
+        feed = {self.input_name: np.ascontiguousarray(input_ids, dtype=np.int64)}
+        with tempfile.TemporaryDirectory() as tmp:
+            options = ort.SessionOptions()
+            options.enable_profiling = True
+            options.profile_file_prefix = os.path.join(tmp, "ort")
+            session = ort.InferenceSession(self.path, options, providers=self.providers)
+            for _ in range(rounds + 1):
+                session.run(None, feed)
+            with open(session.end_profiling()) as f:
+                events = json.load(f)
+        runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")
+        warmup_end = runs[0][1]  # the first run allocates its buffers: left out
+        per_op: Counter = Counter()
+        for e in events:
+            if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] > warmup_end:
+                per_op[e["args"]["op_name"]] += e["dur"] / 1e3  # microseconds -> ms
+        return {op: ms / rounds for op, ms in per_op.most_common()}
 
     def greedy(self, prompt: list[int], max_new_tokens: int, stop_tokens=None) -> list[int]:
         """Greedy continuation of one prompt: each step runs the whole sequence so far through the graph

@@ -1,5 +1,6 @@
 """Round-robin timing, shared by the benchmarks and the section scripts: contenders alternate round by
-round, ratios are taken round by round; and the allocator flag."""
+round, ratios are taken round by round; the share of a run spent in matrix products; the allocator
+flag."""
 
 from __future__ import annotations
 
@@ -41,6 +42,24 @@ def paired_ratio(numerator: list[float], denominator: list[float]) -> float:
     """Median over the rounds of the two times measured in the same round: slow drifts of a shared
     machine cancel, where a ratio of two medians would keep them."""
     return statistics.median(a / b for a, b in zip(numerator, denominator, strict=True))
+
+
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+
+
+def gemm_share(fn, rounds: int = 5) -> float:
+    """Fraction of ``fn``'s CPU time (torch profiler, self time, ``rounds`` calls) spent inside matrix
+    products. ``1 - share`` is what any runtime could save by cutting everything but the GEMMs: at
+    equal GEMM speed no engine runs ``fn`` in less than ``share`` of its time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(rounds):
+            fn()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    return sum(e.self_cpu_time_total for e in events if e.key in GEMM_OPS) / total
 
 
 def add_malloc_flag(parser: argparse.ArgumentParser) -> None:

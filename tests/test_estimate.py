@@ -428,3 +428,30 @@ def test_inference_memory_parts():
     assert m["total"] == m["weights"] + m["kv_cache"] + m["transient"]
     with pytest.raises(ValueError, match="longer than seq_len"):
         estimate.inference_memory(c, 2, 16, prompt_len=32)
+
+
+def _head_setup(tokens: int, d: int, vocab: int):
+    torch.manual_seed(0)
+    h = torch.randn(tokens, d, requires_grad=True)
+    w = (0.02 * torch.randn(vocab, d)).requires_grad_()
+    return h, w, torch.randint(0, vocab, (tokens,))
+
+
+def _plain_head_step(state):
+    h, w, y = state
+    logits = h @ w.T  # kept, as a caller of DecoderLM keeps the logits it gets back
+    loss = torch.nn.functional.cross_entropy(logits, y)
+    loss.backward()
+    return logits.shape[0]
+
+
+def test_plain_loss_head_transient_is_measured():
+    """The plain head's backward holds the saved log-softmax (an activation) and loss_head_bytes' three
+    tokens x vocab tensors at once: measured in a fresh process, with the two gradients it produces."""
+    from common.machine import peak_memory
+
+    tokens, d, vocab = 512, 64, 16384
+    cfg = DecoderConfig(vocab_size=vocab, context_length=tokens, n_layer=1, d_model=d, n_head=2, n_kv_head=2)
+    want = estimate.loss_head_bytes(cfg, tokens) + (tokens * vocab + vocab * d + tokens * d) * 4
+    out = peak_memory(_head_setup, _plain_head_step, tokens, d, vocab)
+    assert out["peak_bytes"] - out["setup_bytes"] == pytest.approx(want, rel=0.1)

@@ -79,3 +79,19 @@ def _returns_tensors(ctx):
 def test_tensor_results_survive_the_workers_exit():
     out = run_workers(_returns_tensors, nproc=2, timeout=120)
     assert [float(o["rank"][0]) for o in out] == [0.0, 1.0] and float(out[1]["big"].sum()) == 1e5
+
+
+def test_show_each_warning_once_survives_filter_changes(monkeypatch):
+    import warnings
+
+    from common.launch import show_each_warning_once
+
+    printed = []
+    monkeypatch.setattr(warnings, "showwarning", lambda message, *a, **k: printed.append(str(message)))
+    show_each_warning_once()
+    for _ in range(3):
+        with warnings.catch_warnings():  # what DeepSpeed and torch do around their calls
+            warnings.simplefilter("always")
+            warnings.warn("deprecated collective", FutureWarning, stacklevel=1)
+            warnings.warn("another one", UserWarning, stacklevel=1)
+    assert printed == ["deprecated collective", "another one"]

@@ -7,7 +7,8 @@ import torch
 
 from common.models.decoder import DecoderConfig, DecoderLM
 from common.models.generation import generate
-from common.onnx_export import OrtLM, dynamic_axes_of, export_decoder
+from common.onnx_export import ORT_GEMM_OPS, OrtLM, dynamic_axes_of, export_decoder
+from common.timing import gemm_share
 
 
 def tiny(**kw):
@@ -35,6 +36,23 @@ def test_export_matches_pytorch(tmp_path, kw, dynamo):
         assert np.abs(session(x) - want).max() < 1e-4, shape
     prompt = [3, 14, 15, 9]
     assert session.greedy(prompt, 12) == generate(model, [prompt], 12)[0]
+
+
+def test_kernel_ms_names_the_matmuls(tmp_path):
+    model = tiny()
+    path = str(tmp_path / "lm.onnx")
+    export_decoder(model, path)
+    per_op = OrtLM(path, providers=["CPUExecutionProvider"]).kernel_ms(
+        torch.randint(0, 101, (1, 32)), rounds=3
+    )
+    assert set(per_op) & set(ORT_GEMM_OPS), per_op  # the projections run as ORT's GEMM kernels
+    assert "Softmax" in per_op and all(ms >= 0 for ms in per_op.values())
+
+
+def test_gemm_share_separates_matmul_from_elementwise():
+    a = torch.randn(256, 256)
+    assert gemm_share(lambda: a @ a) > 0.8
+    assert gemm_share(lambda: (a * 2 + 1).relu()) == 0.0
 
 
 def test_ort_decoder_evaluates_like_the_pytorch_model_and_its_files_are_counted(tmp_path):
