@@ -21,11 +21,14 @@ Variants of the project's pretrained LM (``--model tiny``; ``--hf-path DIR`` for
   and the script says so.
 
 Size on disk: each variant written to ``--out`` in its real format and its files measured: safetensors
-for the float and the 4-bit models (the 4-bit folder adds its JSON config; its safetensors hold the
-packed codes, fp32 scales, uint8 zeros and the column-to-group index beside the fp32 embeddings, head
-and norms); for PyTorch's int8 model its ``state_dict`` by ``torch.save`` (safetensors cannot hold
-torch's quantised tensors; it loads back with ``weights_only=True``); the quantised ``.onnx`` file (and
-any external data file it names) for onnxruntime.
+for the float and the 4-bit models (a 4-bit folder adds its JSON config, with a pruned model's per-layer
+shapes, so :func:`common.quant.load_quantized` rebuilds every one; its safetensors hold the packed
+codes, fp32 scales, uint8 zeros and the column-to-group index beside the fp32 embeddings, head and
+norms); for PyTorch's int8 model its ``state_dict`` by ``torch.save`` (safetensors cannot hold torch's
+quantised tensors; it loads back with ``weights_only=True``); the quantised ``.onnx`` file (and any
+external data file it names) for onnxruntime. The pruned fp32 file holds exactly the remaining tensors
+and, in its header's metadata, the per-layer widths from which :func:`common.prune.pruned_like` rebuilds
+the model to load them into.
 
 Latency: one forward of a single sequence of the full context (batch 1, ``--seq-len`` tokens, the
 prefill of a prompt), the same for every variant, since the ONNX graph has no KV cache and so cannot
@@ -50,6 +53,7 @@ warnings are left to show.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import statistics
@@ -103,8 +107,11 @@ def n_params(model: nn.Module) -> int:
 
 
 def float_variant(model: nn.Module, folder: str) -> Variant:
-    """A float model saved as safetensors."""
-    return Variant(model, save_safetensors(model, folder), "safetensors, fp32", n_params(model))
+    """A float model saved as safetensors; a pruned one with its per-layer shapes in the file's metadata."""
+    metadata = (
+        {"layer_shapes": json.dumps(model.shape_summary())} if hasattr(model, "shape_summary") else None
+    )
+    return Variant(model, save_safetensors(model, folder, metadata), "safetensors, fp32", n_params(model))
 
 
 def torch_int8(model: nn.Module, folder: str) -> Variant:

@@ -25,14 +25,14 @@ def path_bytes(*paths: str | os.PathLike) -> int:
     return total
 
 
-def save_safetensors(model, folder: str | os.PathLike) -> int:
+def save_safetensors(model, folder: str | os.PathLike, metadata: dict[str, str] | None = None) -> int:
     """Write ``model``'s parameters and buffers to ``folder/model.safetensors`` (shared tensors once, as
-    ``safetensors.torch.save_model`` does); returns the file's bytes."""
+    ``safetensors.torch.save_model`` does), with ``metadata`` (text) in its header; returns the bytes."""
     from safetensors.torch import save_model
 
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, "model.safetensors")
-    save_model(model, path)
+    save_model(model, path, metadata=metadata)
     return os.path.getsize(path)
 
 

@@ -1,14 +1,19 @@
 """s7_4_4: the combined compressions store what they claim and compute what the fp32 model does, within
 quantisation's error, on the project's test LM."""
 
+import json
 import math
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_model
 
 from ch07_deployment import s7_4_4_combined as combined
 from common.lm_source import load_pretrained
-from common.quant import block_linears, calibration_windows, check_model_spec
+from common.models.decoder import DecoderLM
+from common.prune import pruned_like
+from common.quant import block_linears, calibration_windows, check_model_spec, load_quantized
 
 
 @pytest.fixture(scope="module")
@@ -59,10 +64,24 @@ def test_pruned_model_has_half_the_ffn_neurons_and_stores_only_them(source, wind
     assert n_params(pruned) == n_params(model) - removed
     v = combined.float_variant(pruned, str(tmp_path / "pruned"))
     assert 4 * n_params(pruned) <= v.bytes < 4 * n_params(pruned) + 8192
+    # the file names its shapes: a skeleton cut to them takes its tensors and gives the same logits
+    path = str(tmp_path / "pruned" / "model.safetensors")
+    with safe_open(path, "pt") as f:
+        shapes = json.loads(f.metadata()["layer_shapes"])
+    skeleton = pruned_like(DecoderLM(model.config), shapes)
+    load_model(skeleton, path)
+    x = source.data.val[:32][None]
+    with torch.no_grad():
+        assert torch.equal(skeleton.eval()(x)[0], pruned(x)[0])
     # groups of 64 do not divide the 96 neurons left: the pruned model takes the largest that does
     group = combined.fitting_group(pruned, 64)
     assert group == math.gcd(64, d_model, d_ff // 2) and (d_ff // 2) % 64
     check_model_spec(pruned, 4, group)
+    # pruned + 4-bit: the folder holds the pruned shapes and loads back to the same logits
+    q = combined.four_bit(pruned, "gptq", group, windows, str(tmp_path / "pruned4"))
+    loaded, _ = load_quantized(tmp_path / "pruned4")
+    with torch.no_grad():
+        assert torch.equal(loaded(x)[0], q.model(x)[0])
 
 
 def test_int8_paths_give_logits_close_to_fp32(source, tmp_path):
