@@ -143,9 +143,10 @@ def fitting_group(model: nn.Module, group_size: int) -> int:
     return math.gcd(group_size, *widths)
 
 
-def four_bit(model: nn.Module, method: str, group_size: int, windows, folder: str, **options) -> Variant:
-    """``method`` ("gptq", "awq") at 4 bits, packed into QuantLinear layers and saved."""
-    fake, qweights, seconds = quantize_model(model, method, 4, group_size, windows, True, **options)
+def four_bit(model: nn.Module, method: str, group_size: int, windows, folder: str) -> Variant:
+    """``method`` ("gptq", "awq") at 4 bits with its default settings, packed into QuantLinear layers and
+    saved."""
+    fake, qweights, seconds = quantize_model(model, method, 4, group_size, windows, True)
     packed = pack_model(fake, qweights).eval()
     settings = {"method": method, "bits": 4, "group_size": group_size, "seconds": seconds}
     size = path_bytes(save_quantized(packed, folder, settings))
