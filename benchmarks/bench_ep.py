@@ -38,6 +38,8 @@ from common.launch import run_workers
 from common.runner import write_json
 from common.timing import add_malloc_flag, apply_malloc_flag, paired_ratio, race
 
+FORMAT = 1  # the JSON's layout; benchmarks.speed_section reads only this one
+
 DEEPSPEED_SETTINGS = {  # deepspeed.moe.layer.MoE's defaults, as its users get them
     "k": 2,
     "capacity_factor": 1.0,
@@ -194,6 +196,7 @@ def main(argv=None) -> dict:
         )
     print(f"\n{table(results)}")
     payload = {
+        "format": FORMAT,
         "quick": args.quick,
         "repeats": args.repeats,
         "warmup": args.warmup,

@@ -53,6 +53,21 @@ def memory_bandwidth(mbytes: int = 256, device: str = "cpu", repeats: int = 5) -
     return 2 * src.nbytes / best_seconds(lambda: dst.copy_(src), device, repeats)
 
 
+def matvec_bandwidth(weights: list[torch.Tensor], device: str = "cpu", repeats: int = 5) -> float:
+    """Bytes/s at which ``F.linear`` at batch 1 (one matrix-vector product per weight, as a decode step
+    does) reads ``weights``, all of them in turn, best of ``repeats``. Beside :func:`memory_bandwidth` it
+    shows how much of the machine's bandwidth the BLAS's matrix-vector kernel reaches."""
+    import torch.nn.functional as F
+
+    inputs = [torch.randn(1, w.shape[1], device=device, dtype=w.dtype) for w in weights]
+
+    def products():
+        for x, w in zip(inputs, weights):
+            F.linear(x, w)
+
+    return sum(w.nbytes for w in weights) / best_seconds(products, device, repeats)
+
+
 def measure_machine(device: str = "cpu", quick: bool = False) -> Hardware:
     """A :class:`Hardware` for this machine from its measured fp32 and bf16 matmul and copy bandwidth
     (int8 left at 0: torch has no general int8 matmul to time here)."""

@@ -34,6 +34,7 @@ def test_bench_decoder_quick_writes_a_report_its_json_reproduces(decoder_run):
     assert saved["train_loss_max_abs_diff"] < 1e-4
     timed = {
         "ours (KV cache)",
+        bench_decoder.COLUMN_MAJOR,
         "HF generate",
         "ours (no cache)",
         "ours train step",
@@ -64,13 +65,17 @@ def test_bench_moe_quick_times_default_and_eager_blocks_with_equal_outputs(moe_r
         assert all(len(ts) == moe_run["repeats"] and min(ts) > 0 for ts in r["seconds"].values())
     decode = next(r for r in moe_run["results"] if not r["config"]["train"])
     assert "read active weights" in decode["x_floor"] and decode["active_experts"] > 0
+    assert bench_moe.COLUMN_MAJOR in decode["x_floor"] and decode["column_major_copy_mb"] > 0
+    assert decode["max_abs_diff"][f"{bench_moe.COLUMN_MAJOR} vs HF Mixtral"] < 1e-4
 
 
 def test_speed_section_is_built_from_fresh_results(decoder_run, moe_run):
     text = speed_section.section(decoder_run[1], moe_run)
     assert text.startswith(speed_section.HEADING)
     assert bench_moe.table(moe_run["results"]) in text
-    assert "grouped_mm" in text and "column-major" not in text
+    assert "grouped_mm" in text
+    # the column-major copy is named as the opt-in it is, with its memory, beside plain generate
+    assert "DecodeLayout" in text and "plain `generate`" in text
 
 
 def test_readme_speed_section_shows_the_committed_results():

@@ -54,3 +54,8 @@ def test_bench_ep_quick_records_both_ratios_and_every_setting(tmp_path):
         saved["settings"]["DeepSpeed"]["ep_size"] == 2
         and saved["settings"]["DeepSpeed"]["capacity_factor"] == 1.0
     )
+    # the chapter README's speed block is built from this JSON alone
+    from benchmarks import speed_section
+
+    block = speed_section.ep_block(saved)
+    assert bench_ep.table(saved["results"]) in block and saved["format"] == bench_ep.FORMAT

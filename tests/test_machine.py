@@ -37,5 +37,6 @@ def test_peak_memory_reports_the_childs_error():
 def test_rates_are_positive():
     assert machine.matmul_flops(64, repeats=1) > 0
     assert machine.memory_bandwidth(8, repeats=1) > 0
+    assert machine.matvec_bandwidth([torch.randn(256, 128), torch.randn(64, 256)], repeats=1) > 0
     hw = machine.measure_machine(quick=True)
     assert hw.fp32_tflops > 0 and hw.bandwidth_gbs > 0 and hw.memory_gb > 0

@@ -7,6 +7,7 @@
 - :mod:`.transformer` the encoder-decoder Transformer of "Attention Is All You Need"
 - :mod:`.decoder`     the configurable decoder-only LM (:class:`DecoderConfig`, :class:`DecoderLM`)
 - :mod:`.generation`  sampling and KV-cache generation
+- :mod:`.decode_layout` column-major copies of the matrices for faster decoding, held apart (opt-in)
 - :mod:`.hf_llama`    conversion to and from transformers' LlamaForCausalLM
 """
 

@@ -10,7 +10,9 @@ prompt's single forward pass (the "prefill"), every step runs the model on one t
 
 Generation only reads the model: its parameters keep their storage, layout and values (a decoding
 step is a chain of matrix-vector products, whose time is the time to stream every weight matrix from
-memory once; ``benchmarks.bench_decoder`` compares it with transformers' ``generate``).
+memory once; ``benchmarks.bench_decoder`` compares it with transformers' ``generate``). The opt-in
+:class:`common.models.decode_layout.DecodeLayout` passes for a model here: it runs the same forward
+over column-major copies of the matrices, held apart, which torch's matrix-vector product reads faster.
 """
 
 from __future__ import annotations
