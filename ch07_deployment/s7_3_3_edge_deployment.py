@@ -16,34 +16,16 @@ ORT's own GEMM kernel time (its profiler), below which no runtime brings a forwa
 
 from __future__ import annotations
 
-import math
 import os
 import statistics
 
 import torch
-import torch.nn.functional as F
 
-from common.data import bits_per_byte
 from common.lm_source import add_source_args, evaluate_lm, load_source
-from common.onnx_export import ORT_GEMM_OPS, OrtLM, export_decoder
+from common.model_files import onnx_bytes
+from common.onnx_export import ORT_GEMM_OPS, OrtDecoder, OrtLM, export_decoder
 from common.runner import parse_args, run_script, script_parser
 from common.timing import gemm_share, paired_ratio, race
-
-
-def ort_eval(session: OrtLM, data, batch_size: int, max_batches: int | None) -> dict:
-    """Validation loss, perplexity and bits per byte of an ORT session on ``data``'s fixed windows."""
-    total, text, n_tok, n_bytes = 0.0, 0.0, 0, 0
-    for x, y in data.val_batches(batch_size, max_batches):
-        logits = torch.from_numpy(session(x))
-        nats = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
-        tb = data.token_bytes[y.flatten()]
-        total, text = total + nats.sum().item(), text + nats[tb > 0].sum().item()
-        n_tok, n_bytes = n_tok + y.numel(), n_bytes + int(tb.sum())
-    return {"loss": total / n_tok, "ppl": math.exp(total / n_tok), "bpb": bits_per_byte(text, n_bytes)}
-
-
-def file_bytes(path: str) -> int:
-    return sum(os.path.getsize(p) for p in (path, path + ".data") if os.path.exists(p))
 
 
 def main(argv=None) -> dict:
@@ -105,11 +87,11 @@ def main(argv=None) -> dict:
     pt = evaluate_lm(model, source.data, batch_size=16, max_batches=args.eval_batches)
     evals = {
         "pytorch": pt,
-        "ort_fp32": ort_eval(fp_sess, source.data, 16, args.eval_batches),
-        "ort_int8": ort_eval(q_sess, source.data, 16, args.eval_batches),
+        "ort_fp32": evaluate_lm(OrtDecoder(fp_sess), source.data, 16, args.eval_batches, device="cpu"),
+        "ort_int8": evaluate_lm(OrtDecoder(q_sess), source.data, 16, args.eval_batches, device="cpu"),
     }
-    sizes = {"pytorch": sum(p.numel() * 4 for p in model.parameters()), "ort_fp32": file_bytes(fp_path)}
-    sizes["ort_int8"] = file_bytes(q_path)
+    sizes = {"pytorch": sum(p.numel() * 4 for p in model.parameters()), "ort_fp32": onnx_bytes(fp_path)}
+    sizes["ort_int8"] = onnx_bytes(q_path)
     print(f"{source.describe()}; exported by the {info['exporter']} exporter, opset {info['opset']}")
     print(f"\n{'':9} {'MB':>7} {'ms (b=1, ' + str(seq) + ' tok)':>18} {'ppl':>9} {'bpb':>7}")
     for k in ("pytorch", "ort_fp32", "ort_int8"):

@@ -26,6 +26,7 @@ import torch
 
 from common import estimate
 from common.lm_source import add_source_args, evaluate_lm, load_source
+from common.model_files import path_bytes
 from common.models.generation import generate
 from common.quant import (
     calibration_windows,
@@ -135,7 +136,7 @@ def main(argv=None) -> dict:
     prompt = source.data.val[:8].tolist()
     fp_tps, fp_tokens = decode_tokens_per_second(model, prompt, args.new_tokens, args.repeats)
     q_tps, q_tokens = decode_tokens_per_second(loaded, prompt, args.new_tokens, args.repeats)
-    disk = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
+    disk = path_bytes(folder)
     agree = sum(a == b for a, b in zip(fp_tokens, q_tokens)) / max(len(fp_tokens), 1)
     print(
         f"\n{source.describe()}: GPTQ int4 g{args.group_size} in {seconds:.1f} s, saved to {folder} "

@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 
 from common.lm_source import add_source_args, evaluate_lm, load_source
+from common.model_files import path_bytes, save_safetensors
 from common.quant import (
     QuantLinear,
     calibration_windows,
@@ -50,19 +51,6 @@ def library_status() -> dict:
         except Exception as e:  # noqa: BLE001 - a broken install raises anything
             status[name] = f"does not import: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     return status
-
-
-def file_size(model, folder: str, quantization: dict | None) -> int:
-    """Bytes on disk of ``model`` saved as safetensors (packed, with its config, when ``quantization``)."""
-    from safetensors.torch import save_model
-
-    os.makedirs(folder, exist_ok=True)
-    if quantization is None:
-        path = os.path.join(folder, "model.safetensors")
-        save_model(model, path)
-        return os.path.getsize(path)
-    save_quantized(model, folder, quantization)
-    return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
 
 
 def main(argv=None) -> dict:
@@ -140,11 +128,13 @@ def main(argv=None) -> dict:
 
     fake, qweights = kept[("gptq", 4, g)]
     packed = pack_model(fake, qweights)
-    fp_bytes = file_size(model, os.path.join(args.out, "fp32"), None)
-    q_bytes = file_size(
-        packed,
-        os.path.join(args.out, f"gptq-int4-g{g}"),
-        {"method": "gptq", "bits": 4, "group_size": g, "damp": args.damp, "act_order": args.act_order},
+    fp_bytes = save_safetensors(model, os.path.join(args.out, "fp32"))
+    q_bytes = path_bytes(
+        save_quantized(
+            packed,
+            os.path.join(args.out, f"gptq-int4-g{g}"),
+            {"method": "gptq", "bits": 4, "group_size": g, "damp": args.damp, "act_order": args.act_order},
+        )
     )
     block_fp = sum(4 * qw.codes.numel() for qw in qweights.values())  # those linears in fp32
     block_q = sum(quantized_bytes(m) for m in packed.modules() if isinstance(m, QuantLinear))

@@ -8,6 +8,8 @@ The student's loss mixes the teacher's softened distribution with the usual next
 where ``t`` and ``s`` are the teacher's and the student's logits; the ``T²`` keeps the soft term's
 gradients the size of the hard term's as ``T`` grows.  The control is the same student (same
 initial weights, same batches, same optimizer, same number of steps) trained on the cross-entropy alone.
+The loss and the training loop are in ``common/distill.py`` (:func:`common.distill.distillation_loss`,
+:func:`common.distill.train_student`).
 
 Default: the teacher is the project's trained LM (``--model tiny``, or ``--hf-path DIR``) and the
 student a decoder with fewer and narrower layers on the same tokenizer; the figures are both
@@ -30,84 +32,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.distill import lm_batches, lm_logits, student_config, train_student
 from common.lm_source import add_source_args, evaluate_lm, load_source
 from common.runner import parse_args, run_script, script_parser
 
 
-def distillation_loss(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    targets: torch.Tensor,
-    temperature: float = 2.0,
-    alpha: float = 0.5,
-) -> torch.Tensor:
-    """``α · T² · KL(softmax(t/T) ‖ softmax(s/T)) + (1 - α) · CE(s, y)``, averaged over positions.
-
-    Logits are (..., classes), targets (...) class ids, -100 where a position has no label."""
-    s = student_logits.reshape(-1, student_logits.shape[-1]).float()  # (positions, classes)
-    t = teacher_logits.reshape(-1, teacher_logits.shape[-1]).float()
-    soft = F.kl_div(
-        F.log_softmax(s / temperature, -1),
-        F.log_softmax(t / temperature, -1),
-        log_target=True,
-        reduction="batchmean",
-    )
-    hard = F.cross_entropy(s, targets.reshape(-1), ignore_index=-100)  # -100: no label, soft term only
-    return alpha * temperature**2 * soft + (1 - alpha) * hard
-
-
-def train_student(student, teacher, batches, steps, lr, temperature, alpha, logits_of) -> list[float]:
-    """Train ``student`` for ``steps`` on ``batches()`` (x, y); with a teacher, by the distillation loss,
-    else by cross-entropy. ``logits_of(model, x)`` gives a model's logits. Returns the loss per step."""
-    opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 - i / steps)
-    student.train()
-    losses = []
-    for x, y in batches():
-        s = logits_of(student, x)
-        if teacher is None:
-            loss = F.cross_entropy(s.reshape(-1, s.shape[-1]), y.reshape(-1))
-        else:
-            with torch.no_grad():
-                t = logits_of(teacher, x)
-            loss = distillation_loss(s, t, y, temperature, alpha)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-    student.eval()
-    return losses
-
-
-def lm_logits(model, x):
-    return model(x)[0]  # called without targets: logits (batch, seq, vocab)
-
-
 def run_lm(args, source) -> dict:
-    from common.models.decoder import DecoderConfig, DecoderLM
+    from common.models.decoder import DecoderLM
 
     teacher = source.model.eval()
     data = source.data
     tc = getattr(teacher, "config", None)
-    d_model = args.student_width
-    config = DecoderConfig(
-        vocab_size=data.vocab_size,
-        context_length=data.context_length,
-        n_layer=args.student_layers,
-        d_model=d_model,
-        n_head=max(1, d_model // 32),
-        n_kv_head=max(1, d_model // 32),
-        tie_embeddings=False,
-        dropout=0.0,
-    )
+    config = student_config(data, args.student_layers, args.student_width)
     torch.manual_seed(args.seed)
     student0 = DecoderLM(config)
-
-    def batches():
-        g = torch.Generator().manual_seed(args.seed + 1)  # the same batches for both students
-        for _ in range(args.steps):
-            yield data.get_batch("train", args.batch_size, generator=g)
+    batches = lm_batches(data, args.steps, args.batch_size, args.seed + 1)  # the same for both students
 
     def evaluate(m):
         return evaluate_lm(m, data, batch_size=16, max_batches=args.eval_batches)
@@ -117,7 +56,15 @@ def run_lm(args, source) -> dict:
         student = copy.deepcopy(student0)
         start = time.perf_counter()
         losses = train_student(
-            student, t, batches, args.steps, args.lr, args.temperature, args.alpha, lm_logits
+            student,
+            t,
+            batches,
+            args.steps,
+            args.lr,
+            args.temperature,
+            args.alpha,
+            lm_logits,
+            f"{name} student",
         )
         results[name] = {**evaluate(student), "seconds": time.perf_counter() - start, "last_loss": losses[-1]}
     teacher_eval = evaluate(teacher)
@@ -127,7 +74,7 @@ def run_lm(args, source) -> dict:
         f"teacher: {source.describe()}"
         + (f", {tc.n_layer} layers x {tc.d_model}" if tc is not None else "")
         + f"\nstudent: {s_params:,} parameters ({s_params / t_params:.2f}x), "
-        f"{config.n_layer} layers x {d_model}; "
+        f"{config.n_layer} layers x {config.d_model}; "
         f"{args.steps} steps of {args.batch_size} x {data.context_length} tokens, T={args.temperature}, "
         f"alpha={args.alpha}"
     )
@@ -251,6 +198,8 @@ def main(argv=None) -> dict:
         args.alpha = 0.9 if args.task == "digits" else 0.5
     if args.steps <= 0 or args.temperature <= 0 or not 0 <= args.alpha <= 1:
         parser.error("--steps and --temperature must be positive and --alpha in [0, 1]")
+    if args.student_layers < 1 or args.student_width < 1:
+        parser.error("--student-layers and --student-width must be at least 1")
     if args.task == "digits":
         figures = run_digits(args)
     else:

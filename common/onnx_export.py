@@ -6,6 +6,7 @@ deployment).
     logits = session(input_ids)                      # (batch, seq) ids -> numpy (batch, seq, vocab)
     tokens = session.greedy(prompt_ids, 20)          # greedy continuation, step by step through ORT
     session.kernel_ms(input_ids)                     # ms per run in each operator type (ORT's profiler)
+    evaluate_lm(OrtDecoder(session), data, device="cpu")   # the session where a model is expected
 
 The exported graph maps ``input_ids`` (int64, batch x seq) to ``logits`` (float, batch x seq x vocab):
 the model's whole forward without a KV cache, so :meth:`OrtLM.greedy` runs the growing sequence again
@@ -189,3 +190,17 @@ class OrtLM:
             ids.append(nxt)
             out.append(nxt)
         return out
+
+
+class OrtDecoder(nn.Module):
+    """An :class:`OrtLM` behind the decoder's calling convention, ``model(idx) -> (logits, None)`` with
+    torch tensors, so :func:`common.lm_source.evaluate_lm` (with ``device="cpu"``) and the timing code
+    treat an onnxruntime session like the PyTorch model. It has no parameters: the weights live in the
+    session."""
+
+    def __init__(self, session: OrtLM):
+        super().__init__()
+        self.session = session
+
+    def forward(self, idx: torch.Tensor):
+        return torch.from_numpy(self.session(idx)), None  # (batch, seq, vocab)

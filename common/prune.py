@@ -24,7 +24,8 @@ grouped KV heads the unit is a KV group: one key/value head and the query heads 
 feed-forward neuron is its row of the first matrix (SwiGLU: its gate row and its up row) plus its
 column of the second. Removing them gives the same outputs as the original model with them zeroed
 (:func:`zero_units`), to rounding. Layers may end with different head counts and widths; the returned
-model is a :class:`PrunedDecoderLM`, whose ``new_kv_cache`` sizes each layer's cache to its own heads.
+model is a :class:`PrunedDecoderLM`, whose ``new_kv_cache`` sizes each layer's cache to its own heads;
+:func:`pruned_like` rebuilds its shapes from ``shape_summary()`` for loading saved weights.
 """
 
 from __future__ import annotations
@@ -456,6 +457,24 @@ def prune_model(
             else:
                 ffn.fc, ffn.proj = new_first, new_second
     return small
+
+
+def pruned_like(model: DecoderLM, shapes: dict) -> PrunedDecoderLM:
+    """A model of ``model``'s architecture cut to ``shapes`` (:meth:`PrunedDecoderLM.shape_summary`:
+    ``{"heads": [per layer], "d_ff": [per layer]}``): the skeleton that a saved pruned model's tensors
+    load into. Which units go does not matter, only how many; the weights are the loaded ones."""
+    blocks = _dense_blocks(model)
+    if len(shapes["heads"]) != len(blocks) or len(shapes["d_ff"]) != len(blocks):
+        raise ValueError(f"shapes name {len(shapes['heads'])} layers; the model has {len(blocks)}")
+    heads, neurons = {}, {}
+    for i, block in enumerate(blocks):
+        per_unit = block.attn.n_head // block.attn.n_kv_head  # query heads per removable unit
+        drop_units = n_head_units(block.attn) - shapes["heads"][i] // per_unit
+        drop_neurons = _ffn_matrices(block.ffn)[2] - shapes["d_ff"][i]
+        if drop_units < 0 or drop_neurons < 0:
+            raise ValueError(f"layer {i}: shapes {shapes} exceed the model's heads or feed-forward width")
+        heads[i], neurons[i] = list(range(drop_units)), list(range(drop_neurons))
+    return prune_model(model, heads, neurons)
 
 
 @torch.no_grad()

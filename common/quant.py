@@ -612,8 +612,8 @@ def quantized_bytes(model: nn.Module) -> int:
 
 def save_quantized(model: nn.Module, folder: str | os.PathLike, quantization: dict) -> Path:
     """Write a packed DecoderLM as ``model.safetensors`` plus ``quant_config.json`` (the model config, the
-    quantisation settings and which layers are quantised).  Each file goes to a temporary name and is
-    renamed; the config, written last, marks the folder complete."""
+    quantisation settings, which layers are quantised, and a pruned model's per-layer shapes).  Each file
+    goes to a temporary name and is renamed; the config, written last, marks the folder complete."""
     from safetensors.torch import save_model
 
     folder = Path(folder)
@@ -629,6 +629,8 @@ def save_quantized(model: nn.Module, folder: str | os.PathLike, quantization: di
         "quantization": quantization,
         "layers": layers,
     }
+    if hasattr(model, "shape_summary"):  # a structurally pruned model: its per-layer heads and widths
+        config["layer_shapes"] = model.shape_summary()
     (folder / CONFIG).unlink(missing_ok=True)  # an old config must not vouch for new weights
     tmp = folder / f"{WEIGHTS}.tmp{os.getpid()}"
     save_model(model, str(tmp))
@@ -652,6 +654,10 @@ def load_quantized(folder: str | os.PathLike, device: str = "cpu"):
     if config.get("format") != FORMAT:
         raise ValueError(f"{folder / CONFIG} has format {config.get('format')!r}, expected {FORMAT!r}")
     model = DecoderLM(DecoderConfig(**config["model_config"]))
+    if "layer_shapes" in config:
+        from common.prune import pruned_like
+
+        model = pruned_like(model, config["layer_shapes"])
     for name, spec in config["layers"].items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)

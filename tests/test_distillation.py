@@ -1,9 +1,9 @@
-"""s7_4_3's distillation loss against its definition: α·T²·KL(softmax(t/T) ‖ softmax(s/T)) + (1-α)·CE."""
+"""common.distill's loss against its definition: α·T²·KL(softmax(t/T) ‖ softmax(s/T)) + (1-α)·CE."""
 
 import torch
 import torch.nn.functional as F
 
-from ch07_deployment.s7_4_3_knowledge_distillation import distillation_loss
+from common.distill import distillation_loss
 
 
 def test_matches_the_definition_written_out():

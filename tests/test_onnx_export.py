@@ -53,3 +53,25 @@ def test_gemm_share_separates_matmul_from_elementwise():
     a = torch.randn(256, 256)
     assert gemm_share(lambda: a @ a) > 0.8
     assert gemm_share(lambda: (a * 2 + 1).relu()) == 0.0
+
+
+def test_ort_decoder_evaluates_like_the_pytorch_model_and_its_files_are_counted(tmp_path):
+    import os
+
+    import onnx
+
+    from common.lm_source import evaluate_lm, load_pretrained
+    from common.model_files import onnx_bytes
+    from common.onnx_export import OrtDecoder
+
+    source = load_pretrained("test")
+    path = str(tmp_path / "lm.onnx")
+    export_decoder(source.model, path)
+    ours = evaluate_lm(source.model, source.data, 8, 2)
+    ort = evaluate_lm(OrtDecoder(OrtLM(path)), source.data, 8, 2, device="cpu")
+    assert ort["tokens"] == ours["tokens"] and abs(ort["loss"] - ours["loss"]) < 1e-5
+    # the weights moved to an external file still count
+    external = str(tmp_path / "ext.onnx")
+    onnx.save(onnx.load(path), external, save_as_external_data=True, location="weights.bin", size_threshold=0)
+    on_disk = os.path.getsize(external) + os.path.getsize(tmp_path / "weights.bin")
+    assert onnx_bytes(external) == on_disk > 4 * sum(p.numel() for p in source.model.parameters())

@@ -189,3 +189,20 @@ def test_wanda_prune_on_a_model():
     assert all((m.reshape(m.shape[0], -1, 4).sum(dim=2) == 2).all() for m in masks24.values())
     with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\)"):
         wanda_prune(model, windows, 1.0)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(n_kv_head=2)])
+def test_pruned_and_quantised_model_saves_and_loads_back(kw, tmp_path):
+    from common.quant import load_quantized, pack_model, rtn_model, save_quantized
+
+    model = tiny(**kw)
+    units = model.blocks[0].attn.n_kv_head
+    small = prune_model(model, {1: list(range(units // 2))}, {0: list(range(8)), 2: list(range(24))})
+    fake, qweights = rtn_model(small, 4, 8)
+    packed = pack_model(fake, qweights).eval()
+    save_quantized(packed, tmp_path, {"method": "rtn", "bits": 4, "group_size": 8})
+    loaded, config = load_quantized(tmp_path)
+    assert config["layer_shapes"] == small.shape_summary() == loaded.shape_summary()
+    x = torch.randint(0, 97, (2, 11))
+    with torch.no_grad():
+        assert torch.equal(loaded(x)[0], packed(x)[0])

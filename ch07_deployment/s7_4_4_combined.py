@@ -1,0 +1,359 @@
+"""Section 7.4.4: the compressions of chapter 7.4 side by side, and combined, on one trained LM: size on
+disk, latency and perplexity in one table and one plot.
+
+Variants of the project's pretrained LM (``--model tiny``; ``--hf-path DIR`` for a local Llama folder):
+
+- ``fp32``: the model as trained;
+- ``torch_int8``: ``torch.ao.quantization.quantize_dynamic`` on every ``nn.Linear`` (output head
+  included), int8 weights, activations quantised on the fly, as PyTorch ships it;
+- ``ort_int8``: the model exported to ONNX (:func:`common.onnx_export.export_decoder`) and quantised by
+  ``onnxruntime.quantization.quantize_dynamic`` with its defaults, run by onnxruntime;
+- ``gptq4`` and ``awq4``: 4-bit weights, groups of 128 columns, on every block linear (embeddings and
+  head stay fp32), packed two per byte in :class:`common.quant.QuantLinear` (``common/quant.py``);
+- ``pruned50``: structured pruning, half of every feed-forward layer's neurons removed (the lowest by
+  activation score on the calibration windows, :func:`common.prune.activation_scores`), so the matrices
+  really shrink (:func:`common.prune.prune_model`); no fine-tuning afterwards;
+- ``distilled``: a student of half the teacher's layers at its width, distilled from it
+  (:mod:`common.distill`, ``T²·KL + CE``) for ``--distil-steps`` steps;
+- ``distilled_gptq4`` and ``pruned50_gptq4``: those two quantised by GPTQ to 4 bits.  A pruned
+  feed-forward layer keeps half its neurons (192 of 384 in the tiny model), which groups of 128 do not
+  divide: the pruned model is quantised with the largest group that divides every width (64 there),
+  and the script says so.
+
+Size on disk: each variant written to ``--out`` in its real format and its files measured: safetensors
+for the float and the 4-bit models (a 4-bit folder adds its JSON config, with a pruned model's per-layer
+shapes, so :func:`common.quant.load_quantized` rebuilds every one; its safetensors hold the packed
+codes, fp32 scales, uint8 zeros and the column-to-group index beside the fp32 embeddings, head and
+norms); for PyTorch's int8 model its ``state_dict`` by ``torch.save`` (safetensors cannot hold torch's
+quantised tensors; it loads back with ``weights_only=True``); the quantised ``.onnx`` file (and any
+external data file it names) for onnxruntime. The pruned fp32 file holds exactly the remaining tensors
+and, in its header's metadata, the per-layer widths from which :func:`common.prune.pruned_like` rebuilds
+the model to load them into.
+
+Latency: one forward of a single sequence of the full context (batch 1, ``--seq-len`` tokens, the
+prefill of a prompt), the same for every variant, since the ONNX graph has no KV cache and so cannot
+decode token by token on equal terms.  All variants run in one process, round after round interleaved
+(:func:`common.timing.race`); the figure is the median over rounds of the variant's time over fp32's in
+the same round.  onnxruntime runs with its default threads and graph optimisations (idle threads not
+spinning, so they do not take the cores from PyTorch's turn); PyTorch with its default threads.
+
+    python -m ch07_deployment.s7_4_4_combined
+    python -m ch07_deployment.s7_4_4_combined --quick
+
+What to look for: int8 costs almost no perplexity; onnxruntime's int8 file quantises the embedding table
+too (its Gather), where PyTorch's keeps it fp32; the 4-bit files stay near half of fp32 on a model this
+small because its fp32 embeddings and output head, unquantised as in the GPTQ and AWQ papers, are over a
+third of its weights; the dequantise-then-matmul ``QuantLinear`` is slower than fp32 on a CPU (it
+unpacks and rescales the whole weight on every call; GPUs fuse the two); removing half the feed-forward
+neurons without retraining, or a short distillation, costs far more perplexity than quantising, and
+quantising the pruned or distilled model adds little to that cost while stacking the two savings.
+PyTorch marks ``torch.ao.quantization`` deprecated in favour of torchao; it still ships, and its
+warnings are left to show.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from common.distill import lm_batches, lm_logits, student_config, train_student
+from common.lm_source import add_source_args, evaluate_lm, load_source
+from common.model_files import onnx_bytes, path_bytes, save_safetensors
+from common.onnx_export import OrtDecoder, OrtLM, export_decoder
+from common.plotting import pyplot, save_figure
+from common.prune import activation_scores, lowest_per_layer, prune_model
+from common.quant import (
+    block_linears,
+    calibration_windows,
+    check_model_spec,
+    pack_model,
+    quantize_model,
+    save_quantized,
+)
+from common.runner import parse_args, run_script, script_parser
+from common.timing import paired_ratio, race
+
+VARIANTS = {
+    "fp32": "fp32",
+    "torch_int8": "int8 dynamic (torch)",
+    "ort_int8": "int8 dynamic (onnxruntime)",
+    "gptq4": "GPTQ 4-bit",
+    "awq4": "AWQ 4-bit",
+    "pruned50": "50% FFN pruned",
+    "distilled": "distilled",
+    "distilled_gptq4": "distilled + GPTQ 4-bit",
+    "pruned50_gptq4": "pruned + GPTQ 4-bit",
+}
+
+
+@dataclass
+class Variant:
+    """One compressed model: ``model(idx) -> (logits, None)``, its bytes on disk and what they hold."""
+
+    model: nn.Module
+    bytes: int
+    stored: str
+    params: int | None = None  # parameters of a float model (None where weights are not parameters)
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def float_variant(model: nn.Module, folder: str) -> Variant:
+    """A float model saved as safetensors; a pruned one with its per-layer shapes in the file's metadata."""
+    metadata = (
+        {"layer_shapes": json.dumps(model.shape_summary())} if hasattr(model, "shape_summary") else None
+    )
+    return Variant(model, save_safetensors(model, folder, metadata), "safetensors, fp32", n_params(model))
+
+
+def torch_int8(model: nn.Module, folder: str) -> Variant:
+    """PyTorch's dynamic int8 quantisation of every nn.Linear (a copy), saved as its state_dict."""
+    qmodel = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "model.pt")
+    torch.save(qmodel.state_dict(), path)
+    return Variant(qmodel.eval(), path_bytes(path), "torch.save state_dict: int8 linears, fp32 embedding")
+
+
+def ort_int8(model: nn.Module, folder: str) -> tuple[Variant, dict]:
+    """The model exported to ONNX and quantised by onnxruntime's ``quantize_dynamic`` (its defaults)."""
+    from onnxruntime.quantization import quantize_dynamic
+
+    fp_path, q_path = os.path.join(folder, "lm.onnx"), os.path.join(folder, "lm.int8.onnx")
+    info = export_decoder(model, fp_path)
+    quantize_dynamic(fp_path, q_path)
+    session = OrtLM(q_path, providers=["CPUExecutionProvider"], spinning=False)
+    info["fp32_onnx_bytes"] = onnx_bytes(fp_path)
+    return Variant(OrtDecoder(session), onnx_bytes(q_path), ".onnx, int8 weights (ORT defaults)"), info
+
+
+def fitting_group(model: nn.Module, group_size: int) -> int:
+    """The largest group width that divides ``group_size`` and every block linear's input width."""
+    if group_size == -1:
+        return -1
+    widths = [lin.in_features for block in model.blocks for _, lin in block_linears(block)]
+    return math.gcd(group_size, *widths)
+
+
+def four_bit(model: nn.Module, method: str, group_size: int, windows, folder: str) -> Variant:
+    """``method`` ("gptq", "awq") at 4 bits with its default settings, packed into QuantLinear layers and
+    saved."""
+    fake, qweights, seconds = quantize_model(model, method, 4, group_size, windows, True)
+    packed = pack_model(fake, qweights).eval()
+    settings = {"method": method, "bits": 4, "group_size": group_size, "seconds": seconds}
+    size = path_bytes(save_quantized(packed, folder, settings))
+    return Variant(packed, size, f"safetensors + JSON, int4 g{group_size} block linears")
+
+
+def prune_ffn(model: nn.Module, windows, fraction: float) -> nn.Module:
+    """A copy of ``model`` without the ``fraction`` least active feed-forward neurons of every layer."""
+    _, neurons = activation_scores(model, windows.split(16))
+    return prune_model(model, neurons=lowest_per_layer(neurons, fraction)).eval()
+
+
+def distil(teacher: nn.Module, data, args) -> nn.Module:
+    """A smaller student (``--student-layers`` x ``--student-width``) distilled from ``teacher``."""
+    from common.models.decoder import DecoderLM
+
+    torch.manual_seed(args.seed)
+    student = DecoderLM(student_config(data, args.student_layers, args.student_width))
+    batches = lm_batches(data, args.distil_steps, args.batch_size, args.seed + 1)
+    train_student(
+        student,
+        teacher,
+        batches,
+        args.distil_steps,
+        args.lr,
+        args.temperature,
+        args.alpha,
+        lm_logits,
+        "distil",
+    )
+    return student.eval()
+
+
+def plot(path: str, rows: dict, title: str) -> str:
+    """Perplexity against size on disk (left) and against latency relative to fp32 (right); each variant
+    one point with its own colour and marker, named in the legend."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
+    for i, (key, r) in enumerate(rows.items()):
+        style = dict(s=55, color=f"C{i}", marker="osD^v<>ph"[i % 9], zorder=3, label=VARIANTS[key])
+        axes[0].scatter([r["bytes"] / 1e6], [r["ppl"]], **style)
+        axes[1].scatter([r["latency_ratio"]], [r["ppl"]], **style)
+    axes[0].set(xlabel="size on disk (MB)", ylabel="validation perplexity", title=title)
+    axes[1].set(xlabel="latency, batch 1, relative to fp32 (median of interleaved rounds)")
+    axes[1].axvline(1.0, color="grey", lw=0.8, ls="--")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[1].legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8)
+    return save_figure(fig, path)
+
+
+def main(argv=None) -> dict:
+    parser = script_parser(__doc__)
+    add_source_args(parser)
+    parser.add_argument("--group-size", type=int, default=128, help="4-bit group width (quick: 32)")
+    parser.add_argument("--calib-samples", type=int, default=64, help="calibration windows (quick: 16)")
+    parser.add_argument("--prune", type=float, default=0.5, help="fraction of feed-forward neurons removed")
+    parser.add_argument("--distil-steps", type=int, default=300, help="student training steps (quick: 40)")
+    parser.add_argument(
+        "--batch-size", type=int, default=16, help="sequences per distillation step (quick: 8)"
+    )
+    parser.add_argument("--lr", type=float, default=3e-3, help="student AdamW learning rate, linear decay")
+    parser.add_argument("--temperature", type=float, default=2.0, help="distillation temperature T")
+    parser.add_argument("--alpha", type=float, default=0.5, help="weight of the soft (KL) term")
+    parser.add_argument("--student-layers", type=int, default=None, help="student depth (half the teacher's)")
+    parser.add_argument("--student-width", type=int, default=None, help="student d_model (the teacher's)")
+    parser.add_argument("--seq-len", type=int, default=None, help="tokens of the timed forward (the context)")
+    parser.add_argument("--rounds", type=int, default=30, help="interleaved timed rounds (quick: 5)")
+    parser.add_argument("--eval-batches", type=int, default=None, help="validation batches of 16 (all)")
+    args = parse_args(parser, argv)
+    if args.quick:
+        args.group_size, args.calib_samples = min(args.group_size, 32), min(args.calib_samples, 16)
+        args.distil_steps, args.batch_size = min(args.distil_steps, 40), min(args.batch_size, 8)
+        args.rounds, args.eval_batches = min(args.rounds, 5), args.eval_batches or 4
+    if not 0 < args.prune < 1:
+        parser.error(f"--prune must be in (0, 1), got {args.prune}")
+    if min(args.distil_steps, args.batch_size, args.rounds, args.calib_samples) < 1 or args.lr <= 0:
+        parser.error("--distil-steps, --batch-size, --rounds, --calib-samples and --lr must be positive")
+    if args.temperature <= 0 or not 0 <= args.alpha <= 1:
+        parser.error("--temperature must be positive and --alpha in [0, 1]")
+    if args.eval_batches is not None and args.eval_batches < 1:
+        parser.error(f"--eval-batches must be at least 1, got {args.eval_batches}")
+    if args.device != "cpu":
+        print(
+            f"device {args.device} asked; int8 dynamic quantisation (torch and onnxruntime) runs on the CPU"
+        )
+        args.device = "cpu"
+    source = load_source(parser, args)
+    try:
+        model = source.decoder("the combined compression").cpu().eval()
+        cfg = model.config
+        args.student_layers = args.student_layers or max(1, cfg.n_layer // 2)
+        args.student_width = args.student_width or cfg.d_model
+        student_cfg = student_config(source.data, args.student_layers, args.student_width)
+        check_model_spec(model, 4, args.group_size)
+        windows = calibration_windows(source.data.train, args.calib_samples, cfg.context_length)
+    except ValueError as e:
+        parser.error(str(e))
+    seq = args.seq_len or cfg.context_length
+    if not 1 <= seq <= cfg.context_length:
+        parser.error(f"--seq-len must be in [1, {cfg.context_length}], got {seq}")
+    print(f"model: {source.describe()}; calibration: {tuple(windows.shape)} windows of the training split")
+
+    def folder(key: str) -> str:
+        return os.path.join(args.out, key)
+
+    g = args.group_size
+    variants: dict[str, Variant] = {"fp32": float_variant(model, folder("fp32"))}
+    print("int8 dynamic: torch, then onnxruntime (export, quantize_dynamic)")
+    variants["torch_int8"] = torch_int8(model, folder("torch_int8"))
+    variants["ort_int8"], onnx_info = ort_int8(model, folder("ort_int8"))
+    print(f"4-bit g{g}: GPTQ, AWQ")
+    variants["gptq4"] = four_bit(model, "gptq", g, windows, folder("gptq4"))
+    variants["awq4"] = four_bit(model, "awq", g, windows, folder("awq4"))
+    print(f"structured pruning: {args.prune:.0%} of the feed-forward neurons")
+    pruned = prune_ffn(model, windows, args.prune)
+    variants["pruned50"] = float_variant(pruned, folder("pruned50"))
+    print(
+        f"distillation: {args.distil_steps} steps of {args.batch_size} x {source.data.context_length} tokens"
+    )
+    student = distil(model, source.data, args)
+    variants["distilled"] = float_variant(student, folder("distilled"))
+    student_g, pruned_g = fitting_group(student, g), fitting_group(pruned, g)
+    print(f"GPTQ 4-bit of the student (g{student_g}) and of the pruned model (g{pruned_g})")
+    variants["distilled_gptq4"] = four_bit(student, "gptq", student_g, windows, folder("distilled_gptq4"))
+    variants["pruned50_gptq4"] = four_bit(pruned, "gptq", pruned_g, windows, folder("pruned50_gptq4"))
+
+    x = source.data.val[:seq][None]  # (1, seq)
+    with torch.inference_mode():
+        ref = model(x)[0]
+        logit_diff = {
+            k: (variants[k].model(x)[0] - ref).abs().max().item() for k in ("torch_int8", "ort_int8")
+        }
+
+        def forward(m):
+            return lambda: m(x)
+
+        print(f"timing: {args.rounds} interleaved rounds of one forward of (1, {seq}) tokens per variant")
+        times = race({k: forward(v.model) for k, v in variants.items()}, args.rounds)
+
+    rows = {}
+    for key, v in variants.items():
+        ev = evaluate_lm(v.model, source.data, batch_size=16, max_batches=args.eval_batches, device="cpu")
+        rows[key] = {
+            "bytes": v.bytes,
+            "size_ratio": v.bytes / variants["fp32"].bytes,
+            "ms": statistics.median(times[key]) * 1e3,
+            "latency_ratio": paired_ratio(times[key], times["fp32"]),
+            "ppl": ev["ppl"],
+            "bpb": ev["bpb"],
+        }
+
+    print(
+        f"\n{'variant':27} {'MB':>7} {'x fp32':>7} {'ms':>8} {'x fp32':>7} {'ppl':>9} {'bpb':>7}  stored as"
+    )
+    for key, r in rows.items():
+        print(
+            f"{VARIANTS[key]:27} {r['bytes'] / 1e6:7.3f} {r['size_ratio']:7.3f} {r['ms']:8.2f} "
+            f"{r['latency_ratio']:7.2f} {r['ppl']:9.3f} {r['bpb']:7.4f}  {variants[key].stored}"
+        )
+    fp_params, p_params, s_params = (variants[k].params for k in ("fp32", "pruned50", "distilled"))
+    print(
+        f"\nms: one forward at batch 1 over {seq} tokens, median of {args.rounds} rounds; x fp32: median of "
+        f"the per-round ratios. torch threads {torch.get_num_threads()}; onnxruntime: its default threads."
+        f"\nparameters: fp32 {fp_params:,}; pruned {p_params:,} ({p_params / fp_params:.2f}x); student "
+        f"{s_params:,} ({s_params / fp_params:.2f}x: "
+        f"{student_cfg.n_layer} of the teacher's {cfg.n_layer} layers, width {student_cfg.d_model})"
+        f"\nmax |logit - fp32 logit| on the timed sequence: torch int8 {logit_diff['torch_int8']:.3f}, "
+        f"onnxruntime int8 {logit_diff['ort_int8']:.3f}"
+    )
+    for what, group in (("the pruned model", pruned_g), ("the student", student_g)):
+        if group != g:
+            print(
+                f"groups of {g} do not divide every input width of {what}: it was quantised with groups of "
+                f"{group} (a little more scale-and-zero overhead per weight)"
+            )
+    plot_path = plot(os.path.join(args.out, "combined.png"), rows, f"compressing {source.name}")
+    print(f"plot: {plot_path}")
+
+    figures = {
+        "model": source.name,
+        "seq_len": seq,
+        "rounds": args.rounds,
+        "group_size": g,
+        "pruned_group_size": pruned_g,
+        "student_group_size": student_g,
+        "calib_windows": windows.shape[0],
+        "distil_steps": args.distil_steps,
+        "student_layers": student_cfg.n_layer,
+        "student_width": student_cfg.d_model,
+        "fp32_params": fp_params,
+        "pruned50_params": p_params,
+        "distilled_params": s_params,
+        "torch_int8_max_logit_diff": logit_diff["torch_int8"],
+        "ort_int8_max_logit_diff": logit_diff["ort_int8"],
+        "onnx_exporter": onnx_info["exporter"],
+        "ort_fp32_onnx_bytes": onnx_info["fp32_onnx_bytes"],
+        "torch_threads": torch.get_num_threads(),
+        "onnxruntime_settings": "quantize_dynamic defaults; session defaults (threads, ORT_ENABLE_ALL), "
+        "no idle spinning",
+        "latency": f"one forward, batch 1, {seq} tokens; median of per-round ratios to fp32",
+        "plot": plot_path,
+    }
+    for key, r in rows.items():
+        figures.update({f"{key}_{name}": value for name, value in r.items()})
+    return figures
+
+
+if __name__ == "__main__":
+    run_script(main)
