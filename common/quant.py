@@ -285,9 +285,9 @@ def layer_inputs(block, inputs, names: list[str]) -> dict[str, torch.Tensor]:
 def _progress(iterable, desc: str, enabled: bool):
     if not enabled:
         return iterable
-    from tqdm.auto import tqdm
+    from common.progress import progress
 
-    return tqdm(iterable, desc=desc, leave=False)
+    return progress(iterable, desc=desc)
 
 
 @torch.no_grad()
