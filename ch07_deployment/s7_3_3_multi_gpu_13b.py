@@ -53,6 +53,7 @@ from common.runner import parse_args, positive_int, run_script, script_parser
 ANCHORS = ("deepspeed", "torch")  # tried in this order by --anchor auto
 PLAN_GPUS = ("rtx-4060", "rtx-3090", "rtx-4090", "l4", "a100-40gb", "a100-80gb", "h100-sxm")
 BOOK_GPU = "rtx-4060"
+ROOFLINE_GPU = "a100-80gb"  # holds 13B at fp16 alone and split: the two read times compare
 
 # ----------------------------------------------------------------------------- part 1: the plan
 
@@ -108,6 +109,13 @@ def print_plan(preset: str, tp: int) -> dict:
             fit = f"{r['left_gb']:18.1f} {r['context_tokens']:>10,}" if r["fits"] else "does not fit"
             cells += f"  {fit:>29}"
         print(f"{tp} x {name:10} {estimate.GPUS[name].memory_gb:3.0f} GB" + cells)
+    bw = estimate.GPUS[ROOFLINE_GPU].bandwidth_gbs * 1e9
+    read_one, read_tp = one["fp16"] * 1e9 / bw, per_gpu["fp16"] * 1e9 / bw
+    print(
+        f"a decode step at batch 1 reads every weight once (memory-bound roofline, fp16, {ROOFLINE_GPU}): "
+        f"one GPU {read_one * 1e3:.1f} ms, each of {tp} GPUs {read_tp * 1e3:.1f} ms, plus {comm['count']} "
+        "all-reduces"
+    )
     book = {r["precision"]: r for r in rows if r["gpu"] == BOOK_GPU}
     fits = [label for label in labels if book[label]["fits"]]
     print(
@@ -122,6 +130,8 @@ def print_plan(preset: str, tp: int) -> dict:
         "int8_gb_per_gpu": book["int8 g128"]["weights_gb"],
         "int4_gb_per_gpu": book["int4 g128"]["weights_gb"],
         "fp16_gb_one_gpu": one["fp16"],
+        "fp16_read_ms_one_gpu": read_one * 1e3,
+        "fp16_read_ms_per_gpu": read_tp * 1e3,
         "kv_bytes_per_token_per_gpu": kv_gpu,
         "allreduce_bytes_per_token": comm["total"],
         "allreduces_per_token": comm["count"],
