@@ -168,6 +168,7 @@ class RowParallelLinear(nn.Module):
         super().__init__()
         width = linear.in_features // world
         self.span = slice(rank * width, (rank + 1) * width) if slice_input else None
+        self.world = world
         self.weight = nn.Parameter(linear.weight.detach()[:, rank * width : (rank + 1) * width].clone())
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone())
 
@@ -175,7 +176,8 @@ class RowParallelLinear(nn.Module):
         if self.span is not None:
             x = x[..., self.span]  # (..., in_features / world)
         y = F.linear(x, self.weight)  # (..., out_features): this rank's partial sum
-        dist.all_reduce(y)  # the sum over ranks, on every rank
+        if self.world > 1:
+            dist.all_reduce(y)  # the sum over ranks, on every rank
         return y if self.bias is None else y + self.bias  # the bias once, after the sum
 
 
@@ -324,7 +326,9 @@ def library_anchor(model: DecoderLM, ctx, anchor: str, prompt: list[int], n_new:
 
 
 def time_allreduce(numel: int, device: str, rounds: int = 50) -> float:
-    """Median seconds of one all-reduce of ``numel`` float32 values over the group."""
+    """Median seconds of one all-reduce of ``numel`` float32 values over the group (0 for one process)."""
+    if not dist.is_initialized():
+        return 0.0
     x = torch.zeros(numel, device=device)
     times = []
     for _ in range(rounds):
@@ -359,10 +363,12 @@ def tp_worker(ctx, config, state: dict, prompt: list[int], n_new: int, repeats: 
 
     single, split = [], []
     for _ in range(repeats):  # interleaved: one process (rank 0 alone, the others wait), then the group
-        dist.barrier()
+        if ctx.world_size > 1:
+            dist.barrier()
         if ctx.rank == 0:
             single.append(timed(model))
-        dist.barrier()
+        if ctx.world_size > 1:
+            dist.barrier()
         split.append(timed(tp))
     result |= {"single_s": statistics.median(single) if single else None, "tp_s": statistics.median(split)}
     result["allreduce_d_s"] = time_allreduce(config.d_model, ctx.device)

@@ -105,6 +105,9 @@ def test_13b_plan_by_hand():
     assert figures["allreduces_per_token"] == 2 * layers + 1
     assert figures["fp16_fits_book_gpus"] is (fp16 < memory_4060)  # 13.2 GB on an 8 GB card: no
     assert figures["int8_kv_tokens_book_gpus"] == int((memory_4060 - int8) // kv_per_gpu)
+    a100_80gb = 2039e9  # bytes/s, the datasheet's bandwidth
+    assert figures["fp16_read_ms_per_gpu"] == pytest.approx(fp16 / a100_80gb * 1e3)
+    assert figures["fp16_read_ms_one_gpu"] == pytest.approx((split + whole) * 2 / a100_80gb * 1e3)
 
 
 def test_one_gpu_plan_is_the_whole_model():
