@@ -506,6 +506,13 @@ def main(argv=None) -> dict:
         f"{r0['allreduce_vocab_s'] * 1e6:.0f} us for {model.config.vocab_size}; "
         f"{2 * model.config.n_layer + 1} per token = {comm_ms:.2f} ms/token of waiting"
     )
+    if tp_ms > single_ms + comm_ms:
+        print(
+            f"  the all-reduces timed back to back account for {comm_ms:.2f} of the {tp_ms - single_ms:.2f} "
+            "ms a step adds to one process's; the rest is\n  the ranks waiting for each other inside the "
+            "step: an all-reduce ends when the slower rank arrives,\n  so any moment a rank spends off its "
+            "core (another program running there) stalls the others"
+        )
     if device == "cpu":
         print(
             f"  each process, the one-process run included, used {r0['threads']} thread(s) of this machine's "
