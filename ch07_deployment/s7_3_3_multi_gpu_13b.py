@@ -509,9 +509,9 @@ def main(argv=None) -> dict:
     if tp_ms > single_ms + comm_ms:
         print(
             f"  the all-reduces timed back to back account for {comm_ms:.2f} of the {tp_ms - single_ms:.2f} "
-            "ms a step adds to one process's; the rest is\n  the ranks waiting for each other inside the "
-            "step: an all-reduce ends when the slower rank arrives,\n  so any moment a rank spends off its "
-            "core (another program running there) stalls the others"
+            "ms a step adds to one process's;\n  the rest is the ranks waiting on each other inside "
+            "the step: each all-reduce ends when the\n  slower rank arrives, and a rank that slept while "
+            "waiting must be scheduled again"
         )
     if device == "cpu":
         print(
