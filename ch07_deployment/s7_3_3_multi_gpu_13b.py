@@ -257,8 +257,8 @@ def deepspeed_tp(hf, ctx) -> nn.Module:
 
     On a CPU DeepSpeed all-reduces through its shared-memory kernel, which it sets up only when
     ``LOCAL_SIZE`` (set by DeepSpeed's own launcher) equals the world size; unset, 0.19.8 still calls the
-    kernel and the process dies of a segmentation fault. So the local world size is set here, as its
-    launcher would."""
+    kernel and the process dies of a segmentation fault (DeepSpeed issue #7625 asks for a fallback to
+    ``torch.distributed``). So the local world size is set here, as its launcher would."""
     os.environ.setdefault("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", str(ctx.world_size)))
     import deepspeed
 
@@ -408,7 +408,7 @@ def main(argv=None) -> dict:
         args.new_tokens, args.repeats = min(args.new_tokens, 8), min(args.repeats, 2)
     world = job_size(args.nproc)
     try:
-        estimate.check_tensor_parallel(estimate.preset_config(args.preset), world)
+        estimate.deployment_plan(estimate.preset_config(args.preset), world, gpus=PLAN_GPUS[:1])
     except ValueError as e:
         parser.error(f"--preset {args.preset}: {e}")
     device = args.device
@@ -487,6 +487,12 @@ def main(argv=None) -> dict:
                 f"{' and ours' if lib_ours else ' (ours DIFFER)'}; logits differ by at most "
                 f"{max(r['anchor']['logits_diff'] for r in results):.1e}"
             )
+            if lib == "deepspeed" and device == "cpu":
+                print(
+                    "  (DeepSpeed all-reduces through its shared-memory kernel on a CPU; started without its "
+                    "launcher, LOCAL_SIZE is set\n  to the world size first, or 0.19.8 calls the kernel "
+                    "uninitialised and the process dies of SIGSEGV)"
+                )
             figures |= {"anchor_tokens_equal_single": lib_same and lib_ours}
         figures |= {
             "anchor_library": lib or "none",
