@@ -22,6 +22,7 @@ gloo's sockets, each slower than the small matrix products the split saves (both
 
     python -m ch07_deployment.s7_3_3_multi_gpu_13b
     python -m ch07_deployment.s7_3_3_multi_gpu_13b --quick
+    python -m ch07_deployment.s7_3_3_multi_gpu_13b --anchor all      # DeepSpeed and PyTorch both
     torchrun --nproc_per_node 2 -m ch07_deployment.s7_3_3_multi_gpu_13b --device cuda
 
 A reader sees the per-GPU plan of LLaMA-2-13B (at fp16 13.2 GB per GPU: two 24 GB cards hold it, two
@@ -290,21 +291,20 @@ def torch_tp(hf, ctx) -> nn.Module:
 
 
 LIBRARY_TP = {"deepspeed": deepspeed_tp, "torch": torch_tp}
+LIBRARY_NAMES = {"deepspeed": "DeepSpeed init_inference (AutoTP)", "torch": "torch parallelize_module"}
 
 
 @torch.no_grad()
 def library_anchor(model: DecoderLM, ctx, anchor: str, prompt: list[int], n_new: int) -> dict:
-    """The first library of ``anchor`` ("auto": DeepSpeed, then PyTorch) that splits the transformers copy
-    of ``model``: its greedy tokens and prompt logits, beside the same Llama's in one process, and why
-    each library before it did not run."""
+    """Library tensor parallelism on the transformers copy of ``model``: "auto" runs the first of DeepSpeed,
+    then PyTorch, that works; "all" runs both; a name runs that one. For each that ran: its greedy tokens and
+    prompt logits beside the same Llama's in one process; for each that failed: why."""
     from common.models.hf_llama import decoder_to_hf
 
     ids = torch.tensor([prompt], device=ctx.device)  # (1, prompt)
     whole = decoder_to_hf(model)
-    ref_tokens = whole.generate(ids, max_new_tokens=n_new, do_sample=False)[0, len(prompt) :].tolist()
-    ref_logits = whole(input_ids=ids).logits
-    skipped = {}
-    for name in ANCHORS if anchor == "auto" else (anchor,):
+    ran, skipped = {}, {}
+    for name in ANCHORS if anchor in ("auto", "all") else (anchor,):
         try:
             split = LIBRARY_TP[name](decoder_to_hf(model), ctx)
             logits = split(input_ids=ids).logits  # (1, prompt, vocab)
@@ -312,14 +312,14 @@ def library_anchor(model: DecoderLM, ctx, anchor: str, prompt: list[int], n_new:
         except Exception as e:  # noqa: BLE001 - the reason is reported, the next library tried
             skipped[name] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
             continue
-        return {
-            "library": name,
-            "skipped": skipped,
+        ran[name] = {
             "tokens": tokens,
-            "single_tokens": ref_tokens,
-            "logits_diff": (logits - ref_logits).abs().max().item(),
+            "logits_diff": (logits - whole(input_ids=ids).logits).abs().max().item(),
         }
-    return {"library": None, "skipped": skipped}
+        if anchor == "auto":
+            break
+    single = whole.generate(ids, max_new_tokens=n_new, do_sample=False)[0, len(prompt) :].tolist()
+    return {"ran": ran, "skipped": skipped, "single_tokens": single}
 
 
 # ----------------------------------------------------------------------------- the workers
@@ -396,9 +396,9 @@ def main(argv=None) -> dict:
     )
     parser.add_argument(
         "--anchor",
-        choices=("auto", *ANCHORS, "none"),
+        choices=("auto", *ANCHORS, "all", "none"),
         default="auto",
-        help="library tensor parallelism that must agree: auto tries deepspeed, then torch",
+        help="library tensor parallelism that must agree: auto runs the first of deepspeed, torch that works",
     )
     parser.add_argument(
         "--timeout", type=positive_int, default=600, help="seconds before the workers are ended"
@@ -474,18 +474,18 @@ def main(argv=None) -> dict:
     if anchor is not None:
         for name, why in anchor["skipped"].items():
             print(f"  {name} tensor parallelism did not run: {why}")
-        lib = anchor["library"]
-        if lib is None:
+        if not anchor["ran"]:
             print("  no library tensor parallelism ran here; the written-out split stands alone")
-        else:
-            lib_same = all(r["anchor"]["tokens"] == r["anchor"]["single_tokens"] for r in results)
-            lib_ours = anchor["tokens"] == single_tokens
-            what = "DeepSpeed init_inference (AutoTP)" if lib == "deepspeed" else "torch parallelize_module"
+        agree = True
+        for lib in anchor["ran"]:
+            lib_same = all(r["anchor"]["ran"][lib]["tokens"] == r["anchor"]["single_tokens"] for r in results)
+            lib_ours = anchor["single_tokens"] == single_tokens
+            agree &= lib_same and lib_ours
             print(
-                f"anchor: {what} on the transformers Llama copy: greedy tokens "
+                f"anchor: {LIBRARY_NAMES[lib]} on the transformers Llama copy: greedy tokens "
                 f"{'equal' if lib_same else 'DIFFER from'} the Llama's in one process"
-                f"{' and ours' if lib_ours else ' (ours DIFFER)'}; logits differ by at most "
-                f"{max(r['anchor']['logits_diff'] for r in results):.1e}"
+                f"{', which equal ours' if lib_ours else ' (ours DIFFER)'}; logits differ by at most "
+                f"{max(r['anchor']['ran'][lib]['logits_diff'] for r in results):.1e}"
             )
             if lib == "deepspeed" and device == "cpu":
                 print(
@@ -493,9 +493,10 @@ def main(argv=None) -> dict:
                     "launcher, LOCAL_SIZE is set\n  to the world size first, or 0.19.8 calls the kernel "
                     "uninitialised and the process dies of SIGSEGV)"
                 )
-            figures |= {"anchor_tokens_equal_single": lib_same and lib_ours}
+        if anchor["ran"]:
+            figures["anchor_tokens_equal_single"] = agree
         figures |= {
-            "anchor_library": lib or "none",
+            "anchor_library": ",".join(anchor["ran"]) or "none",
             "anchor_skipped": "; ".join(f"{k}: {v}" for k, v in anchor["skipped"].items()) or "none",
         }
 
