@@ -38,30 +38,14 @@ from common.quant import (
 )
 from common.runner import parse_args, run_script, script_parser
 
-PRECISIONS = ((16, None, "fp16"), (8, 128, "int8 g128"), (4, 128, "int4 g128"))
 BOOK_GPU = "rtx-4060"
 
 
 def plan(preset: str) -> tuple[list[dict], dict]:
     """For each precision and GPU: weights, fit, memory left and the context the KV cache can hold."""
     config = estimate.preset_config(preset)
+    rows = estimate.deployment_plan(config)  # one GPU
     kv_per_token = estimate.kv_cache_bytes(config, batch=1, seq_len=1)  # fp16 keys and values
-    rows = []
-    for bits, group, label in PRECISIONS:
-        w = estimate.weight_bytes(config, bits, group)
-        for name, hw in estimate.GPUS.items():
-            left = hw.memory_gb * 1e9 - w
-            rows.append(
-                {
-                    "precision": label,
-                    "gpu": name,
-                    "weights_gb": w / 1e9,
-                    "memory_gb": hw.memory_gb,
-                    "fits": left > 0,
-                    "left_gb": left / 1e9,
-                    "context_tokens": int(max(left, 0) // kv_per_token),
-                }
-            )
     return rows, {"kv_bytes_per_token": kv_per_token, "params": estimate.count_params(config)["total"]}
 
 

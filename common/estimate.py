@@ -717,6 +717,89 @@ def gpu(name) -> Hardware:
     return GPUS[name]
 
 
+# ----------------------------------------------------------------------------- deployment plans
+
+# (bits, group size, label) of the precisions a deployment plan tries, as GPTQ/AWQ store them
+DEPLOY_PRECISIONS = ((16, None, "fp16"), (8, 128, "int8 g128"), (4, 128, "int4 g128"))
+
+
+def check_tensor_parallel(config, tp: int) -> None:
+    """ValueError unless a dense MHA/GQA decoder splits evenly over ``tp`` tensor-parallel ranks: its query
+    and key/value heads, its feed-forward's hidden units and its width (the output head's input)."""
+    _positive("tp", tp)
+    s = model_shape(config)
+    if tp == 1:
+        return
+    if s.is_moe or s.is_mla:
+        raise ValueError(
+            f"the tensor-parallel split is modelled for dense MHA/GQA decoders, not {s.family} "
+            "(experts or latent attention)"
+        )
+    for what, n in (
+        ("attention heads", s.n_head),
+        ("key/value heads", s.n_kv_head),
+        ("feed-forward units", s.d_ff),
+        ("model width (the output head's input)", s.d_model),
+    ):
+        if n % tp:
+            raise ValueError(f"{n} {what} do not divide over {tp} tensor-parallel processes")
+
+
+def tensor_parallel_weight_bytes(
+    config, tp: int = 1, bits: int = 16, group_size: int | None = None, keep_bits: int = 16
+) -> dict:
+    """Bytes of the weights that each of ``tp`` tensor-parallel ranks holds (Megatron-LM's split, as
+    DeepSpeed's AutoTP makes it), the model stored as :func:`weight_bytes` stores it.
+
+    Split over the ranks: attention by heads (each rank's rows of q, k and v, the matching columns of the
+    output projection), the feed-forward by hidden units (gate/up rows, down columns), and the output head
+    by its input features (DeepSpeed's ``LmHeadLinearAllreduce``). On every rank whole: the token (and
+    position) embedding, the norms, and the biases of the two row-parallel projections, added after their
+    all-reduce. Returns ``split`` (the split part's bytes, all ranks together), ``replicated`` (one copy)
+    and ``per_rank = split / tp + replicated``; at ``tp = 1`` ``per_rank`` equals :func:`weight_bytes`.
+    """
+    check_tensor_parallel(config, tp)
+    s = model_shape(config)
+    if tp > 1 and group_size is not None:
+        for name, width in (("o", s.n_head * s.head_dim // tp), ("down", s.d_ff // tp)):
+            if width % group_size:
+                raise ValueError(
+                    f"group_size {group_size} does not divide a rank's {width} input features of {name}"
+                )
+    full = weight_bytes(s, bits, group_size, keep_bits)
+    p = count_params(s)
+    replicated_params = p["embedding"] + p["norm"] + s.n_layer * s.d_model * (s.o_bias + s.mlp_bias)
+    replicated = -(-replicated_params * (bits if bits >= 16 else keep_bits) // 8)
+    split = full - replicated
+    return {"split": split, "replicated": replicated, "per_rank": -(-split // tp) + replicated}
+
+
+def deployment_plan(config, tp: int = 1, precisions=DEPLOY_PRECISIONS, gpus=None) -> list[dict]:
+    """For each precision ``(bits, group, label)`` and GPU (default every GPU of :data:`GPUS`), with the
+    model split over ``tp`` such GPUs: the weights one GPU holds (:func:`tensor_parallel_weight_bytes`),
+    whether they fit, the memory left, and how many tokens of fp16 KV cache (batch 1) that memory holds,
+    each GPU caching its own key/value heads (``kv_cache_bytes / tp`` per token)."""
+    kv_per_token = kv_cache_bytes(config, batch=1, seq_len=1) // tp
+    rows = []
+    for bits, group, label in precisions:
+        w = tensor_parallel_weight_bytes(config, tp, bits, group)["per_rank"]
+        for name in gpus or GPUS:
+            hw = gpu(name)
+            left = hw.memory_gb * 1e9 - w
+            rows.append(
+                {
+                    "precision": label,
+                    "gpu": hw.name,
+                    "weights_gb": w / 1e9,
+                    "memory_gb": hw.memory_gb,
+                    "fits": left > 0,
+                    "left_gb": left / 1e9,
+                    "context_tokens": int(max(left, 0) // kv_per_token),
+                }
+            )
+    return rows
+
+
 # ----------------------------------------------------------------------------- latency and throughput
 
 
