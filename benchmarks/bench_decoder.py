@@ -186,8 +186,8 @@ def report(result: dict, header: bool = True) -> str:
     tokens, vocab = result["train_batch"] * result["train_seq"], result["config"]["vocab_size"]
     losses, floor = result["train_losses"], result["train_step_x_floor"]
     lines = [result["setup"], result["workload"]] if header else []
-    lines += ["", f"{'measurement (median)':<36}{'value':>12}", "-" * 48]
-    lines += [f"{name:<36}{value:>12.1f}" for name, value in result["values"].items()]
+    lines += ["", f"{'measurement (median)':<44}{'value':>12}", "-" * 56]
+    lines += [f"{name:<44}{value:>12.1f}" for name, value in result["values"].items()]
     lines += ["", f"loss head fwd+bwd, {tokens} tokens x vocab {vocab}  {'ms':>10}{'vs unfused':>12}"]
     lines.append("-" * 60)
     for name, value in head_med.items():

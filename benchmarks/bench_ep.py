@@ -9,10 +9,14 @@
    routed rows) against ``deepspeed.moe.layer.MoE(ep_size=2)`` with the same experts
    (``Linear -> GELU -> Linear`` with biases), the same top-2 and the same tokens per process, forward
    and backward.  DeepSpeed runs with its defaults (``capacity_factor=1.0``, ``min_capacity=4``,
-   ``drop_tokens=True``, second-expert sampling on): ``E · C = 2 · tokens`` padded slots, the number
-   of rows our layer computes unpadded (fastmoe's NaiveGate has no capacity).  A round times one
-   step of each, alternating, with a barrier before each; a step's time is the slower process's; the
-   ratio is the median over rounds of ours / DeepSpeed's.  Goal: <= 1.0x.
+   ``drop_tokens=True``, second-expert sampling on): each expert gets ``C = 2 · tokens / experts``
+   slots of each worker's tokens, over-capacity slots are dropped and the rest padded, so every worker
+   computes ``E · C`` rows.  Ours runs twice: with fastmoe's default ``NaiveGate`` (no capacity: no
+   slot dropped, and the worker whose experts are busiest computes more rows than the average), and,
+   for the goal, with our ``GShardGate`` at DeepSpeed's capacity (:func:`capacity_gate`; it computes the
+   kept rows, unpadded).  A round times one step of each, alternating, with a barrier before each; a
+   step's time is the slower process's; the ratio is the median over rounds of ours / DeepSpeed's.
+   Goal: <= 1.0x.
 2. **One process:** ``FMoETransformerMLP`` against :class:`benchmarks.bench_moe.Floor` with
    ``kind="gelu"`` (the same expert's matmuls over ``tokens · k`` rows, no routing), forward and
    backward, interleaved, median of per-round ratios.  Goal: <= 1.3x.
@@ -24,6 +28,7 @@ library's settings.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -34,11 +39,13 @@ from torch import nn
 
 from benchmarks.bench_moe import Floor, _randomize
 from common.fmoe import FMoETransformerMLP
+from common.fmoe.gates import GShardGate
 from common.launch import run_workers
 from common.runner import write_json
 from common.timing import add_malloc_flag, apply_malloc_flag, paired_ratio, race
 
-FORMAT = 1  # the JSON's layout; benchmarks.speed_section reads only this one
+CAPPED = "ours, DeepSpeed's capacity"  # GShardGate at DeepSpeed's capacity factor: the goal's contender
+FORMAT = 2  # the JSON's layout; benchmarks.speed_section reads only this one
 
 DEEPSPEED_SETTINGS = {  # deepspeed.moe.layer.MoE's defaults, as its users get them
     "k": 2,
@@ -72,6 +79,15 @@ FULL = [
 QUICK = [Config("256 tok/process, d 64, 8 experts x 128, top-2", 256, 64, 8, 128, 2)]
 
 
+def capacity_gate(c: Config):
+    """Our GShardGate with DeepSpeed's capacity: DeepSpeed gives each expert ``ceil(k · tokens / experts ·
+    factor)`` slots of a worker's tokens; fastmoe's capacity rate multiplies the worker's tokens alone,
+    so the same capacity is the rate ``k · factor / experts``. fastmoe's random second-expert drop is off
+    (DeepSpeed has none): both gates then keep the same slots' worth of work."""
+    rate = c.top_k * DEEPSPEED_SETTINGS["capacity_factor"] / c.experts
+    return functools.partial(GShardGate, capacity=(rate, rate), random_routing=False)
+
+
 def _fwd_bwd(module, x, grad):
     module.zero_grad(set_to_none=True)
     out = module(x)
@@ -87,6 +103,10 @@ def _ep_worker(ctx, c: Config, repeats: int, warmup: int):
     torch.manual_seed(0)
     ne = c.experts // ctx.world_size
     ours = FMoETransformerMLP(ne, c.d_model, c.d_hidden, top_k=c.top_k, world_size=ctx.world_size)
+    torch.manual_seed(0)  # the same weights, behind a gate with DeepSpeed's capacity
+    capped = FMoETransformerMLP(
+        ne, c.d_model, c.d_hidden, top_k=c.top_k, world_size=ctx.world_size, gate=capacity_gate(c)
+    )
     expert = nn.Sequential(nn.Linear(c.d_model, c.d_hidden), nn.GELU(), nn.Linear(c.d_hidden, c.d_model))
     ds = MoE(c.d_model, expert, num_experts=c.experts, ep_size=ctx.world_size, **DEEPSPEED_SETTINGS)
     ds.set_deepspeed_parallelism()
@@ -101,12 +121,14 @@ def _ep_worker(ctx, c: Config, repeats: int, warmup: int):
         dist.barrier()  # the step ends when the slower process is done
         return time.perf_counter() - start
 
+    contenders = {"ours": ours, CAPPED: capped, "DeepSpeed": ds}
     for _ in range(warmup):
-        step(ours), step(ds)
-    times = {"ours": [], "DeepSpeed": []}
+        for module in contenders.values():
+            step(module)
+    times = {name: [] for name in contenders}
     for _ in range(repeats):
-        times["ours"].append(step(ours))
-        times["DeepSpeed"].append(step(ds))
+        for name, module in contenders.items():
+            times[name].append(step(module))
     return times, torch.get_num_threads()  # both layers ran with this worker's thread count
 
 
@@ -126,13 +148,14 @@ def time_config(c: Config, repeats: int, warmup: int) -> dict:
         repeats,
         warmup=warmup,
     )
-    x_ds = paired_ratio(ep["ours"], ep["DeepSpeed"])
+    x_ds = paired_ratio(ep[CAPPED], ep["DeepSpeed"])
     x_floor = paired_ratio(one["ours"], one["floor"])
     return {
         "config": asdict(c),
         "ep_seconds": ep,  # rank 0's rounds, each the slower process's step
         "ep_median_s": {n: statistics.median(ts) for n, ts in ep.items()},
-        "ep_x_deepspeed": x_ds,
+        "ep_x_deepspeed": x_ds,  # at DeepSpeed's capacity: the goal
+        "ep_naive_x_deepspeed": paired_ratio(ep["ours"], ep["DeepSpeed"]),  # fastmoe's default gate
         "ep_threads_per_worker": worker_threads,
         "one_process_seconds": one,
         "one_process_median_s": {n: statistics.median(ts) for n, ts in one.items()},
@@ -144,16 +167,17 @@ def time_config(c: Config, repeats: int, warmup: int) -> dict:
 
 def table(results: list[dict]) -> str:
     head = (
-        "| config | EP ours ms | EP DeepSpeed ms | ours / DeepSpeed (goal) | 1-proc ours ms | floor ms "
-        "| ours / floor (goal) |"
+        "| config | EP ours ms (NaiveGate) | EP ours ms (DeepSpeed's capacity) | EP DeepSpeed ms "
+        "| ours at DeepSpeed's capacity / DeepSpeed (goal) | NaiveGate / DeepSpeed | 1-proc ours ms "
+        "| floor ms | ours / floor (goal) |"
     )
-    lines = [head, "|" + "---|" * 7]
+    lines = [head, "|" + "---|" * 9]
     for r in results:
         c, e, o = r["config"], r["ep_median_s"], r["one_process_median_s"]
         lines.append(
-            f"| {c['name']} | {1e3 * e['ours']:.1f} | {1e3 * e['DeepSpeed']:.1f} | "
+            f"| {c['name']} | {1e3 * e['ours']:.1f} | {1e3 * e[CAPPED]:.1f} | {1e3 * e['DeepSpeed']:.1f} | "
             f"{r['ep_x_deepspeed']:.2f}x ({c['goal_ep']:.1f}x {'met' if r['goal_ep_met'] else 'NOT met'}) | "
-            f"{1e3 * o['ours']:.1f} | {1e3 * o['floor']:.1f} | "
+            f"{r['ep_naive_x_deepspeed']:.2f}x | {1e3 * o['ours']:.1f} | {1e3 * o['floor']:.1f} | "
             f"{r['x_floor']:.2f}x ({c['goal_floor']:.1f}x {'met' if r['goal_floor_met'] else 'NOT met'}) |"
         )
     return "\n".join(lines)
@@ -191,7 +215,8 @@ def main(argv=None) -> dict:
         results.append(time_config(c, args.repeats, args.warmup))
         r = results[-1]
         print(
-            f"  EP ours/DeepSpeed {r['ep_x_deepspeed']:.2f}x, one process ours/floor {r['x_floor']:.2f}x",
+            f"  EP ours/DeepSpeed {r['ep_x_deepspeed']:.2f}x at DeepSpeed's capacity, "
+            f"{r['ep_naive_x_deepspeed']:.2f}x with NaiveGate; one process ours/floor {r['x_floor']:.2f}x",
             flush=True,
         )
     print(f"\n{table(results)}")
@@ -206,6 +231,8 @@ def main(argv=None) -> dict:
             "ours": "common.fmoe.FMoETransformerMLP, NaiveGate (fastmoe's default gate: no capacity), "
             "GELU experts "
             "with biases; EP over gloo all_to_all_single, counts first",
+            CAPPED: "the same layer and weights with common.fmoe.gates.GShardGate(capacity=(r, r), "
+            "random_routing=False), r = k * capacity_factor / experts: DeepSpeed's slots per expert",
             "DeepSpeed": {
                 "class": "deepspeed.moe.layer.MoE",
                 **DEEPSPEED_SETTINGS,

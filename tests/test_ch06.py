@@ -3,9 +3,11 @@ exit 2), and the expert-parallel benchmark's quick mode runs end to end and reco
 (The scripts' quick runs themselves are in tests/test_scripts.py.)"""
 
 import json
+import math
 import time
 
 import pytest
+import torch
 
 from benchmarks import bench_ep
 from ch06_distributed_moe import (
@@ -42,14 +44,16 @@ def test_bench_ep_quick_records_both_ratios_and_every_setting(tmp_path):
     bench_ep.main(["--quick", "--repeats", "2", "--warmup", "1", "--json", str(out)])
     saved = json.loads(out.read_text())
     (r,) = saved["results"]
-    assert set(r["ep_seconds"]) == {"ours", "DeepSpeed"} and set(r["one_process_seconds"]) == {
+    assert set(r["ep_seconds"]) == {"ours", bench_ep.CAPPED, "DeepSpeed"} and set(
+        r["one_process_seconds"]
+    ) == {
         "ours",
         "floor",
     }
     assert all(
         len(v) == 2 and min(v) > 0 for v in [*r["ep_seconds"].values(), *r["one_process_seconds"].values()]
     )
-    assert r["ep_x_deepspeed"] > 0 and r["x_floor"] > 0
+    assert r["ep_x_deepspeed"] > 0 and r["ep_naive_x_deepspeed"] > 0 and r["x_floor"] > 0
     assert (
         saved["settings"]["DeepSpeed"]["ep_size"] == 2
         and saved["settings"]["DeepSpeed"]["capacity_factor"] == 1.0
@@ -59,3 +63,19 @@ def test_bench_ep_quick_records_both_ratios_and_every_setting(tmp_path):
 
     block = speed_section.ep_block(saved)
     assert bench_ep.table(saved["results"]) in block and saved["format"] == bench_ep.FORMAT
+
+
+@pytest.mark.parametrize("tokens, experts", [(4096, 16), (2048, 8), (1000, 6)])
+def test_bench_ep_capacity_gate_gives_deepspeeds_slots_per_expert(tokens, experts):
+    """The goal's contender keeps as many slots per expert as DeepSpeed's top-2 gating at its default
+    factor: DeepSpeed's own capacity function against ours on the same token count."""
+    sharded_moe = pytest.importorskip("deepspeed.moe.sharded_moe")
+    c = bench_ep.Config("t", tokens, 64, experts, 128, 2)
+    gate = bench_ep.capacity_gate(c)(64, experts, 1)
+    factor = bench_ep.DEEPSPEED_SETTINGS["capacity_factor"]
+    theirs = sharded_moe._capacity(
+        torch.zeros(tokens, experts),
+        torch.tensor(2 * factor),
+        torch.tensor(bench_ep.DEEPSPEED_SETTINGS["min_capacity"]),
+    )
+    assert math.ceil(gate.capacity[0] * tokens) == int(theirs) and gate.random_routing is False
