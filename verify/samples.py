@@ -7,7 +7,8 @@
 A sample is a fenced block in a chapter's README.md whose first line is
 ``$ python -m <chapter>.<script>``. Its body becomes that script's log, cleaned: the harness's own
 command line and the figures table the runner prints last are left out, and so are progress bars
-and DeepSpeed's "Setting accelerator to CPU" warning. An HTML comment on the line before the fence
+and libraries' notes about themselves (:data:`NOISE`: DeepSpeed's "Setting accelerator to CPU", the
+torch profiler's trace markers...). An HTML comment on the line before the fence
 shortens a long block: ``<!-- sample: omit=REGEX -->`` turns each run of lines matching REGEX into
 one ``...``.
 
@@ -36,7 +37,14 @@ BLOCK = re.compile(
 )
 # tqdm's frames, and the plain lines common.progress prints instead where output is not a terminal
 PROGRESS = re.compile(r"\d+%\||\d it/s|\ds/it|\?it/s|^[^:]+: \d+/\d+ \(\d+%\) \d+ s\b")
-NOISE = re.compile(r"\[WARNING\] \[real_accelerator\.py")
+# libraries' notes about themselves, not the section's output: DeepSpeed's accelerator choice and its
+# op build, the torch profiler's trace markers, torch's ONNX exporter on an absent torchvision,
+# onnxruntime's advice to pre-process before quantising
+NOISE = re.compile(
+    r"\[WARNING\] \[real_accelerator\.py|^DeepSpeed deepspeed\.ops\.\S+ built successfully"
+    r"|^USDT:.*profiler_(start|stop)$|torchvision is not installed\. Skipping torchvision::"
+    r"|^WARNING:root:Please consider to run pre-processing before quantization"
+)
 
 
 def clean(log: str, omit: str | None = None) -> str:
