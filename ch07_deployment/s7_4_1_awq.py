@@ -19,8 +19,8 @@ autoawq runs on the same model only when it imports; the script says when it doe
 
 from __future__ import annotations
 
-from common.lm_source import add_source_args, evaluate_lm, load_source
-from common.quant import calibration_windows, check_model_spec, quantize_model
+from common.lm_source import add_source_args, evaluate_lm, load_for_compression
+from common.quant import quantize_model
 from common.runner import parse_args, run_script, script_parser
 
 # AWQ paper, Table 4: Llama-2-7B, WikiText-2 perplexity, INT4 g128
@@ -50,15 +50,7 @@ def main(argv=None) -> dict:
         args.eval_batches = args.eval_batches or 4
     if args.grid < 2:
         parser.error(f"--grid must be at least 2, got {args.grid}")
-    source = load_source(parser, args)
-    try:
-        model = source.decoder("AWQ")
-        for bits in (4, 3):
-            check_model_spec(model, bits, args.group_size)
-        windows = calibration_windows(source.data.train, args.calib_samples, model.config.context_length)
-    except ValueError as e:
-        parser.error(str(e))
-    print(f"model: {source.describe()}; calibration: {tuple(windows.shape)} windows of the training split")
+    source, model, windows = load_for_compression(parser, args, "AWQ", bits=(4, 3))
 
     def evaluate(m) -> dict:
         return evaluate_lm(m, source.data, batch_size=16, max_batches=args.eval_batches)

@@ -24,12 +24,10 @@ from __future__ import annotations
 
 import os
 
-from common.lm_source import add_source_args, evaluate_lm, load_source
+from common.lm_source import add_source_args, evaluate_lm, load_for_compression
 from common.model_files import path_bytes, save_safetensors
 from common.quant import (
     QuantLinear,
-    calibration_windows,
-    check_model_spec,
     pack_model,
     quantize_model,
     quantized_bytes,
@@ -69,15 +67,7 @@ def main(argv=None) -> dict:
         args.eval_batches = args.eval_batches or 4
     if args.damp <= 0:
         parser.error(f"--damp must be positive, got {args.damp}")
-    source = load_source(parser, args)
-    try:
-        model = source.decoder("GPTQ")
-        for bits in (4, 3):
-            check_model_spec(model, bits, args.group_size)
-        windows = calibration_windows(source.data.train, args.calib_samples, model.config.context_length)
-    except ValueError as e:
-        parser.error(str(e))
-    print(f"model: {source.describe()}; calibration: {tuple(windows.shape)} windows of the training split")
+    source, model, windows = load_for_compression(parser, args, "GPTQ", bits=(4, 3))
 
     def evaluate(m) -> dict:
         return evaluate_lm(m, source.data, batch_size=16, max_batches=args.eval_batches)

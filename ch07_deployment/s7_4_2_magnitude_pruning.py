@@ -32,7 +32,7 @@ from __future__ import annotations
 import copy
 import os
 
-from common.lm_source import add_source_args, evaluate_lm, load_source
+from common.lm_source import add_source_args, evaluate_lm, load_for_compression
 from common.plotting import pyplot, save_figure
 from common.prune import (
     apply_masks,
@@ -44,7 +44,6 @@ from common.prune import (
     sparsity_of,
     wanda_prune,
 )
-from common.quant import calibration_windows
 from common.runner import parse_args, run_script, script_parser
 
 # Wanda paper, Table 3: LLaMA-7B, WikiText-2 perplexity at 50% unstructured sparsity, and 2:4
@@ -82,15 +81,9 @@ def main(argv=None) -> dict:
         except ValueError as e:
             parser.error(str(e))
     sparsities = sorted(set(args.sparsities))
-    source = load_source(parser, args)
-    try:
-        model = source.decoder("Wanda pruning")
-        windows = calibration_windows(source.data.train, args.calib_samples, model.config.context_length)
-    except ValueError as e:
-        parser.error(str(e))
+    source, model, windows = load_for_compression(parser, args, "Wanda pruning")
     weights = linear_weights(model)
     four = [n for n, w in weights.items() if w.shape[1] % 4]
-    print(f"model: {source.describe()}; calibration: {tuple(windows.shape)} windows of the training split")
     print(f"pruned: {len(weights)} block linears, {sum(w.numel() for w in weights.values()):,} weights")
 
     def evaluate(m) -> float:

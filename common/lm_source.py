@@ -222,6 +222,27 @@ def load_source(parser: argparse.ArgumentParser, args: argparse.Namespace) -> LM
     return load_pretrained(args.model or ("test" if args.quick else "tiny"), args.device)
 
 
+def load_for_compression(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, purpose: str, bits: tuple[int, ...] = ()
+):
+    """The compression scripts' start: ``(source, model, windows)``, the model the flags name (as a
+    DecoderLM for ``purpose``), checked against every bit width in ``bits`` at ``args.group_size``, and
+    ``args.calib_samples`` calibration windows of its training split; a flag that cannot work ends in a
+    one-line ``parser.error`` before any work starts."""
+    from common.quant import calibration_windows, check_model_spec
+
+    source = load_source(parser, args)
+    try:
+        model = source.decoder(purpose)
+        for b in bits:
+            check_model_spec(model, b, args.group_size)
+        windows = calibration_windows(source.data.train, args.calib_samples, model.config.context_length)
+    except ValueError as e:
+        parser.error(str(e))
+    print(f"model: {source.describe()}; calibration: {tuple(windows.shape)} windows of the training split")
+    return source, model, windows
+
+
 def save_hf_folder(model, encode_tokenizer, path: str) -> str:
     """Write a DecoderLM and its ``tokenizers.Tokenizer`` as a Hugging Face folder (Llama weights,
     ``tokenizer.json``) that :func:`load_hf_folder` and transformers' ``from_pretrained`` read back."""

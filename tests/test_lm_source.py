@@ -10,6 +10,7 @@ from common.lm_source import (
     HFCausalLM,
     add_source_args,
     evaluate_lm,
+    load_for_compression,
     load_hf_folder,
     load_pretrained,
     load_source,
@@ -76,3 +77,25 @@ def test_bad_hf_path_is_a_one_line_error(tmp_path, capsys, make):
     err = capsys.readouterr().err.strip().splitlines()[-1]
     expected = {"missing": "no such folder", "empty": "no config.json", "no_weights": "no weights"}[make]
     assert expected in err and "--hf-path" in err
+
+
+@pytest.mark.parametrize(
+    "bits, group, samples, expected",
+    [((4,), 48, 4, "group"), ((5,), 32, 4, "bit"), ((4,), 32, 10**6, "calibration")],
+)
+def test_compression_start_refuses_impossible_flags(capsys, bits, group, samples, expected):
+    """A group size that does not divide the width, an unsupported bit width, more calibration windows
+    than the training split holds: one-line usage errors before any work."""
+    parser, args = parse(["--model", "test"])
+    args.group_size, args.calib_samples = group, samples
+    with pytest.raises(SystemExit) as e:
+        load_for_compression(parser, args, "a test", bits=bits)
+    assert e.value.code == 2
+    assert expected in capsys.readouterr().err.strip().splitlines()[-1].lower()
+
+
+def test_compression_start_gives_model_and_windows(capsys):
+    parser, args = parse(["--model", "test"])
+    args.group_size, args.calib_samples = 32, 3
+    source, model, windows = load_for_compression(parser, args, "a test", bits=(4, 3))
+    assert windows.shape == (3, model.config.context_length) and "calibration: (3," in capsys.readouterr().out
