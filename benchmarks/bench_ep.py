@@ -42,7 +42,7 @@ from common.fmoe import FMoETransformerMLP
 from common.fmoe.gates import GShardGate
 from common.launch import run_workers
 from common.runner import write_json
-from common.timing import add_malloc_flag, apply_malloc_flag, paired_ratio, race
+from common.timing import add_malloc_flag, apply_malloc_flag, machine_record, paired_ratio, race
 
 CAPPED = "ours, DeepSpeed's capacity"  # GShardGate at DeepSpeed's capacity factor: the goal's contender
 FORMAT = 2  # the JSON's layout; benchmarks.speed_section reads only this one
@@ -241,12 +241,7 @@ def main(argv=None) -> dict:
             },
             "floor": "benchmarks.bench_moe.Floor(kind='gelu') on tokens*k rows",
         },
-        "environment": {
-            "cpu": env["cpu"],
-            "cores": env["cores"],
-            "torch": torch.__version__,
-            "deepspeed": env["packages"]["deepspeed"]["version"],
-        },
+        "environment": machine_record(env, ("deepspeed",)),
         "results": results,
     }
     write_json(args.json, payload)

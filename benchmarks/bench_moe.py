@@ -53,7 +53,7 @@ from common.models.decode_layout import DecodeLayout
 from common.moe import DeepSeekMoE, TopKMoE
 from common.moe.experts import SwiGLU
 from common.runner import write_json
-from common.timing import add_malloc_flag, apply_malloc_flag, paired_ratio, race
+from common.timing import add_malloc_flag, apply_malloc_flag, machine_record, paired_ratio, race
 
 FORMAT = 3  # the JSON's layout; benchmarks.speed_section reads only this one
 
@@ -436,13 +436,7 @@ def main(argv=None) -> dict:
         "repeats": args.repeats,
         "threads": torch.get_num_threads(),
         "malloc": malloc,
-        "environment": {
-            "cpu": env["cpu"],
-            "cores": env["cores"],
-            "torch": torch.__version__,
-            "transformers": env["packages"]["transformers"]["version"],
-            "deepspeed": env["packages"]["deepspeed"]["version"],
-        },
+        "environment": machine_record(env, ("transformers", "deepspeed")),
         "results": results,
     }
     write_json(args.json, payload)

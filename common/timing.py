@@ -78,3 +78,14 @@ def apply_malloc_flag(args: argparse.Namespace) -> str:
     from common.env import keep_freed_memory
 
     return "system defaults" if args.system_malloc or not keep_freed_memory() else "freed memory kept"
+
+
+def machine_record(env: dict, packages: tuple[str, ...]) -> dict:
+    """What a benchmark's JSON says of where it ran: the CPU, its cores, torch's version and the named
+    packages' versions, from :func:`common.env.environment_report`'s ``env``."""
+    return {
+        "cpu": env["cpu"],
+        "cores": env["cores"],
+        "torch": torch.__version__,
+        **{name: env["packages"][name]["version"] for name in packages},
+    }
