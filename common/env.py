@@ -370,9 +370,10 @@ INCOMPATIBILITIES = [
     Incompatibility(
         lambda r: _installed(r, "deepspeed") and _v(r, "torch") >= (2, 13),
         lambda r: (
-            f"torch {r['packages']['torch']['version']} deprecates all_gather_into_tensor and "
-            f"reduce_scatter_tensor, which deepspeed {r['packages']['deepspeed']['version']}'s ZeRO calls at "
-            "every step: a FutureWarning each time (the book's workers show it once)"
+            f"deepspeed {r['packages']['deepspeed']['version']}'s ZeRO calls all_gather_into_tensor and "
+            "reduce_scatter_tensor at every step, and the installed torch "
+            f"({r['packages']['torch']['version']}) deprecates both: a FutureWarning each time (the book's "
+            "workers show it once)"
         ),
     ),
     Incompatibility(
