@@ -127,19 +127,25 @@ bound, {decode["measured"]["x_bound"]:.2f}x with column-major copies of the expe
 
 def ep_block(ep: dict) -> str:
     """The chapter 6 README's figures from ``bench_ep.json``."""
-    env = ep["environment"]
-    return _reflow(f"""Measured on {env["cores"]} cores {env["cpu"]}, torch {env["torch"]}, deepspeed
-{env["deepspeed"]}, {ep["threads"]} threads per process, {ep["repeats"]} rounds
-(`python -m benchmarks.bench_ep --repeats {ep["repeats"]}`); absolute times hold only for that machine.
-DeepSpeed: `deepspeed.moe.layer.MoE` with its defaults (capacity factor
-{ep["settings"]["DeepSpeed"]["capacity_factor"]:g}, `min_capacity`
-{ep["settings"]["DeepSpeed"]["min_capacity"]}, `drop_tokens`
-{ep["settings"]["DeepSpeed"]["drop_tokens"]}), `ep_size` 2 over gloo.
+    env, ds = ep["environment"], ep["settings"]["DeepSpeed"]
+    workers = sorted({r["ep_threads_per_worker"] for r in ep["results"]})
+    return (
+        _reflow(f"""Measured on {env["cores"]} cores {env["cpu"]}, torch {env["torch"]}, deepspeed
+{env["deepspeed"]}: {ep["threads"]} threads in the one-process runs, {", ".join(map(str, workers))} per
+worker in the two-process runs, {ep["repeats"]} rounds (`python -m benchmarks.bench_ep --repeats
+{ep["repeats"]}`); absolute times hold only for that machine. DeepSpeed: `deepspeed.moe.layer.MoE` with
+its defaults (capacity factor {ds["capacity_factor"]:g}, `min_capacity` {ds["min_capacity"]},
+`drop_tokens` {ds["drop_tokens"]}), `ep_size` 2 over gloo: each expert takes a fixed number of slots of
+each worker's tokens, over-capacity tokens are dropped and the rest padded. The goal compares ours at
+that same capacity (`GShardGate` with fastmoe's rate `k · factor / experts`, unpadded); with
+fastmoe's default `NaiveGate` nothing is dropped, and the worker whose experts are busiest computes
+more rows than DeepSpeed's fixed share.
 
-```
-{bench_ep.table(ep["results"])}
-```
 """)
+        + "\n"
+        + bench_ep.table(ep["results"])
+        + "\n"
+    )
 
 
 def _load(bench) -> dict | None:
