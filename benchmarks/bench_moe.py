@@ -55,7 +55,7 @@ from common.moe.experts import SwiGLU
 from common.runner import write_json
 from common.timing import add_malloc_flag, apply_malloc_flag, machine_record, paired_ratio, race
 
-FORMAT = 3  # the JSON's layout; benchmarks.speed_section reads only this one
+FORMAT = 4  # the JSON's layout; benchmarks.speed_section reads only this one
 
 
 @dataclass
@@ -345,7 +345,28 @@ def time_config(c: Config, repeats: int, warmup: int) -> dict:
         result["active_weight_mb"] = len(active) * per_expert / 1e6
         result["column_major_copy_mb"] = variants[COLUMN_MAJOR][0].extra_bytes / 1e6
         result["plain_ours_x_bound"] = paired_ratio(times["ours"], times["read active weights"])
+        result["one_thread"] = one_thread_decode(variants, repeats, warmup)
     return result
+
+
+def one_thread_decode(variants: dict, repeats: int, warmup: int) -> dict:
+    """Ours (column-major) and the read bound again on one thread: where the bound's reads gain from
+    more threads and a decode step's small per-expert products do not, this shows it."""
+    names = (COLUMN_MAJOR, "read active weights")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        times = race(
+            {n: lambda m=variants[n][0], x=variants[n][1]: _call(m, x, False, {}) for n in names},
+            repeats,
+            warmup=warmup,
+        )
+    finally:
+        torch.set_num_threads(threads)
+    return {
+        "median_s": {n: statistics.median(ts) for n, ts in times.items()},
+        "x_bound": paired_ratio(times[COLUMN_MAJOR], times["read active weights"]),
+    }
 
 
 def _goals(r: dict) -> str:

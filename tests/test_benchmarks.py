@@ -67,6 +67,10 @@ def test_bench_moe_quick_times_default_and_eager_blocks_with_equal_outputs(moe_r
     assert "read active weights" in decode["x_floor"] and decode["active_experts"] > 0
     assert bench_moe.COLUMN_MAJOR in decode["x_floor"] and decode["column_major_copy_mb"] > 0
     assert decode["max_abs_diff"][f"{bench_moe.COLUMN_MAJOR} vs HF Mixtral"] < 1e-4
+    assert decode["one_thread"]["x_bound"] > 0 and set(decode["one_thread"]["median_s"]) == {
+        bench_moe.COLUMN_MAJOR,
+        "read active weights",
+    }
 
 
 def test_speed_section_is_built_from_fresh_results(decoder_run, moe_run):
