@@ -35,7 +35,6 @@ from __future__ import annotations
 import copy
 import os
 import statistics
-import time
 
 import torch
 import torch.distributed as dist
@@ -50,6 +49,7 @@ from common.models.decoder import DecoderLM
 from common.models.feedforward import MLP, SwiGLU
 from common.models.generation import generate
 from common.runner import parse_args, positive_int, run_script, script_parser
+from common.timing import timed
 
 ANCHORS = ("deepspeed", "torch")  # tried in this order by --anchor auto
 PLAN_GPUS = ("rtx-4060", "rtx-3090", "rtx-4090", "l4", "a100-40gb", "a100-80gb", "h100-sxm")
@@ -330,12 +330,7 @@ def time_allreduce(numel: int, device: str, rounds: int = 50) -> float:
     if not dist.is_initialized():
         return 0.0
     x = torch.zeros(numel, device=device)
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        dist.all_reduce(x)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(timed(lambda: dist.all_reduce(x), device) for _ in range(rounds))
 
 
 def tp_worker(ctx, config, state: dict, prompt: list[int], n_new: int, repeats: int, anchor: str) -> dict:
@@ -354,22 +349,18 @@ def tp_worker(ctx, config, state: dict, prompt: list[int], n_new: int, repeats: 
         "threads": torch.get_num_threads(),
     }
 
-    def timed(m) -> float:
-        start = time.perf_counter()
-        generate(m, [prompt], n_new)
-        if ctx.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        return (time.perf_counter() - start) / n_new
+    def per_token(m) -> float:
+        return timed(lambda: generate(m, [prompt], n_new), ctx.device) / n_new
 
     single, split = [], []
     for _ in range(repeats):  # interleaved: one process (rank 0 alone, the others wait), then the group
         if ctx.world_size > 1:
             dist.barrier()
         if ctx.rank == 0:
-            single.append(timed(model))
+            single.append(per_token(model))
         if ctx.world_size > 1:
             dist.barrier()
-        split.append(timed(tp))
+        split.append(per_token(tp))
     result |= {"single_s": statistics.median(single) if single else None, "tp_s": statistics.median(split)}
     result["allreduce_d_s"] = time_allreduce(config.d_model, ctx.device)
     result["allreduce_vocab_s"] = time_allreduce(config.vocab_size, ctx.device)

@@ -14,23 +14,19 @@ import time
 import torch
 
 from common.estimate import Hardware
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
+from common.timing import sync
 
 
 def best_seconds(fn, device: str, repeats: int) -> float:
     """Seconds of the fastest of ``repeats`` calls of ``fn`` after one warm-up call (waiting for the GPU
     on cuda): on a shared machine other work only ever adds time."""
     fn()  # warm up
-    _sync(device)
+    sync(device)
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         best = min(best, time.perf_counter() - start)
     return best
 

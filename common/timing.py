@@ -11,17 +11,18 @@ import time
 import torch
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
+def sync(device: str) -> None:
+    """Wait for the GPU's queued work on ``cuda`` / ``cuda:N``; nothing elsewhere."""
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize(device)
 
 
 def timed(fn, device: str = "cpu") -> float:
     """Seconds one call of ``fn`` takes (waiting for the GPU on cuda)."""
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     fn()
-    _sync(device)
+    sync(device)
     return time.perf_counter() - start
 
 
