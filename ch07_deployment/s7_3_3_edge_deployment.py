@@ -22,7 +22,7 @@ import statistics
 import torch
 
 from common.lm_source import add_source_args, evaluate_lm, load_source
-from common.model_files import onnx_bytes
+from common.model_files import onnx_bytes, save_safetensors
 from common.onnx_export import ORT_GEMM_OPS, OrtDecoder, OrtLM, export_decoder
 from common.runner import parse_args, run_script, script_parser
 from common.timing import gemm_share, paired_ratio, race
@@ -90,7 +90,8 @@ def main(argv=None) -> dict:
         "ort_fp32": evaluate_lm(OrtDecoder(fp_sess), source.data, 16, args.eval_batches, device="cpu"),
         "ort_int8": evaluate_lm(OrtDecoder(q_sess), source.data, 16, args.eval_batches, device="cpu"),
     }
-    sizes = {"pytorch": sum(p.numel() * 4 for p in model.parameters()), "ort_fp32": onnx_bytes(fp_path)}
+    pytorch_bytes = save_safetensors(model, os.path.join(args.out, "pytorch"))  # the eager model's file
+    sizes = {"pytorch": pytorch_bytes, "ort_fp32": onnx_bytes(fp_path)}
     sizes["ort_int8"] = onnx_bytes(q_path)
     print(f"{source.describe()}; exported by the {info['exporter']} exporter, opset {info['opset']}")
     print(f"\n{'':9} {'MB':>7} {'ms (b=1, ' + str(seq) + ' tok)':>18} {'ppl':>9} {'bpb':>7}")
@@ -117,6 +118,7 @@ def main(argv=None) -> dict:
     return {
         "exporter": info["exporter"],
         "seq_len": seq,
+        "pytorch_safetensors_bytes": sizes["pytorch"],
         "fp32_onnx_bytes": sizes["ort_fp32"],
         "int8_onnx_bytes": sizes["ort_int8"],
         "int8_over_fp32_file": sizes["ort_int8"] / sizes["ort_fp32"],

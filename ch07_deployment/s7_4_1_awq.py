@@ -19,20 +19,13 @@ autoawq runs on the same model only when it imports; the script says when it doe
 
 from __future__ import annotations
 
+from common.env import import_status
 from common.lm_source import add_source_args, evaluate_lm, load_for_compression
 from common.quant import quantize_model
 from common.runner import parse_args, run_script, script_parser
 
 # AWQ paper, Table 4: Llama-2-7B, WikiText-2 perplexity, INT4 g128
 PAPER_LLAMA2_7B = {"fp16": 5.47, "rtn": 5.73, "gptq": 5.69, "awq": 5.60}
-
-
-def autoawq_status() -> str:
-    try:
-        __import__("awq")
-        return "imports"
-    except Exception as e:  # noqa: BLE001 - a broken install raises anything
-        return f"does not import: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
 def main(argv=None) -> dict:
@@ -76,7 +69,7 @@ def main(argv=None) -> dict:
         f"\nthe paper's Llama-2-7B (WikiText-2, INT4 g128): fp16 {p['fp16']}, RTN {p['rtn']}, "
         f"GPTQ {p['gptq']}, AWQ {p['awq']}"
     )
-    status = autoawq_status()
+    status = import_status("awq")
     print(f"autoawq: {status}" + ("" if status == "imports" else "; only this repository's AWQ ran"))
 
     figures = {

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 
+from common.env import import_status
 from common.lm_source import add_source_args, evaluate_lm, load_for_compression
 from common.model_files import path_bytes, save_safetensors
 from common.quant import (
@@ -40,15 +41,8 @@ PAPER_OPT125M = {"fp16": 27.65, "rtn4": 37.28, "gptq4": 31.12}
 
 
 def library_status() -> dict:
-    """Whether auto-gptq / GPTQModel import here, and why not."""
-    status = {}
-    for name in ("auto_gptq", "gptqmodel"):
-        try:
-            __import__(name)
-            status[name] = "imports"
-        except Exception as e:  # noqa: BLE001 - a broken install raises anything
-            status[name] = f"does not import: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    return status
+    """Whether auto-gptq / GPTQModel import here, and why not (:func:`common.env.package_status`)."""
+    return {name: import_status(name) for name in ("auto_gptq", "gptqmodel")}
 
 
 def main(argv=None) -> dict:

@@ -63,15 +63,13 @@ import torch
 from torch import nn
 
 from common.distill import lm_batches, lm_logits, student_config, train_student
-from common.lm_source import add_source_args, evaluate_lm, load_source
-from common.model_files import onnx_bytes, path_bytes, save_safetensors
+from common.lm_source import add_source_args, evaluate_lm, load_for_compression
+from common.model_files import onnx_bytes, path_bytes, save_safetensors, save_state_dict
 from common.onnx_export import OrtDecoder, OrtLM, export_decoder
 from common.plotting import pyplot, save_figure
 from common.prune import activation_scores, lowest_per_layer, prune_model
 from common.quant import (
     block_linears,
-    calibration_windows,
-    check_model_spec,
     pack_model,
     quantize_model,
     save_quantized,
@@ -117,10 +115,8 @@ def float_variant(model: nn.Module, folder: str) -> Variant:
 def torch_int8(model: nn.Module, folder: str) -> Variant:
     """PyTorch's dynamic int8 quantisation of every nn.Linear (a copy), saved as its state_dict."""
     qmodel = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, "model.pt")
-    torch.save(qmodel.state_dict(), path)
-    return Variant(qmodel.eval(), path_bytes(path), "torch.save state_dict: int8 linears, fp32 embedding")
+    size = save_state_dict(qmodel.state_dict(), folder)
+    return Variant(qmodel.eval(), size, "torch.save state_dict: int8 linears, fp32 embedding")
 
 
 def ort_int8(model: nn.Module, folder: str) -> tuple[Variant, dict]:
@@ -159,12 +155,12 @@ def prune_ffn(model: nn.Module, windows, fraction: float) -> nn.Module:
     return prune_model(model, neurons=lowest_per_layer(neurons, fraction)).eval()
 
 
-def distil(teacher: nn.Module, data, args) -> nn.Module:
-    """A smaller student (``--student-layers`` x ``--student-width``) distilled from ``teacher``."""
+def distil(teacher: nn.Module, config, data, args) -> nn.Module:
+    """A smaller student (``config``) distilled from ``teacher``."""
     from common.models.decoder import DecoderLM
 
     torch.manual_seed(args.seed)
-    student = DecoderLM(student_config(data, args.student_layers, args.student_width))
+    student = DecoderLM(config)
     batches = lm_batches(data, args.distil_steps, args.batch_size, args.seed + 1)
     train_student(
         student,
@@ -234,21 +230,18 @@ def main(argv=None) -> dict:
             f"device {args.device} asked; int8 dynamic quantisation (torch and onnxruntime) runs on the CPU"
         )
         args.device = "cpu"
-    source = load_source(parser, args)
+    source, model, windows = load_for_compression(parser, args, "the combined compression", bits=(4,))
+    model.eval()
+    cfg = model.config
     try:
-        model = source.decoder("the combined compression").cpu().eval()
-        cfg = model.config
-        args.student_layers = args.student_layers or max(1, cfg.n_layer // 2)
-        args.student_width = args.student_width or cfg.d_model
-        student_cfg = student_config(source.data, args.student_layers, args.student_width)
-        check_model_spec(model, 4, args.group_size)
-        windows = calibration_windows(source.data.train, args.calib_samples, cfg.context_length)
+        student_cfg = student_config(
+            source.data, args.student_layers or max(1, cfg.n_layer // 2), args.student_width or cfg.d_model
+        )
     except ValueError as e:
         parser.error(str(e))
     seq = args.seq_len or cfg.context_length
     if not 1 <= seq <= cfg.context_length:
         parser.error(f"--seq-len must be in [1, {cfg.context_length}], got {seq}")
-    print(f"model: {source.describe()}; calibration: {tuple(windows.shape)} windows of the training split")
 
     def folder(key: str) -> str:
         return os.path.join(args.out, key)
@@ -267,7 +260,7 @@ def main(argv=None) -> dict:
     print(
         f"distillation: {args.distil_steps} steps of {args.batch_size} x {source.data.context_length} tokens"
     )
-    student = distil(model, source.data, args)
+    student = distil(model, student_cfg, source.data, args)
     variants["distilled"] = float_variant(student, folder("distilled"))
     student_g, pruned_g = fitting_group(student, g), fitting_group(pruned, g)
     print(f"GPTQ 4-bit of the student (g{student_g}) and of the pruned model (g{pruned_g})")

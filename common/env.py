@@ -221,6 +221,12 @@ def package_status(import_name: str) -> dict:
     return info
 
 
+def import_status(import_name: str) -> str:
+    """``"imports"``, or ``"does not import: <why>"`` (not installed, or the import's error)."""
+    info = package_status(import_name)
+    return "imports" if info["imports"] else f"does not import: {info['error']}"
+
+
 def _cpu_model_and_flags() -> tuple[str, list[str]]:
     model, flags = platform.processor() or platform.machine(), []
     try:

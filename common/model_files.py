@@ -4,7 +4,8 @@
     q = path_bytes(save_quantized(packed, "out/int4", {...}))   # every file of the folder
     onnx = onnx_bytes("out/lm.onnx")                    # the graph and the weights files it names
 
-Sizes are bytes of the files as written (headers and configs included), not parameter counts times a
+Each file is written under a temporary name and renamed when complete. Sizes are bytes of the files as
+written (headers and configs included), not parameter counts times a
 width: what a reader copies to a device.
 """
 
@@ -25,6 +26,19 @@ def path_bytes(*paths: str | os.PathLike) -> int:
     return total
 
 
+def _write_then_rename(path: str, write) -> int:
+    """``write(temporary name)``, then one rename to ``path``: a crash mid-write never leaves a file that
+    looks finished. Returns the file's bytes."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return os.path.getsize(path)
+
+
 def save_safetensors(model, folder: str | os.PathLike, metadata: dict[str, str] | None = None) -> int:
     """Write ``model``'s parameters and buffers to ``folder/model.safetensors`` (shared tensors once, as
     ``safetensors.torch.save_model`` does), with ``metadata`` (text) in its header; returns the bytes."""
@@ -32,8 +46,16 @@ def save_safetensors(model, folder: str | os.PathLike, metadata: dict[str, str] 
 
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, "model.safetensors")
-    save_model(model, path, metadata=metadata)
-    return os.path.getsize(path)
+    return _write_then_rename(path, lambda tmp: save_model(model, tmp, metadata=metadata))
+
+
+def save_state_dict(state: dict, folder: str | os.PathLike) -> int:
+    """``torch.save`` of a state dict to ``folder/model.pt`` (for tensors safetensors cannot hold, such as
+    torch's quantised ones; it loads back with ``weights_only=True``); returns the bytes."""
+    import torch
+
+    os.makedirs(folder, exist_ok=True)
+    return _write_then_rename(os.path.join(folder, "model.pt"), lambda tmp: torch.save(state, tmp))
 
 
 def onnx_bytes(path: str | os.PathLike) -> int:

@@ -138,3 +138,23 @@ def test_bad_flags_are_one_line_errors(flags, tmp_path):
     with pytest.raises(SystemExit) as e:
         combined.main(["--quick", *flags, "--out", str(tmp_path)])
     assert e.value.code == 2
+
+
+def test_model_files_write_under_a_temporary_name_then_rename(tmp_path, monkeypatch):
+    """A write that fails half way leaves neither a finished-looking file nor its temporary."""
+    import safetensors.torch
+
+    from common import model_files
+
+    def broken(model, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_model", broken)
+    with pytest.raises(OSError, match="disk full"):
+        model_files.save_safetensors(torch.nn.Linear(2, 2), tmp_path / "m")
+    assert list((tmp_path / "m").iterdir()) == []
+    n = model_files.save_state_dict({"w": torch.ones(3)}, tmp_path / "s")
+    assert n == (tmp_path / "s" / "model.pt").stat().st_size
+    assert torch.equal(torch.load(tmp_path / "s" / "model.pt", weights_only=True)["w"], torch.ones(3))

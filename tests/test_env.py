@@ -209,3 +209,10 @@ def test_keep_freed_memory_stops_page_faults_on_reuse():
     (_, default_faults), (applied, kept_faults) = last_ten_rounds("default"), last_ten_rounds("kept")
     assert applied == "True"
     assert default_faults >= 10 * 16384 and kept_faults * 100 < default_faults, (default_faults, kept_faults)
+
+
+def test_import_status_says_why_a_package_does_not_import():
+    from common.env import import_status
+
+    assert import_status("numpy") == "imports"
+    assert import_status("no_such_package_here") == "does not import: not installed"
