@@ -257,10 +257,9 @@ def deepspeed_tp(hf, ctx) -> nn.Module:
     """DeepSpeed's AutoTP: ``init_inference`` with ``tensor_parallel`` splits the Llama's linears in place.
 
     On a CPU DeepSpeed all-reduces through its shared-memory kernel, which it sets up only when
-    ``LOCAL_SIZE`` (set by DeepSpeed's own launcher) equals the world size; unset, 0.19.8 still calls the
-    kernel and the process dies of a segmentation fault (DeepSpeed issue #7625 asks for a fallback to
-    ``torch.distributed``). So the local world size is set here, as its launcher would."""
-    os.environ.setdefault("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", str(ctx.world_size)))
+    ``LOCAL_SIZE`` (set by DeepSpeed's own launcher) equals the number of local processes; unset, 0.19.8
+    still calls the kernel and the process dies of a segmentation fault (DeepSpeed issue #7625).
+    :mod:`common.launch` sets it for its own workers and under torchrun, as DeepSpeed's launcher would."""
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="nccl" if ctx.device.startswith("cuda") else "gloo")
@@ -481,8 +480,8 @@ def main(argv=None) -> dict:
             if lib == "deepspeed" and device == "cpu":
                 print(
                     "  (DeepSpeed all-reduces through its shared-memory kernel on a CPU; started without its "
-                    "launcher, LOCAL_SIZE is set\n  to the world size first, or 0.19.8 calls the kernel "
-                    "uninitialised and the process dies of SIGSEGV)"
+                    "launcher, common.launch sets\n  LOCAL_SIZE as that launcher would, or 0.19.8 calls the "
+                    "kernel uninitialised and the process dies of SIGSEGV)"
                 )
         if anchor["ran"]:
             figures["anchor_tokens_equal_single"] = agree

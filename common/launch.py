@@ -43,6 +43,15 @@ from typing import Any
 GRACE_SECONDS = 5.0  # between SIGTERM and SIGKILL when ending workers
 
 
+def _deepspeed_env() -> None:
+    """Under torchrun, give DeepSpeed the ``LOCAL_SIZE`` its own launcher would set. On a CPU DeepSpeed
+    all-reduces through a shared-memory kernel that it sets up only when ``LOCAL_SIZE`` is the number of
+    local processes; without it deepspeed 0.19.8 still calls the kernel and the process dies of SIGSEGV
+    (DeepSpeed issue #7625)."""
+    if "LOCAL_WORLD_SIZE" in os.environ:
+        os.environ.setdefault("LOCAL_SIZE", os.environ["LOCAL_WORLD_SIZE"])
+
+
 def show_each_warning_once() -> None:
     """From now on this process prints each distinct warning (category and text) once.
 
@@ -107,6 +116,7 @@ def _worker_main(rank: int, nproc: int, port: int, device: str, threads: int, fn
         LOCAL_RANK=str(rank),
         WORLD_SIZE=str(nproc),
         LOCAL_WORLD_SIZE=str(nproc),
+        LOCAL_SIZE=str(nproc),  # DeepSpeed's name for it, which its launcher sets (see _deepspeed_env)
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
     )
@@ -192,6 +202,7 @@ def run_workers(
         from common.training import setup_distributed
 
         show_each_warning_once()
+        _deepspeed_env()
         ctx = setup_distributed(device)
         result = fn(ctx, *args)
         gathered: list = [None] * ctx.world_size

@@ -13,7 +13,12 @@ from common.launch import WorkerError, WorkerTimeout, is_main, launched, run_wor
 def _sum_of_ranks(ctx, scale):
     t = torch.tensor([float(ctx.rank + 1)])
     dist.all_reduce(t)
-    return {"rank": ctx.rank, "world": ctx.world_size, "sum": scale * t.item()}
+    return {
+        "rank": ctx.rank,
+        "world": ctx.world_size,
+        "sum": scale * t.item(),
+        "local": os.environ["LOCAL_SIZE"],
+    }
 
 
 def _rank1_raises(ctx):
@@ -36,7 +41,8 @@ def _sleeps(ctx):
 
 def test_results_in_rank_order_over_a_real_group():
     out = run_workers(_sum_of_ranks, nproc=2, args=(10.0,), timeout=120)
-    assert out == [{"rank": r, "world": 2, "sum": 30.0} for r in range(2)]
+    # LOCAL_SIZE as DeepSpeed's launcher sets it (its CPU all-reduce kernel needs it)
+    assert out == [{"rank": r, "world": 2, "sum": 30.0, "local": "2"} for r in range(2)]
 
 
 def test_a_raising_worker_ends_the_others_and_names_its_rank():
@@ -95,3 +101,15 @@ def test_show_each_warning_once_survives_filter_changes(monkeypatch):
             warnings.warn("deprecated collective", FutureWarning, stacklevel=1)
             warnings.warn("another one", UserWarning, stacklevel=1)
     assert printed == ["deprecated collective", "another one"]
+
+
+def test_under_torchrun_deepspeed_gets_its_local_size(monkeypatch):
+    from common.launch import _deepspeed_env
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    monkeypatch.delenv("LOCAL_SIZE", raising=False)
+    _deepspeed_env()
+    assert os.environ["LOCAL_SIZE"] == "4"
+    monkeypatch.setenv("LOCAL_SIZE", "2")  # DeepSpeed's own launcher set it: left alone
+    _deepspeed_env()
+    assert os.environ["LOCAL_SIZE"] == "2"
