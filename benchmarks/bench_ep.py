@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -80,11 +81,14 @@ QUICK = [Config("256 tok/process, d 64, 8 experts x 128, top-2", 256, 64, 8, 128
 
 
 def capacity_gate(c: Config):
-    """Our GShardGate with DeepSpeed's capacity: DeepSpeed gives each expert ``ceil(k · tokens / experts ·
-    factor)`` slots of a worker's tokens; fastmoe's capacity rate multiplies the worker's tokens alone,
-    so the same capacity is the rate ``k · factor / experts``. fastmoe's random second-expert drop is off
-    (DeepSpeed has none): both gates then keep the same slots' worth of work."""
-    rate = c.top_k * DEEPSPEED_SETTINGS["capacity_factor"] / c.experts
+    """Our GShardGate with DeepSpeed's capacity: DeepSpeed gives each expert ``C = max(ceil(k · tokens /
+    experts · factor), min_capacity)`` slots of a worker's tokens; fastmoe's GShardGate gives each
+    ``ceil(rate · tokens) · k // experts``, so the rate ``C · experts / (k · tokens)`` gives the same C.
+    fastmoe's random second-expert drop is off (DeepSpeed has none): both gates then keep the same
+    slots' worth of work."""
+    k, factor = c.top_k, DEEPSPEED_SETTINGS["capacity_factor"]
+    slots = max(math.ceil(k * c.tokens / c.experts * factor), DEEPSPEED_SETTINGS["min_capacity"])
+    rate = slots * c.experts / (k * c.tokens)
     return functools.partial(GShardGate, capacity=(rate, rate), random_routing=False)
 
 
@@ -232,7 +236,7 @@ def main(argv=None) -> dict:
             "GELU experts "
             "with biases; EP over gloo all_to_all_single, counts first",
             CAPPED: "the same layer and weights with common.fmoe.gates.GShardGate(capacity=(r, r), "
-            "random_routing=False), r = k * capacity_factor / experts: DeepSpeed's slots per expert",
+            "random_routing=False), r = C * experts / (k * tokens): DeepSpeed's C slots per expert",
             "DeepSpeed": {
                 "class": "deepspeed.moe.layer.MoE",
                 **DEEPSPEED_SETTINGS,

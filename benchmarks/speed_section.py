@@ -143,7 +143,7 @@ worker in the two-process runs, {ep["repeats"]} rounds (`python -m benchmarks.be
 its defaults (capacity factor {ds["capacity_factor"]:g}, `min_capacity` {ds["min_capacity"]},
 `drop_tokens` {ds["drop_tokens"]}), `ep_size` 2 over gloo: each expert takes a fixed number of slots of
 each worker's tokens, over-capacity tokens are dropped and the rest padded. The goal compares ours at
-that same capacity (`GShardGate` with fastmoe's rate `k · factor / experts`, unpadded); with
+that same capacity (`GShardGate` at the rate that gives DeepSpeed's slots per expert, unpadded); with
 fastmoe's default `NaiveGate` nothing is dropped, and the worker whose experts are busiest computes
 more rows than DeepSpeed's fixed share.
 

@@ -99,7 +99,8 @@ def is_main() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on the loopback interface that nothing listens on now (for a rendezvous)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -224,7 +225,7 @@ def run_workers(
     threads = 0 if device.startswith("cuda") else max(1, (os.cpu_count() or 1) // nproc)
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     processes = [
         ctx.Process(
             target=_worker_main,

@@ -8,8 +8,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import tree
 
 from common.fmoe import (
+    DistributedGroupedDataParallel,
     FMoE,
     FMoELinear,
     FMoETransformerMLP,
@@ -19,6 +21,7 @@ from common.fmoe import (
     SwitchGate,
 )
 from common.fmoe.backend import fmoe_backend
+from common.fmoe.gates.utils import cap_global_expert_count, limit_by_capacity, prune_gate_by_capacity
 from common.fmoe.expert_parallel import check_ep_size, local_experts
 from common.launch import WorkerError, run_workers
 
@@ -59,36 +62,73 @@ def test_naive_gate_is_topk_of_logits_with_softmax_over_the_k():
     x = torch.randn(10, 16)
     idx, score = gate(x)
     logits = (x @ gate.gate.weight.T + gate.gate.bias).detach()
+    # fastmoe's topk(sorted=False): the k largest, in the order torch's kernel leaves them
+    assert torch.equal(idx, torch.topk(logits, 2, sorted=False).indices)
     for t in range(10):
-        order = sorted(range(6), key=lambda e: -float(logits[t, e]))[:2]
-        assert idx[t].tolist() == order
-        p = torch.softmax(logits[t], -1)[order]
+        assert set(idx[t].tolist()) == set(sorted(range(6), key=lambda e: -float(logits[t, e]))[:2])
+        p = torch.softmax(logits[t], -1)[idx[t]]
         torch.testing.assert_close(score[t], p / p.sum(), atol=ATOL, rtol=0)
-    assert gate.get_loss() is None and tuple(gate.gate.weight.shape) == (6, 16)
+    loss = gate.get_loss()  # fastmoe's dummy loss: a zero that a sum of every gate's loss can carry
+    assert torch.equal(loss.detach(), torch.zeros(1)) and loss.requires_grad
+    assert tuple(gate.gate.weight.shape) == (6, 16)
     assert NaiveGate(16, 4, 1, gate_bias=False).gate.bias is None
 
 
 def test_gshard_gate_loss_capacity_and_random_routing_follow_fastmoe():
     torch.manual_seed(0)
-    gate = GShardGate(8, 4, 1, capacity=(0.1, 0.1), random_routing=False).train()
+    gate = GShardGate(8, 4, 1, capacity=(0.2, 0.2), random_routing=False).train()
     x = torch.randn(40, 8)
     idx, score = gate(x)
     logits = gate.gate(x)
-    # fastmoe's formula, written out: c_e over first choices / S, m_e mean softmax, mean(c·m)·n²
-    top1 = logits.argmax(-1)
-    c = torch.zeros(4).scatter_add(0, top1, torch.ones(40)) / 40
+    chosen = torch.topk(logits, 2, sorted=False).indices  # the gate's own (tokens, 2) choice
+    # fastmoe's formula, written out: c_e over column 0 / S, m_e mean softmax, mean(c·m)·n²
+    c = torch.zeros(4).scatter_add(0, chosen[:, 0], torch.ones(40)) / 40
     m = logits.softmax(1).mean(0)
     torch.testing.assert_close(gate.get_loss(), (c * m).mean() * 4**2, atol=ATOL, rtol=0)
-    # capacity ceil(0.1 · 40) = 4 slots per expert, first come in (token, slot) order
-    full = torch.topk(logits, 2).indices
+    # fastmoe >= 1.0.1: ceil(0.2 · 40) · 2 // (1 · 4) = 4 slots per expert, first come in (token, slot) order
+    assert gate.slots_per_expert(40) == 4
     seen = [0] * 4
     for t in range(40):
         for j in range(2):
-            e = int(full[t, j])
+            e = int(chosen[t, j])
             want = e if seen[e] < 4 else -1
             seen[e] += 1
             assert int(idx[t, j]) == want
     assert gate.get_loss() is None  # cleared when read
+
+
+def test_gshard_capacity_is_fastmoe_v101s_share_of_the_slots():
+    # the issue's case: 16 tokens at rate 1.2 on 4 global experts keep ceil(19.2) · 2 // 4 = 10 slots
+    # each (fastmoe v1.0.0, and this package before, gave every expert ceil(1.2 · 16) = 20: no drop)
+    assert GShardGate(8, 4, 1, capacity=(1.2, 2.4)).train().slots_per_expert(16) == 10
+    assert GShardGate(8, 2, 2, capacity=(1.2, 2.4)).train().slots_per_expert(16) == 10  # 2 workers x 2
+    assert GShardGate(8, 2, 1, capacity=(1.2, 2.4)).eval().slots_per_expert(16) == 39  # ceil(38.4) · 2 // 2
+    gate = GShardGate(8, 2, 1, capacity=(1.2, 1.2), random_routing=False).train()
+    with torch.no_grad():
+        gate.gate.weight.zero_()
+        gate.gate.bias.copy_(torch.tensor([1.0, 0.0]))  # every token: expert 0 first, expert 1 second
+    idx, _ = gate(torch.randn(16, 8))
+    assert (idx[:, 0] >= 0).sum() == 16 and (idx[:, 1] >= 0).sum() == 16  # 20 slots each: nothing dropped
+    tight = GShardGate(8, 4, 1, capacity=(1.2, 1.2), random_routing=False).train()
+    with torch.no_grad():
+        tight.gate.weight.zero_()
+        tight.gate.bias.copy_(torch.tensor([1.0, 0.5, 0.0, 0.0]))
+    idx, _ = tight(torch.randn(16, 8))
+    assert torch.bincount(idx[idx >= 0], minlength=4).tolist() == [10, 10, 0, 0]
+
+
+def test_capacity_helpers_are_fastmoes_kernels():
+    idx = torch.tensor([[0, 1], [0, 2], [1, 0], [0, -1]])
+    # keep the first expert_count[e] slots of each expert in (token, slot) order
+    assert prune_gate_by_capacity(idx, torch.tensor([2, 1, 0]), 3, 1).tolist() == [
+        [0, 1], [0, -1], [-1, -1], [-1, -1]
+    ]
+    # two senders propose (4, 1) and (3, 5) rows to two local experts of capacity 5: sender 0 first
+    gec = torch.tensor([4, 1, 3, 5])
+    assert cap_global_expert_count(gec, torch.tensor([5, 5]), 2, 2).tolist() == [4, 1, 1, 4]
+    new_lec, new_gec, pruned = limit_by_capacity(idx, 3, 1, 1)
+    assert new_lec.tolist() == new_gec.tolist() == [1, 1, 1]
+    assert pruned.tolist() == [[0, 1], [-1, 2], [-1, -1], [-1, -1]]
 
 
 def test_gshard_random_routing_drops_second_where_twice_its_score_is_below_uniform():
@@ -112,6 +152,9 @@ def test_gshard_loss_equals_deepspeed_top2gating():
     x = torch.randn(64, 16)
     gate(x)
     logits = gate.gate(x).detach()
+    # fastmoe counts column 0 as the first choice, DeepSpeed the argmax: equal where torch's CPU
+    # top-2 (sorted=False) leaves the larger first, as it does here
+    assert torch.equal(torch.topk(logits, 2, sorted=False).indices[:, 0], logits.argmax(-1))
     l_aux = top2gating(logits.clone(), 1.0, 0, top2_2nd_expert_sampling=False)[0]
     torch.testing.assert_close(gate.get_loss().detach(), l_aux, atol=ATOL, rtol=0)
 
@@ -218,21 +261,91 @@ def test_fmoe_gradients_equal_the_slot_loop():
     torch.testing.assert_close(gx, x.grad, atol=1e-4, rtol=1e-4)
 
 
+class _CountingExpert(torch.nn.Linear):
+    """A custom expert: fastmoe calls each as ``expert(rows, torch.tensor([rows]))``."""
+
+    def __init__(self, d):
+        super().__init__(d, d)
+        self.counts = []
+
+    def forward(self, x, fwd_expert_count):
+        self.counts.append(fwd_expert_count)
+        return tree.map_structure(super().forward, x)  # a tensor, or a dict/list of the expert's rows
+
+
 def test_fmoe_with_a_custom_expert_module_and_fmoe_linear():
     torch.manual_seed(0)
-    layer = FMoE(3, 8, top_k=2, expert=lambda d: torch.nn.Linear(d, d))
+    layer = FMoE(3, 8, top_k=2, expert=_CountingExpert)
     seen = _record_gate(layer)
     x = torch.randn(7, 8)
-    ref = _slot_loop(
-        x, seen["idx"] if seen else layer.gate(x)[0], layer.gate(x)[1], lambda e, r: layer.experts[e](r)
-    )
-    torch.testing.assert_close(layer(x), ref, atol=ATOL, rtol=0)
+    y = layer(x)
+    ref = _slot_loop(x, seen["idx"], seen["score"], lambda e, r: layer.experts[e](r, None))
+    torch.testing.assert_close(y, ref, atol=ATOL, rtol=0)
+    counts = [ex.counts[0] for ex in layer.experts]  # the count each expert got, before the reference's calls
+    assert all(c.dtype == torch.int64 and c.device.type == "cpu" and c.shape == (1,) for c in counts)
+    assert [int(c) for c in counts] == torch.bincount(seen["idx"].view(-1), minlength=3).tolist()
     lin = FMoELinear(3, 8, 5)
     rows, counts = torch.randn(9, 8), [2, 0, 7]
     want = torch.cat([rows[:2] @ lin.weight[0].T, rows[2:] @ lin.weight[2].T]) + torch.cat(
         [lin.bias[0].expand(2, 5), lin.bias[2].expand(7, 5)]
     )
     torch.testing.assert_close(lin(rows, counts), want, atol=ATOL, rtol=0)
+    # backward written out (MOELinear) against autograd through the same products
+    rows.requires_grad_()
+    g = torch.randn(9, 5)
+    (lin(rows, torch.tensor(counts)) * g).sum().backward()
+    got = rows.grad.clone(), lin.weight.grad.clone(), lin.bias.grad.clone()
+    rows.grad, lin.weight.grad, lin.bias.grad = None, None, None
+    auto = torch.cat([rows[:2] @ lin.weight[0].T + lin.bias[0], rows[2:] @ lin.weight[2].T + lin.bias[2]])
+    (auto * g).sum().backward()
+    for a, b in zip(got, (rows.grad, lin.weight.grad, lin.bias.grad)):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+    # fastmoe casts the input to the weight's dtype
+    half = FMoELinear(1, 8, 5).to(torch.bfloat16)
+    assert half(torch.randn(3, 8)).dtype == torch.bfloat16
+
+
+def test_masked_tokens_skip_the_experts_and_take_mask_dict():
+    torch.manual_seed(0)
+    mask = torch.tensor([0, 1, 0, 2, 0])
+    rows = {1: torch.full((8,), 3.0), 2: torch.arange(8.0)}
+    layer = FMoETransformerMLP(4, 8, 16, top_k=2, mask=mask, mask_dict=rows)
+    plain = FMoETransformerMLP(4, 8, 16, top_k=2)
+    plain.load_state_dict(layer.state_dict())
+    x = torch.randn(5, 8)
+    y, ref = layer(x), plain(x)
+    score = layer.gate(x)[1]  # (tokens, k): a masked token's output is its scores times its row
+    keep = mask == 0
+    torch.testing.assert_close(y[keep], ref[keep], atol=ATOL, rtol=0)
+    for t in (1, 3):
+        torch.testing.assert_close(y[t], score[t].sum() * rows[int(mask[t])], atol=ATOL, rtol=0)
+
+
+def test_dict_and_list_inputs_route_every_tensor_by_one_gate():
+    torch.manual_seed(0)
+    layer = FMoE(4, 8, top_k=2, expert=_CountingExpert)
+    layer.gate = _FirstTensorGate(8, 4, 1)
+    x, y = torch.randn(6, 8), torch.randn(6, 8)
+    out = layer({"a": x, "b": y})
+    assert set(out) == {"a", "b"}
+    single = FMoE(4, 8, top_k=2, expert=_CountingExpert)
+    single.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(out["a"], single(x), atol=ATOL, rtol=0)
+    idx, score = single.gate(x)  # y goes where x's gate sent it
+    ref = _slot_loop(y, idx, score, lambda e, r: single.experts[e](r, None))
+    torch.testing.assert_close(out["b"], ref, atol=ATOL, rtol=0)
+    as_list = layer([x, y])
+    assert isinstance(as_list, list) and torch.allclose(as_list[1], out["b"], atol=ATOL)
+    with pytest.raises(ValueError, match="same batch size"):
+        layer({"a": x, "b": y[:5]})
+
+
+class _FirstTensorGate(NaiveGate):
+    """Gates a dict or list input by its first tensor (as fastmoe's test_mimo gate)."""
+
+    def forward(self, inp, return_all_scores=False):
+        first = inp["a"] if isinstance(inp, dict) else inp[0]
+        return super().forward(first, return_all_scores)
 
 
 def _fastmoe_state_dict(num_expert, d_model, d_hidden, world_size=1):
@@ -354,3 +467,37 @@ def test_a_failing_worker_ends_the_expert_parallel_job_with_its_error():
         run_workers(_too_many_experts, nproc=2, timeout=120)
     assert e.value.rank == 1 and "cannot allocate 4096 experts" in str(e.value)
     assert time.monotonic() - start < 60
+
+
+def _switch_two_workers(ctx, tokens, rate):
+    """Both workers send every token to global expert 0 (on worker 0)."""
+    gate = SwitchGate(8, 1, ctx.world_size, capacity=(rate, rate)).eval()
+    with torch.no_grad():
+        gate.gate.weight.zero_()
+        gate.gate.bias.copy_(torch.tensor([5.0, 0.0]))
+    idx, _ = gate(torch.randn(tokens, 8))
+    return int((idx == 0).sum())
+
+
+def test_switch_capacity_counts_what_an_expert_receives_from_every_worker():
+    # capacity ceil(0.5 · 8 / 1) = 4 rows for expert 0 in all: fastmoe keeps 4, not 4 per worker (8)
+    kept = run_workers(_switch_two_workers, nproc=2, args=(8, 0.5), timeout=120)
+    assert kept == [4, 0]  # sender 0 is served first
+    assert run_workers(_switch_two_workers, nproc=2, args=(8, 2.0), timeout=120) == [8, 8]  # room for 16
+
+
+def _grouped_allreduce(ctx, dtype, fp32):
+    layer = torch.nn.Linear(4, 3).to(dtype)
+    ddp = DistributedGroupedDataParallel(layer)  # parameters broadcast from rank 0
+    for p in layer.parameters():
+        p.grad = torch.full_like(p, 1.0 / 3.0 * (ctx.rank + 1))  # 1/3 and 2/3: the mean is 1/2
+    ddp.allreduce_gradients(fp32_allreduce=fp32)
+    return layer.weight.grad.float(), layer.weight.detach().float()
+
+
+@pytest.mark.parametrize("dtype,fp32", [(torch.float32, False), (torch.bfloat16, True), (torch.bfloat16, False)])
+def test_grouped_data_parallel_averages_gradients(dtype, fp32):
+    out = run_workers(_grouped_allreduce, nproc=2, args=(dtype, fp32), timeout=120)
+    for grad, _ in out:
+        torch.testing.assert_close(grad, torch.full_like(grad, 0.5), atol=4e-3, rtol=0)
+    torch.testing.assert_close(out[0][1], out[1][1], atol=0, rtol=0)  # replicas start equal

@@ -2,7 +2,6 @@
 
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ import torch.nn.functional as F
 
 from common import checkpoint as ckpt
 from common.data import TokenData
+from common.launch import free_port
 from common.training import TrainConfig, build_optimizer, evaluate, lr_at, split_parameters, train
 
 V, T = 32, 16
@@ -291,12 +291,6 @@ def test_rng_state_round_trip():
 # ----------------------------------------------------------------------------- data parallel
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 DDP_CFG = dict(steps=5, grad_accum=2, warmup_steps=1, eval_every=0, eval_batches=2, progress=False)
 
 
@@ -333,7 +327,7 @@ def _ddp_worker(rank, world, port, out_dir):
 def test_two_process_ddp_matches_one_process(tmp_path):
     import torch.multiprocessing as mp
 
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
     single = _train_both(batch_size=6)  # one process, the same global batch of 6 x 2 accumulation steps
 

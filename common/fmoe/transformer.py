@@ -2,10 +2,12 @@
 
 Each expert is ``_Expert``: ``htoh4`` (d_model -> d_hidden), the activation (fastmoe's default
 ``torch.nn.GELU()``, the exact erf form), ``h4toh`` (d_hidden -> d_model), both
-:class:`~common.fmoe.linear.FMoELinear` with one expert and a bias.  The experts are a ModuleList,
-so a state dict reads ``experts.{i}.htoh4.weight`` (1, d_hidden, d_model), ``experts.{i}.htoh4.bias``
-(1, d_hidden), ``experts.{i}.h4toh.weight`` (1, d_model, d_hidden), ``experts.{i}.h4toh.bias``
-(1, d_model) and ``gate.gate.weight`` (num_expert·world_size, d_model), ``gate.gate.bias``.
+:class:`~common.fmoe.linear.FMoELinear` with a bias.  ``FMoETransformerMLP`` builds one
+``_Expert(1, ...)`` per local expert in a ModuleList, so a state dict reads
+``experts.{i}.htoh4.weight`` (1, d_hidden, d_model), ``experts.{i}.htoh4.bias`` (1, d_hidden),
+``experts.{i}.h4toh.weight`` (1, d_model, d_hidden), ``experts.{i}.h4toh.bias`` (1, d_model) and
+``gate.gate.weight`` (num_expert·world_size, d_model), ``gate.gate.bias``; ``_Expert(num_expert,
+...)`` set as ``FMoE.experts`` runs all of a worker's experts as one fused module.
 No residual and no norm inside: the block around it adds them.  ``expert_dp_comm`` tags the
 experts' parameters for :class:`~common.fmoe.distributed.DistributedGroupedDataParallel`.
 """
@@ -27,7 +29,7 @@ class _Expert(nn.Module):
         self.activation = activation
 
     def forward(self, inp: torch.Tensor, fwd_expert_count=None) -> torch.Tensor:
-        """inp (rows, d_model); the count is only needed with several experts in one _Expert."""
+        """inp (rows, d_model) grouped by expert; the count is needed with several experts."""
         return self.h4toh(self.activation(self.htoh4(inp, fwd_expert_count)), fwd_expert_count)
 
 

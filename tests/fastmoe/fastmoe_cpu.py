@@ -1,0 +1,38 @@
+"""What fastmoe's ported tests need to start their worker processes on a CPU (not fastmoe's code).
+
+fastmoe's ``_run_distributed`` starts one ``python <test file> <function> <json args>`` process per
+rank with a fresh environment; here each also gets the ``fmoe`` alias and this repository on its
+``PYTHONPATH``, one thread (the workers share 2 cores), and a time limit after which every worker
+of the run is killed and the test fails with their output.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+from common.launch import free_port
+
+HERE = Path(__file__).resolve().parent
+REPO_ROOT = HERE.parent.parent
+ALIAS = HERE / "fmoe_alias"
+WORKER_TIMEOUT_S = 300
+
+__all__ = ["ALIAS", "HERE", "communicate", "free_port", "worker_env"]
+
+
+def worker_env() -> dict[str, str]:
+    paths = [str(ALIAS), str(HERE), str(REPO_ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]
+    return {"PYTHONPATH": os.pathsep.join(paths), "OMP_NUM_THREADS": "1"}
+
+
+def communicate(p: subprocess.Popen, peers: list[subprocess.Popen]) -> tuple[str, str]:
+    """``p.communicate()`` with a time limit; on expiry every peer is killed and the output returned."""
+    try:
+        return p.communicate(timeout=WORKER_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        for q in peers:
+            q.kill()
+        out, err = p.communicate()
+        return (out or "") + f"\n[killed after {WORKER_TIMEOUT_S} s: a worker hung]", err
