@@ -21,8 +21,8 @@ from common.fmoe import (
     SwitchGate,
 )
 from common.fmoe.backend import fmoe_backend
-from common.fmoe.gates.utils import cap_global_expert_count, limit_by_capacity, prune_gate_by_capacity
 from common.fmoe.expert_parallel import check_ep_size, local_experts
+from common.fmoe.gates.utils import cap_global_expert_count, limit_by_capacity, prune_gate_by_capacity
 from common.launch import WorkerError, run_workers
 
 ATOL = 1e-5
@@ -121,7 +121,10 @@ def test_capacity_helpers_are_fastmoes_kernels():
     idx = torch.tensor([[0, 1], [0, 2], [1, 0], [0, -1]])
     # keep the first expert_count[e] slots of each expert in (token, slot) order
     assert prune_gate_by_capacity(idx, torch.tensor([2, 1, 0]), 3, 1).tolist() == [
-        [0, 1], [0, -1], [-1, -1], [-1, -1]
+        [0, 1],
+        [0, -1],
+        [-1, -1],
+        [-1, -1],
     ]
     # two senders propose (4, 1) and (3, 5) rows to two local experts of capacity 5: sender 0 first
     gec = torch.tensor([4, 1, 3, 5])
@@ -495,7 +498,9 @@ def _grouped_allreduce(ctx, dtype, fp32):
     return layer.weight.grad.float(), layer.weight.detach().float()
 
 
-@pytest.mark.parametrize("dtype,fp32", [(torch.float32, False), (torch.bfloat16, True), (torch.bfloat16, False)])
+@pytest.mark.parametrize(
+    "dtype,fp32", [(torch.float32, False), (torch.bfloat16, True), (torch.bfloat16, False)]
+)
 def test_grouped_data_parallel_averages_gradients(dtype, fp32):
     out = run_workers(_grouped_allreduce, nproc=2, args=(dtype, fp32), timeout=120)
     for grad, _ in out:

@@ -17,7 +17,10 @@ def fmoe_backend(prefer_real: bool = True) -> tuple[ModuleType, str]:
         try:
             real = importlib.import_module("fmoe")
             if real.__name__ != "common.fmoe":  # fastmoe's ported tests alias ours as fmoe
-                return real, f"fastmoe {getattr(real, '__version__', '(version unknown)')} (the real fmoe, CUDA)"
+                return (
+                    real,
+                    f"fastmoe {getattr(real, '__version__', '(version unknown)')} (the real fmoe, CUDA)",
+                )
             reason = "the fmoe that imports is common.fmoe itself (a test alias)"
         except Exception as e:  # noqa: BLE001 - any failure to import means: use ours
             reason = f"{type(e).__name__}: {e}".splitlines()[0]

@@ -47,7 +47,9 @@ class DistributedGroupedDataParallel(nn.Module):
                 groups.setdefault((comm, p.dtype), []).append(p)
         return groups
 
-    def allreduce_gradients(self, no_scale: bool = False, reduce_after: bool = False, fp32_allreduce: bool = False):
+    def allreduce_gradients(
+        self, no_scale: bool = False, reduce_after: bool = False, fp32_allreduce: bool = False
+    ):
         """Sum each tagged group's gradients over its workers, divided by its size unless ``no_scale``."""
         for (comm, dtype), params in self._grouped(with_grad=True).items():
             group = self.comms[comm]

@@ -118,7 +118,9 @@ class MOEGather(Function):
     d) in slot order, zero where a slot was dropped."""
 
     @staticmethod
-    def forward(ctx, global_output_buf, pos, local_expert_count, global_expert_count, local_batch_size, world_size):
+    def forward(
+        ctx, global_output_buf, pos, local_expert_count, global_expert_count, local_batch_size, world_size
+    ):
         if world_size > 1:
             local_output_buf = global_gather(
                 global_output_buf, local_expert_count, global_expert_count, world_size, get_moe_group()

@@ -65,7 +65,9 @@ def _fmoe_general_global_forward(inp, gate, expert_fn, num_expert, world_size, *
     out_batch_size = tree.flatten(inp)[0].shape[0] * topk
 
     def gather_func(tensor):
-        return MOEGather.apply(tensor, pos, local_expert_count, global_expert_count, out_batch_size, world_size)
+        return MOEGather.apply(
+            tensor, pos, local_expert_count, global_expert_count, out_batch_size, world_size
+        )
 
     return tree.map_structure(gather_func, x)
 
@@ -169,7 +171,9 @@ class FMoE(nn.Module):
             mask = self.mask.view(-1).to(gate_top_k_idx.device)
             moe_inp = tree.map_structure(lambda t: t[mask == 0, :], moe_inp)  # (kept tokens, d)
             gate_top_k_idx = gate_top_k_idx[mask == 0, :]
-        fwd = _fmoe_general_global_forward(moe_inp, gate_top_k_idx, self.expert_fn, self.num_expert, self.world_size)
+        fwd = _fmoe_general_global_forward(
+            moe_inp, gate_top_k_idx, self.expert_fn, self.num_expert, self.world_size
+        )
 
         def recover_func(tensor):  # (kept·k, d) -> (tokens, k, d), masked tokens from mask_dict
             out = tensor.new_zeros(mask.shape[0], self.top_k, tensor.shape[-1])

@@ -20,9 +20,7 @@ from torch.autograd import Function
 def _counts(fwd_expert_count, rows: int, num_expert: int) -> list[int]:
     counts = [int(c) for c in fwd_expert_count]
     if len(counts) != num_expert or sum(counts) != rows:
-        raise ValueError(
-            f"fwd_expert_count {counts} must give {num_expert} experts' rows summing to {rows}"
-        )
+        raise ValueError(f"fwd_expert_count {counts} must give {num_expert} experts' rows summing to {rows}")
     return counts
 
 

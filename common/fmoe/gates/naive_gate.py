@@ -19,7 +19,9 @@ from common.moe.routing import check_topk
 
 
 class NaiveGate(BaseGate):
-    def __init__(self, d_model: int, num_expert: int, world_size: int, top_k: int = 2, gate_bias: bool = True):
+    def __init__(
+        self, d_model: int, num_expert: int, world_size: int, top_k: int = 2, gate_bias: bool = True
+    ):
         super().__init__(num_expert, world_size)
         check_topk(top_k, self.tot_expert)
         self.gate = nn.Linear(d_model, self.tot_expert, bias=gate_bias)
