@@ -25,11 +25,11 @@ import time
 import torch
 
 from common import estimate
+from common.calibration import calibration_windows
 from common.lm_source import add_source_args, evaluate_lm, load_source
 from common.model_files import path_bytes
 from common.models.generation import generate
 from common.quant import (
-    calibration_windows,
     check_model_spec,
     load_quantized,
     pack_model,

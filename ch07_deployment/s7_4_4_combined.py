@@ -62,18 +62,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from common.calibration import block_linears
 from common.distill import lm_batches, lm_logits, student_config, train_student
 from common.lm_source import add_source_args, evaluate_lm, load_for_compression
 from common.model_files import onnx_bytes, path_bytes, save_safetensors, save_state_dict
 from common.onnx_export import OrtDecoder, OrtLM, export_decoder
 from common.plotting import pyplot, save_figure
 from common.prune import activation_scores, lowest_per_layer, prune_model
-from common.quant import (
-    block_linears,
-    pack_model,
-    quantize_model,
-    save_quantized,
-)
+from common.quant import pack_model, quantize_model, save_quantized
 from common.runner import parse_args, run_script, script_parser
 from common.timing import paired_ratio, race
 

@@ -229,7 +229,8 @@ def load_for_compression(
     DecoderLM for ``purpose``), checked against every bit width in ``bits`` at ``args.group_size``, and
     ``args.calib_samples`` calibration windows of its training split; a flag that cannot work ends in a
     one-line ``parser.error`` before any work starts."""
-    from common.quant import calibration_windows, check_model_spec
+    from common.calibration import calibration_windows
+    from common.quant import check_model_spec
 
     source = load_source(parser, args)
     try:

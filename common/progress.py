@@ -89,3 +89,8 @@ def progress(
             iterable, total=total, desc=desc, initial=initial, file=file, dynamic_ncols=True, **tqdm_kwargs
         )
     return LineProgress(iterable, total=total, desc=desc, initial=initial, file=file)
+
+
+def progress_if(iterable: Iterable, desc: str, enabled: bool) -> Iterable:
+    """``progress(iterable, desc=desc)`` when ``enabled``, else the iterable itself."""
+    return progress(iterable, desc=desc) if enabled else iterable

@@ -36,9 +36,10 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from common.calibration import block_inputs, block_linears, layer_inputs, run_block
 from common.models.decoder import DecoderLM
 from common.models.feedforward import MLP, SwiGLU
-from common.quant import _progress, _run_block, block_inputs, block_linears, layer_inputs
+from common.progress import progress_if
 
 # ----------------------------------------------------------------------------- unstructured
 
@@ -159,9 +160,10 @@ def wanda_prune(
 
     As in the paper's reference code, block by block: the block's linears see the calibration
     ``windows`` (n, seq) as the already-pruned blocks before it hand them on
-    (:func:`common.quant.block_inputs`, :func:`common.quant.layer_inputs`), each weight is scored by
-    :func:`wanda_scores`, and each output row loses its ``sparsity`` lowest (or, with ``n_m=(2, 4)``,
-    keeps its 2 best of every 4 inputs); then the pruned block's outputs feed the next block.
+    (:func:`common.calibration.block_inputs`, :func:`common.calibration.layer_inputs`), each weight is
+    scored by :func:`wanda_scores`, and each output row loses its ``sparsity`` lowest (or, with
+    ``n_m=(2, 4)``, keeps its 2 best of every 4 inputs); then the pruned block's outputs feed the next
+    block.
     ``model`` itself is not changed.
     """
     check_sparsity(sparsity)
@@ -175,7 +177,7 @@ def wanda_prune(
                 )
     inputs = block_inputs(model, windows)
     masks = {}
-    for i, block in enumerate(_progress(model.blocks, "Wanda blocks", progress)):
+    for i, block in enumerate(progress_if(model.blocks, "Wanda blocks", progress)):
         linears = block_linears(block)
         seen = layer_inputs(block, inputs, [name for name, _ in linears])  # {name: (tokens, in)}
         for name, lin in linears:
@@ -183,7 +185,7 @@ def wanda_prune(
             mask = n_m_mask(scores, *n_m) if n_m is not None else row_masks(scores, sparsity)
             lin.weight.mul_(mask.to(lin.weight.dtype))
             masks[f"blocks.{i}.{name}.weight"] = mask
-        inputs = _run_block(block, inputs)  # the next block sees this block pruned
+        inputs = run_block(block, inputs)  # the next block sees this block pruned
     return model, masks
 
 

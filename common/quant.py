@@ -36,6 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.calibration import block_inputs, block_linears, layer_inputs, run_block
+from common.progress import progress_if
+
 BITS = (2, 3, 4, 8)
 CONFIG = "quant_config.json"
 WEIGHTS = "model.safetensors"
@@ -211,85 +214,6 @@ class Hessian:
         self.H += x.T @ x
 
 
-# ----------------------------------------------------------------------------- calibration on the LM
-
-
-def calibration_windows(tokens: torch.Tensor, n_samples: int, seq_len: int) -> torch.Tensor:
-    """(n_samples, seq_len) non-overlapping windows from the start of a 1-D token stream."""
-    if n_samples <= 0 or seq_len <= 0:
-        raise ValueError(f"n_samples and seq_len must be positive, got {n_samples} and {seq_len}")
-    need = n_samples * seq_len
-    if tokens.numel() < need:
-        raise ValueError(
-            f"calibration data has {tokens.numel():,} tokens; {n_samples} samples of {seq_len} need {need:,}"
-        )
-    return tokens[:need].reshape(n_samples, seq_len).clone()
-
-
-class _Stop(Exception):
-    pass
-
-
-@torch.no_grad()
-def block_inputs(model: nn.Module, windows: torch.Tensor, batch_size: int = 16):
-    """The first block's inputs for every batch of ``windows``: a list of (x, args, kwargs), where ``x`` is
-    the (batch, seq, d_model) hidden state and ``args``/``kwargs`` the rest of the block's call (RoPE)."""
-    captured = []
-
-    def grab(module, args, kwargs):
-        captured.append((args[0], args[1:], kwargs))
-        raise _Stop
-
-    handle = model.blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        for batch in windows.split(batch_size):
-            try:
-                model(batch.to(next(model.parameters()).device))
-            except _Stop:
-                pass
-    finally:
-        handle.remove()
-    return captured
-
-
-def block_linears(block: nn.Module) -> list[tuple[str, nn.Linear]]:
-    """The block's linear layers in the order its forward uses them (attention qkv, proj, then the FFN)."""
-    return [(n, m) for n, m in block.named_modules() if isinstance(m, nn.Linear)]
-
-
-@torch.no_grad()
-def _run_block(block, inputs):
-    """The next block's inputs: this block's hidden-state output (a Block returns ``(x, aux_loss)``)."""
-    return [(block(x, *args, **kwargs)[0], args, kwargs) for x, args, kwargs in inputs]
-
-
-@torch.no_grad()
-def layer_inputs(block, inputs, names: list[str]) -> dict[str, torch.Tensor]:
-    """Run ``block`` on ``inputs``; the (tokens, in_features) inputs each named linear saw."""
-    seen: dict[str, list] = {n: [] for n in names}
-    handles = [
-        block.get_submodule(n).register_forward_pre_hook(
-            lambda mod, args, n=n: seen[n].append(args[0].reshape(-1, args[0].shape[-1]))
-        )
-        for n in names
-    ]
-    try:
-        for x, args, kwargs in inputs:
-            block(x, *args, **kwargs)
-    finally:
-        for h in handles:
-            h.remove()
-    return {n: torch.cat(v) for n, v in seen.items()}
-
-
-def _progress(iterable, desc: str, enabled: bool):
-    if not enabled:
-        return iterable
-    from common.progress import progress
-
-    return progress(iterable, desc=desc)
-
-
 @torch.no_grad()
 def rtn_model(model: nn.Module, bits: int = 4, group_size: int = 128):
     """``(fake-quantised copy, {name: QuantizedWeight})``: every block linear rounded to nearest."""
@@ -320,14 +244,14 @@ def gptq_model(
     model = copy.deepcopy(model).eval()
     inputs = block_inputs(model, windows)
     qweights = {}
-    for i, block in enumerate(_progress(model.blocks, "GPTQ blocks", progress)):
+    for i, block in enumerate(progress_if(model.blocks, "GPTQ blocks", progress)):
         for name, lin in block_linears(block):
             hess = Hessian(lin.in_features, lin.weight.device)
             hess.add(layer_inputs(block, inputs, [name])[name])
             qw = gptq(lin.weight, hess.H, bits, group_size, act_order, damp)
             lin.weight.copy_(qw.dequantize())
             qweights[f"blocks.{i}.{name}"] = qw
-        inputs = _run_block(block, inputs)  # the next block sees this block quantised
+        inputs = run_block(block, inputs)  # the next block sees this block quantised
     return model, qweights
 
 
@@ -488,7 +412,7 @@ def awq_model(
     model = copy.deepcopy(model).eval()
     inputs = block_inputs(model, windows)
     alphas = []
-    for block in _progress(model.blocks, "AWQ blocks", progress):
+    for block in progress_if(model.blocks, "AWQ blocks", progress):
         linears = dict(block_linears(block))
         feats = layer_inputs(block, inputs, list(linears))
         for group in _scale_groups(block):
@@ -503,7 +427,7 @@ def awq_model(
             )
             apply_scales(block, group, s)
             alphas.append(alpha)
-        next_inputs = _run_block(block, inputs)
+        next_inputs = run_block(block, inputs)
         if clip:
             feats = layer_inputs(block, inputs, list(linears))  # the inputs as scaled
             for name, lin in linears.items():

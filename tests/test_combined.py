@@ -10,10 +10,11 @@ from safetensors import safe_open
 from safetensors.torch import load_model
 
 from ch07_deployment import s7_4_4_combined as combined
+from common.calibration import block_linears, calibration_windows
 from common.lm_source import load_pretrained
 from common.models.decoder import DecoderLM
 from common.prune import pruned_like
-from common.quant import block_linears, calibration_windows, check_model_spec, load_quantized
+from common.quant import check_model_spec, load_quantized
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from common.calibration import block_inputs, calibration_windows
 from common.models.decoder import DecoderConfig, DecoderLM
 from common.quant import (
     Hessian,
@@ -13,8 +14,6 @@ from common.quant import (
     _scale_groups,
     apply_scales,
     awq_model,
-    block_inputs,
-    calibration_windows,
     gptq,
     gptq_model,
     load_quantized,
