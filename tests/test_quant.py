@@ -104,9 +104,13 @@ def test_lazy_block_updates_equal_column_by_column_updates():
     w = torch.randn(32, 256)
     h = Hessian(256)
     h.add(anisotropic_inputs(2048, 256, 64))
-    lazy = gptq(w, h.H, 4, 64, block_size=128).dequantize()
-    eager = gptq(w, h.H, 4, 64, block_size=1).dequantize()
+    lazy = gptq(w, h.H, 4, 64, block_size=128, group_range="updated").dequantize()
+    eager = gptq(w, h.H, 4, 64, block_size=1, group_range="updated").dequantize()
     torch.testing.assert_close(lazy, eager, rtol=0, atol=1e-4)
+    # the reference's group range depends on the block size: with one-column blocks every update has
+    # reached W when a group starts, so it is the updated range
+    one_column = gptq(w, h.H, 4, 64, block_size=1).dequantize()
+    torch.testing.assert_close(one_column, eager, rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -219,3 +223,72 @@ def test_load_refuses_a_folder_that_is_not_a_quantised_model(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(ValueError, match="format"):
         load_quantized(tmp_path)
+
+
+# ------------------------------------------------------------------------- GPTQ against the reference loop
+
+
+def _reference_fasterquant(W, H, bits, groupsize, actorder, percdamp=0.01, blocksize=128):
+    """A transcription of the reference GPTQ (IST-DASLab gptq.py, ``GPTQ.fasterquant`` with its
+    ``Quantizer(perchannel=True, sym=False)``), written out from reading it: the codes it rounds to."""
+    maxq = 2**bits - 1
+
+    def find_params(x):  # quant.py Quantizer.find_params, per channel, asymmetric
+        xmin = torch.minimum(x.min(1).values, torch.zeros(x.shape[0]))
+        xmax = torch.maximum(x.max(1).values, torch.zeros(x.shape[0]))
+        tmp = (xmin == 0) & (xmax == 0)
+        xmin[tmp], xmax[tmp] = -1, +1
+        scale = (xmax - xmin) / maxq
+        return scale.unsqueeze(1), torch.round(-xmin / scale).unsqueeze(1)
+
+    W, H = W.clone().float(), H.clone()
+    columns = W.shape[1]
+    scale, zero = find_params(W)
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    if actorder:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+        invperm = torch.argsort(perm)
+    codes = torch.zeros_like(W)
+    diag = torch.arange(columns)
+    H[diag, diag] += percdamp * torch.mean(torch.diag(H))
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    for i1 in range(0, columns, blocksize):
+        i2 = min(i1 + blocksize, columns)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            w, d = W1[:, i], Hinv1[i, i]
+            if groupsize != -1 and (i1 + i) % groupsize == 0:
+                scale, zero = find_params(W[:, (i1 + i) : (i1 + i + groupsize)])
+            c = torch.clamp(torch.round(w.unsqueeze(1) / scale) + zero, 0, maxq)
+            q = (scale * (c - zero)).flatten()
+            codes[:, i1 + i] = c.flatten()
+            err1 = (w - q) / d
+            W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
+            Err1[:, i] = err1
+        W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
+    return codes[:, invperm] if actorder else codes
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("group_size", [32, 64, 128, -1])
+def test_gptq_codes_equal_the_reference_loop(group_size, act_order):
+    torch.manual_seed(0)
+    rows, cols = 48, 384  # three blocks of 128: groups of 32 and 64 start inside blocks
+    X = torch.randn(2048, cols) @ (torch.eye(cols) + 0.3 * torch.randn(cols, cols) / cols**0.5)
+    X[:, 5] = 0  # a dead input
+    H = 2 * X.T @ X / X.shape[0]
+    W = torch.randn(rows, cols)
+    W[3, 5] = 9.0  # the dead input holds row 3's largest weight: the per-row range keeps it
+    want = _reference_fasterquant(W, H, 4, group_size, act_order)
+    got = gptq(W, H, bits=4, group_size=group_size, act_order=act_order)
+    assert torch.equal(got.codes.float(), want)
+    if group_size in (32, 64):  # the other group range is a different quantiser there
+        other = gptq(W, H, bits=4, group_size=group_size, act_order=act_order, group_range="updated")
+        assert not torch.equal(other.codes.float(), want)
+    with pytest.raises(ValueError, match="group_range"):
+        gptq(W, H, group_range="fresh")
