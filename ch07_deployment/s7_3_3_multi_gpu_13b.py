@@ -102,14 +102,15 @@ def print_plan(preset: str, tp: int) -> dict:
         "weights per GPU: "
         + ", ".join(f"{x} {per_gpu[x]:.2f} GB (one GPU alone: {one[x]:.2f})" for x in labels)
     )
-    print(f"{'':21}" + "".join(f"  {x + ': left GB':>18} {'KV tokens':>10}" for x in labels))
+    print("GB are 10^9 bytes; each card's memory as it reports it (an '80 GB' A100 has 80 GiB = 85.9 GB)")
+    print(f"{'':23}" + "".join(f"  {x + ': left GB':>18} {'KV tokens':>10}" for x in labels))
     for name in PLAN_GPUS:
         cells = ""
         for label in labels:
             r = next(r for r in rows if r["gpu"] == name and r["precision"] == label)
             fit = f"{r['left_gb']:18.1f} {r['context_tokens']:>10,}" if r["fits"] else "does not fit"
             cells += f"  {fit:>29}"
-        print(f"{tp} x {name:10} {estimate.GPUS[name].memory_gb:3.0f} GB" + cells)
+        print(f"{tp} x {name:10} {estimate.GPUS[name].memory_gb:5.1f} GB" + cells)
     bw = estimate.GPUS[ROOFLINE_GPU].bandwidth_gbs * 1e9
     read_one, read_tp = one["fp16"] * 1e9 / bw, per_gpu["fp16"] * 1e9 / bw
     print(

@@ -80,7 +80,8 @@ def main(argv=None) -> dict:
     rows, info = plan(args.preset)
     print(
         f"{args.preset}: {info['params'] / 1e9:.1f} B parameters; KV cache "
-        f"{info['kv_bytes_per_token'] / 1e6:.3f} MB per token (fp16); 'KV tokens': what the rest holds\n"
+        f"{info['kv_bytes_per_token'] / 1e6:.3f} MB per token (fp16); 'KV tokens': what the rest holds; "
+        "GB are 10^9 bytes, 'GPU GB' what the card reports (an '80 GB' A100 has 80 GiB = 85.9 GB)\n"
     )
     print(
         f"{'precision':10} {'gpu':10} {'weights GB':>10} {'GPU GB':>7} {'fits':>5} {'left GB':>8} "
@@ -88,7 +89,7 @@ def main(argv=None) -> dict:
     )
     for r in rows:
         print(
-            f"{r['precision']:10} {r['gpu']:10} {r['weights_gb']:10.1f} {r['memory_gb']:7.0f} "
+            f"{r['precision']:10} {r['gpu']:10} {r['weights_gb']:10.1f} {r['memory_gb']:7.1f} "
             f"{'yes' if r['fits'] else 'no':>5} {r['left_gb']:8.1f} {r['context_tokens']:9,}"
         )
     book = next(r for r in rows if r["gpu"] == BOOK_GPU and r["precision"] == "int4 g128")

@@ -673,7 +673,7 @@ class Hardware:
     bf16_tflops: float  # tensor-core bf16/fp16 with fp32 accumulation, dense (no 2:4 sparsity)
     int8_tops: float
     bandwidth_gbs: float  # memory bandwidth, GB/s (10^9 bytes)
-    memory_gb: float
+    memory_gb: float  # the capacity the device really has, in GB of 10^9 bytes (see GPUS)
 
     def tflops(self, dtype: str) -> float:
         table = {
@@ -687,23 +687,33 @@ class Hardware:
         return table[dtype]
 
 
+def _mib(n: int) -> float:
+    """``n`` MiB (2^20 bytes) in GB (10^9 bytes)."""
+    return n * 2**20 / 1e9
+
+
 # Datasheet figures, dense (without 2:4 sparsity). Sources: NVIDIA's Ada Lovelace architecture whitepaper
 # (RTX 4090; the RTX 4060 by its 96 tensor cores at 2.46 GHz, NVIDIA's product page giving 242 AI TOPS with
-# sparsity, 272 GB/s, 8 GB), NVIDIA's Ampere GA102 whitepaper (RTX 3090: FP16 tensor with FP32 accumulate
+# sparsity, 272 GB/s), NVIDIA's Ampere GA102 whitepaper (RTX 3090: FP16 tensor with FP32 accumulate
 # 35.6 TFLOPS), the A100 datasheet (SXM, 40 GB at 1,555 GB/s, 80 GB at 2,039 GB/s), the H100 datasheet
-# (SXM and PCIe), the H200 datasheet (H100 SXM's compute, 141 GB at 4.8 TB/s), the L4 datasheet.
+# (SXM and PCIe), the H200 datasheet (H100 SXM's compute, 4.8 TB/s), the L4 datasheet.
+# Memory: a datasheet's "80 GB" is binary (80 GiB of HBM, 85.9 GB), so the table holds the capacity
+# NVML (nvidia-smi) reports, in MiB, turned into GB of 10^9 bytes: 81,920 MiB for an A100 80 GB,
+# 40,960 MiB for the 40 GB, 81,559 MiB for an H100 80 GB, 143,771 MiB for an H200, 23,034 MiB for an L4
+# (Modal's table of nvidia-smi totals); the GeForce cards at their GDDR chips' binary capacity
+# (24 GiB, 8 GiB), which their drivers report less a few MiB.
 GPUS: dict[str, Hardware] = {
     g.name: g
     for g in (
-        Hardware("rtx-4060", 15.1, 30.2, 121.0, 272, 8),
-        Hardware("rtx-3090", 35.6, 35.6, 284.0, 936, 24),
-        Hardware("rtx-4090", 82.6, 165.2, 660.6, 1008, 24),
-        Hardware("a100-40gb", 19.5, 312.0, 624.0, 1555, 40),
-        Hardware("a100-80gb", 19.5, 312.0, 624.0, 2039, 80),
-        Hardware("h100-sxm", 67.0, 989.4, 1978.9, 3350, 80),
-        Hardware("h100-pcie", 51.2, 756.0, 1513.0, 2000, 80),
-        Hardware("h200", 67.0, 989.4, 1978.9, 4800, 141),
-        Hardware("l4", 30.3, 121.0, 242.5, 300, 24),
+        Hardware("rtx-4060", 15.1, 30.2, 121.0, 272, _mib(8 * 1024)),
+        Hardware("rtx-3090", 35.6, 35.6, 284.0, 936, _mib(24 * 1024)),
+        Hardware("rtx-4090", 82.6, 165.2, 660.6, 1008, _mib(24 * 1024)),
+        Hardware("a100-40gb", 19.5, 312.0, 624.0, 1555, _mib(40_960)),
+        Hardware("a100-80gb", 19.5, 312.0, 624.0, 2039, _mib(81_920)),
+        Hardware("h100-sxm", 67.0, 989.4, 1978.9, 3350, _mib(81_559)),
+        Hardware("h100-pcie", 51.2, 756.0, 1513.0, 2000, _mib(81_559)),
+        Hardware("h200", 67.0, 989.4, 1978.9, 4800, _mib(143_771)),
+        Hardware("l4", 30.3, 121.0, 242.5, 300, _mib(23_034)),
     )
 }
 

@@ -7,7 +7,16 @@ import pytest
 import torch
 
 from common import estimate
-from common.estimate import count_params, flops_per_token, model_shape, training_flops
+from common.estimate import (
+    GPUS,
+    count_params,
+    deployment_plan,
+    flops_per_token,
+    kv_cache_bytes,
+    model_shape,
+    training_flops,
+    weight_bytes,
+)
 from common.models.decoder import DecoderConfig, DecoderLM
 
 
@@ -455,3 +464,13 @@ def test_plain_loss_head_transient_is_measured():
     want = estimate.loss_head_bytes(cfg, tokens) + (tokens * vocab + vocab * d + tokens * d) * 4
     out = peak_memory(_head_setup, _plain_head_step, tokens, d, vocab)
     assert out["peak_bytes"] - out["setup_bytes"] == pytest.approx(want, rel=0.1)
+
+
+def test_gpu_memory_is_the_capacity_the_card_reports():
+    # a datasheet's "80 GB" is 80 GiB: nvidia-smi shows 81,920 MiB on an A100 80 GB
+    assert GPUS["a100-80gb"].memory_gb * 1e9 == 81_920 * 2**20
+    assert GPUS["h200"].memory_gb * 1e9 == 143_771 * 2**20
+    row = next(r for r in deployment_plan("llama-2-13b", gpus=["a100-80gb"]) if r["precision"] == "fp16")
+    left = 81_920 * 2**20 - weight_bytes("llama-2-13b", 16)
+    assert row["left_gb"] * 1e9 == pytest.approx(left)
+    assert row["context_tokens"] == left // kv_cache_bytes("llama-2-13b", batch=1, seq_len=1)

@@ -94,7 +94,7 @@ def test_13b_plan_by_hand():
     int8 = ((matrices * 8 + matrices // 128 * (16 + 8)) // 8 + vocab * d * 2) // 2 + whole * 2
     int4 = ((matrices * 4 + matrices // 128 * (16 + 4)) // 8 + vocab * d * 2) // 2 + whole * 2
     kv_per_gpu = 2 * layers * (heads // 2) * head_dim * 2  # keys and values of 20 heads, fp16
-    memory_4060 = 8e9
+    memory_4060 = 8 * 2**30  # the card's 8 GiB of GDDR6 (its datasheet's "8 GB" is binary)
 
     figures = print_plan("llama-2-13b", 2)
     assert figures["fp16_gb_per_gpu"] * 1e9 == pytest.approx(fp16, abs=1)
