@@ -7,7 +7,9 @@ Every figure in the section comes from ``benchmarks/results/bench_decoder.json``
 ``bench_moe.json``: the tables as the benchmarks print them (:func:`bench_decoder.report`,
 :func:`bench_moe.table`), the prose figures computed from the same results. The section runs from
 its heading to the end of the README. In the chapter 6 README, the block between the
-``<!-- bench_ep -->`` markers comes from ``bench_ep.json`` (:func:`bench_ep.table`). Results written by
+``<!-- bench_ep -->`` markers comes from ``bench_ep.json`` (:func:`bench_ep.table`); in chapter 7's,
+the block between the ``<!-- bench_quant -->`` markers from ``bench_quant.json``
+(:func:`bench_quant.table`). Results written by
 an older version of a benchmark (their ``format`` is not the benchmark's ``FORMAT``) are refused with
 the command that rewrites them.
 """
@@ -20,13 +22,15 @@ import re
 import textwrap
 from pathlib import Path
 
-from benchmarks import bench_decoder, bench_ep, bench_moe
+from benchmarks import bench_decoder, bench_ep, bench_moe, bench_quant
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "ch04_transformer_moe" / "README.md"
 HEADING = "## Speed (measured side by side in one run)"
 EP_README = ROOT / "ch06_distributed_moe" / "README.md"
 EP_BEGIN, EP_END = "<!-- bench_ep -->", "<!-- /bench_ep -->"
+QUANT_README = ROOT / "ch07_deployment" / "README.md"
+QUANT_BEGIN, QUANT_END = "<!-- bench_quant -->", "<!-- /bench_quant -->"
 
 
 def _reflow(markdown: str, width: int = 100) -> str:
@@ -154,6 +158,45 @@ more rows than DeepSpeed's fixed share.
     )
 
 
+def quant_block(q: dict) -> str:
+    """The chapter 7 README's quantised-decoding figures from ``bench_quant.json``."""
+    env, st = q["environment"], q["settings"]
+    tiny, base = (next(r for r in q["results"] if r["model"] == name) for name in ("tiny", "base"))
+    act = st["kernel_activation_dtype"].removeprefix("torch.")
+    return (
+        _reflow(f"""Measured on {env["cores"]} cores {env["cpu"]}, torch {env["torch"]}, {q["threads"]}
+threads (`python -m benchmarks.bench_quant --repeats {st["repeats"]}`): greedy decoding at batch 1,
+{st["prompt_tokens"]}-token prompt, {st["new_tokens"]} new tokens, {st["repeats"]} interleaved rounds, the
+ratio the median of per-round ratios to fp32's time; weights {st["weights"]}. int4: {st["int4"]}; int8:
+{st["int8"]}. The kernels ran with {act} activations (this CPU has them); the fp32-activation column
+is what a CPU without bf16 gets. On `tiny` the layers are small enough that a call's fixed cost
+weighs as much as its bytes; on `base` ({base["fp32_bytes"] / 1e6:.0f} MB of fp32 weights, beyond
+any last-level cache) decoding reads the weights from memory at every token, and the int4 model's
+{base["int4_bytes"] / 1e6:.0f} MB (embeddings and output head still fp32) decode
+{base["speedup_over_fp32"]["int4 kernel"]:.2f}x faster than fp32. The kernel's greedy tokens agree
+with the plain int4 path's on {tiny["greedy_agreement_with_int4_plain"]["int4 kernel"]:.0%} (tiny)
+and {base["greedy_agreement_with_int4_plain"]["int4 kernel"]:.0%} (base) of the steps: bf16
+activations round differently, and random weights leave many logits within that rounding of each
+other, so one flipped step changes the rest (on the trained model, `s7_3_3_single_gpu_70b` reports
+the agreement).
+
+""")
+        + "\n"
+        + bench_quant.table(q["results"])
+        + "\n"
+    )
+
+
+def _replace_block(path: Path, begin: str, end: str, block: str) -> tuple[str, str]:
+    """``(old text, new text)`` of ``path`` with the lines between the markers replaced by ``block``."""
+    text = path.read_text()
+    if begin not in text or end not in text:
+        raise SystemExit(f"{path} lacks the markers {begin} ... {end}")
+    head, rest = text.split(begin, 1)
+    tail = rest.split(end, 1)[1]
+    return text, f"{head}{begin}\n{block}{end}{tail}"
+
+
 def _load(bench) -> dict | None:
     """A benchmark's committed results, or None (and the command that writes them)."""
     name = bench.__name__.rsplit(".", 1)[1]
@@ -172,7 +215,7 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if the README is stale")
     args = parser.parse_args(argv)
-    payloads = {bench: _load(bench) for bench in (bench_decoder, bench_moe, bench_ep)}
+    payloads = {bench: _load(bench) for bench in (bench_decoder, bench_moe, bench_ep, bench_quant)}
     if None in payloads.values():
         return 1
     updates = {}
@@ -181,12 +224,10 @@ def main(argv=None) -> int:
         raise SystemExit(f"{README} lacks the heading {HEADING!r}")
     dec, moe = payloads[bench_decoder], payloads[bench_moe]
     updates[README] = text, text[: text.index(HEADING)] + section(dec, moe)
-    text = EP_README.read_text()
-    if EP_BEGIN not in text or EP_END not in text:
-        raise SystemExit(f"{EP_README} lacks the markers {EP_BEGIN} ... {EP_END}")
-    head, rest = text.split(EP_BEGIN, 1)
-    tail = rest.split(EP_END, 1)[1]
-    updates[EP_README] = text, f"{head}{EP_BEGIN}\n{ep_block(payloads[bench_ep])}{EP_END}{tail}"
+    updates[EP_README] = _replace_block(EP_README, EP_BEGIN, EP_END, ep_block(payloads[bench_ep]))
+    updates[QUANT_README] = _replace_block(
+        QUANT_README, QUANT_BEGIN, QUANT_END, quant_block(payloads[bench_quant])
+    )
     stale = [path for path, (old, new) in updates.items() if old != new]
     if not stale:
         print("the speed sections match the benchmark results")

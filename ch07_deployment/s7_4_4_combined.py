@@ -9,7 +9,9 @@ Variants of the project's pretrained LM (``--model tiny``; ``--hf-path DIR`` for
 - ``ort_int8``: the model exported to ONNX (:func:`common.onnx_export.export_decoder`) and quantised by
   ``onnxruntime.quantization.quantize_dynamic`` with its defaults, run by onnxruntime;
 - ``gptq4`` and ``awq4``: 4-bit weights, groups of 128 columns, on every block linear (embeddings and
-  head stay fp32), packed two per byte in :class:`common.quant.QuantLinear` (``common/quant.py``);
+  head stay fp32), packed two per byte in :class:`common.quant.QuantLinear` (``common/quant.py``), run
+  on torch's int4 kernel (:func:`common.quant_runtime.to_runtime`, bf16 activations where the CPU has
+  them), the plain QuantLinear path timed beside it;
 - ``pruned50``: structured pruning, half of every feed-forward layer's neurons removed (the lowest by
   activation score on the calibration windows, :func:`common.prune.activation_scores`), so the matrices
   really shrink (:func:`common.prune.prune_model`); no fine-tuning afterwards;
@@ -43,8 +45,9 @@ spinning, so they do not take the cores from PyTorch's turn); PyTorch with its d
 What to look for: int8 costs almost no perplexity; onnxruntime's int8 file quantises the embedding table
 too (its Gather), where PyTorch's keeps it fp32; the 4-bit files stay near half of fp32 on a model this
 small because its fp32 embeddings and output head, unquantised as in the GPTQ and AWQ papers, are over a
-third of its weights; the dequantise-then-matmul ``QuantLinear`` is slower than fp32 on a CPU (it
-unpacks and rescales the whole weight on every call; GPUs fuse the two); removing half the feed-forward
+third of its weights; the plain dequantise-then-matmul ``QuantLinear`` is slower than fp32 on a CPU (it
+unpacks and rescales the whole weight on every call), torch's int4 kernel dequantises inside its tiles
+as GPU kernels do; removing half the feed-forward
 neurons without retraining, or a short distillation, costs far more perplexity than quantising, and
 quantising the pruned or distilled model adds little to that cost while stacking the two savings.
 PyTorch marks ``torch.ao.quantization`` deprecated in favour of torchao; it still ships, and its
@@ -70,6 +73,7 @@ from common.onnx_export import OrtDecoder, OrtLM, export_decoder
 from common.plotting import pyplot, save_figure
 from common.prune import activation_scores, lowest_per_layer, prune_model
 from common.quant import pack_model, quantize_model, save_quantized
+from common.quant_runtime import summarize_paths, to_runtime
 from common.runner import parse_args, run_script, script_parser
 from common.timing import paired_ratio, race
 
@@ -94,6 +98,8 @@ class Variant:
     bytes: int
     stored: str
     params: int | None = None  # parameters of a float model (None where weights are not parameters)
+    plain: nn.Module | None = None  # a 4-bit model's plain QuantLinear path (``model`` runs the kernel)
+    paths: str = ""  # which path a 4-bit model's layers took (common.quant_runtime.summarize_paths)
 
 
 def n_params(model: nn.Module) -> int:
@@ -137,12 +143,15 @@ def fitting_group(model: nn.Module, group_size: int) -> int:
 
 def four_bit(model: nn.Module, method: str, group_size: int, windows, folder: str) -> Variant:
     """``method`` ("gptq", "awq") at 4 bits with its default settings, packed into QuantLinear layers and
-    saved."""
+    saved; it runs on torch's int4 kernel (:func:`common.quant_runtime.to_runtime`), the plain path kept
+    beside it."""
     fake, qweights, seconds = quantize_model(model, method, 4, group_size, windows, True)
     packed = pack_model(fake, qweights).eval()
     settings = {"method": method, "bits": 4, "group_size": group_size, "seconds": seconds}
     size = path_bytes(save_quantized(packed, folder, settings))
-    return Variant(packed, size, f"safetensors + JSON, int4 g{group_size} block linears")
+    fast, paths = to_runtime(packed)
+    stored = f"safetensors + JSON, int4 g{group_size} block linears"
+    return Variant(fast.eval(), size, stored, plain=packed, paths=summarize_paths(paths))
 
 
 def prune_ffn(model: nn.Module, windows, fraction: float) -> nn.Module:
@@ -274,11 +283,19 @@ def main(argv=None) -> dict:
             return lambda: m(x)
 
         print(f"timing: {args.rounds} interleaved rounds of one forward of (1, {seq}) tokens per variant")
-        times = race({k: forward(v.model) for k, v in variants.items()}, args.rounds)
+        contenders = {k: forward(v.model) for k, v in variants.items()}
+        contenders |= {f"{k} plain": forward(v.plain) for k, v in variants.items() if v.plain is not None}
+        times = race(contenders, args.rounds)
+        kernel_diff = {
+            k: (v.model(x)[0] - v.plain(x)[0]).abs().max().item()
+            for k, v in variants.items()
+            if v.plain is not None
+        }
 
     rows = {}
     for key, v in variants.items():
-        ev = evaluate_lm(v.model, source.data, batch_size=16, max_batches=args.eval_batches, device="cpu")
+        exact = v.plain if v.plain is not None else v.model  # quality of the quantised model itself
+        ev = evaluate_lm(exact, source.data, batch_size=16, max_batches=args.eval_batches, device="cpu")
         rows[key] = {
             "bytes": v.bytes,
             "size_ratio": v.bytes / variants["fp32"].bytes,
@@ -287,6 +304,8 @@ def main(argv=None) -> dict:
             "ppl": ev["ppl"],
             "bpb": ev["bpb"],
         }
+        if v.plain is not None:
+            rows[key]["plain_latency_ratio"] = paired_ratio(times[f"{key} plain"], times["fp32"])
 
     print(
         f"\n{'variant':27} {'MB':>7} {'x fp32':>7} {'ms':>8} {'x fp32':>7} {'ppl':>9} {'bpb':>7}  stored as"
@@ -305,6 +324,15 @@ def main(argv=None) -> dict:
         f"{student_cfg.n_layer} of the teacher's {cfg.n_layer} layers, width {student_cfg.d_model})"
         f"\nmax |logit - fp32 logit| on the timed sequence: torch int8 {logit_diff['torch_int8']:.3f}, "
         f"onnxruntime int8 {logit_diff['ort_int8']:.3f}"
+    )
+    four = [k for k, v in variants.items() if v.plain is not None]
+    print(
+        f"4-bit rows: latency on torch's int4 kernel ({variants[four[0]].paths}; common.quant_runtime), "
+        "perplexity of the quantised model itself; on the plain dequantise-then-matmul QuantLinear path "
+        "the same forwards take "
+        + ", ".join(f"{k} {rows[k]['plain_latency_ratio']:.2f}x" for k in four)
+        + " fp32's time; max |kernel logit - plain logit| "
+        + f"{max(kernel_diff.values()):.3f}"
     )
     for what, group in (("the pruned model", pruned_g), ("the student", student_g)):
         if group != g:
@@ -337,6 +365,8 @@ def main(argv=None) -> dict:
         "onnxruntime_settings": "quantize_dynamic defaults; session defaults (threads, ORT_ENABLE_ALL), "
         "no idle spinning",
         "latency": f"one forward, batch 1, {seq} tokens; median of per-round ratios to fp32",
+        "int4_paths": variants["gptq4"].paths,
+        "int4_kernel_max_logit_diff": max(kernel_diff.values()),
         "plot": plot_path,
     }
     for key, r in rows.items():

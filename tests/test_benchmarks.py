@@ -84,3 +84,24 @@ def test_speed_section_is_built_from_fresh_results(decoder_run, moe_run):
 
 def test_readme_speed_section_shows_the_committed_results():
     assert speed_section.main(["--check"]) == 0, "run `python -m benchmarks.speed_section`"
+
+
+def test_bench_quant_writes_what_the_readme_block_is_built_from(tmp_path, monkeypatch):
+    from benchmarks import bench_quant
+
+    small = dict(vocab_size=256, context_length=64, n_layer=1, d_model=128, n_head=2, n_kv_head=2)
+    monkeypatch.setattr(bench_quant, "MODELS", {n: small | bench_quant.ARCH for n in ("tiny", "base")})
+    out = tmp_path / "bench_quant.json"
+    payload = bench_quant.main(["--quick", "--repeats", "1", "--new-tokens", "4", "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved == json.loads(json.dumps(payload)) and saved["format"] == bench_quant.FORMAT
+    names = {bench_quant.FP32, bench_quant.PLAIN, bench_quant.INT4, bench_quant.INT4_FP32, bench_quant.INT8}
+    for r in saved["results"]:
+        assert set(r["times"]) == names and all(len(t) == 1 and t[0] > 0 for t in r["times"].values())
+        assert set(r["speedup_over_fp32"]) == names - {bench_quant.FP32}
+        assert "int4 kernel" in r["int4_paths"] and "int8 kernel" in r["int8_paths"]
+        assert r["int4_bytes"] < r["int8_bytes"] < r["fp32_bytes"]
+    block = speed_section.quant_block(saved)
+    assert bench_quant.table(saved["results"]) in block and "interleaved rounds" in block
+    with pytest.raises(SystemExit):
+        bench_quant.main(["--repeats", "0"])
