@@ -19,15 +19,23 @@ the other choice, the range of the updated weights, and prints both.
     python -m ch07_deployment.s7_4_1_gptq --hf-path /path/to/llama   # a local Llama checkpoint
     python -m ch07_deployment.s7_4_1_gptq --quick
 
-auto-gptq and GPTQModel run on the same model (through ``to_hf()``) only when they import; the script
-says when they do not (auto-gptq 0.7.1 fails to import with transformers 5).
+Where GPTQModel imports (an optional anchor: ``requirements-anchors.txt`` says how to install it beside
+torch's CPU build), it quantises the same model, written as a Hugging Face folder
+(``LMSource.hf_folder``), on the same windows with the same settings; its checkpoint is read back
+(:mod:`common.gptq_checkpoint`) and the script prints its perplexity and the share of its codes equal
+to ours.  auto-gptq is only reported: 0.7.1 fails to import with transformers 5.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import time
+
+import torch
 
 from common.env import import_status
+from common.gptq_checkpoint import as_decoder_weights, read_gptq_checkpoint
 from common.lm_source import add_source_args, evaluate_lm, load_for_compression
 from common.model_files import path_bytes, save_safetensors
 from common.quant import (
@@ -46,6 +54,59 @@ PAPER_OPT125M = {"fp16": 27.65, "rtn4": 37.28, "gptq4": 31.12}
 def library_status() -> dict:
     """Whether auto-gptq / GPTQModel import here, and why not (:func:`common.env.package_status`)."""
     return {name: import_status(name) for name in ("auto_gptq", "gptqmodel")}
+
+
+def gptqmodel_settings(group_size: int, act_order: bool, damp: float) -> dict:
+    """GPTQModel's QuantizeConfig for the same quantiser as ours: 4 bits, asymmetric, ``damp`` of the
+    mean diagonal, our act-order choice; its extras off (group-aware reordering, the RTN fallback for
+    rarely seen layers, raising the dampening when a Cholesky fails), which ours does not have."""
+    return dict(
+        bits=4,
+        group_size=group_size,
+        desc_act=act_order,
+        sym=False,
+        damp_percent=damp,
+        act_group_aware=False,
+        fallback=None,
+        damp_auto_increment=0.0,
+    )
+
+
+def run_gptqmodel(source, model, windows, settings: dict, out: str, evaluate) -> tuple[dict, dict]:
+    """GPTQModel quantises the same model (as a Hugging Face folder) on the same calibration windows;
+    its checkpoint is read back into our weights (:mod:`common.gptq_checkpoint`), so its perplexity is
+    measured by the same evaluation.  Returns ``({block linear: QuantizedWeight}, figures)``."""
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, torch.get_num_threads())))  # before import
+    import gptqmodel
+    from gptqmodel import GPTQModel, QuantizeConfig
+
+    start = time.perf_counter()
+    hf = source.hf_folder(os.path.join(out, "hf"))
+    qmodel = GPTQModel.load(hf, QuantizeConfig(**settings), device="cpu", dtype=torch.float32)
+    calibration = [{"input_ids": w.tolist(), "attention_mask": [1] * len(w)} for w in windows]
+    qmodel.quantize(calibration, batch_size=16)
+    folder = os.path.join(out, "gptqmodel")
+    qmodel.save(folder)
+    seconds = time.perf_counter() - start
+    weights, _ = read_gptq_checkpoint(folder)
+    theirs = as_decoder_weights(weights, model.config.n_layer)
+    ppl = evaluate(pack_model(model, theirs))["ppl"]
+    return theirs, {
+        "gptqmodel_version": gptqmodel.__version__,
+        "gptqmodel_ppl": ppl,
+        "gptqmodel_seconds": seconds,
+    }
+
+
+def code_agreement(ours: dict, theirs: dict) -> tuple[float, float]:
+    """Share of equal codes over every block linear, and over the first block's (whose inputs the two
+    runs share exactly; later blocks see the earlier blocks as each run quantised them)."""
+
+    def share(names):
+        same = sum(int((ours[n].codes == theirs[n].codes).sum()) for n in names)
+        return same / sum(ours[n].codes.numel() for n in names)
+
+    return share(list(ours)), share([n for n in ours if n.startswith("blocks.0.")])
 
 
 def main(argv=None) -> dict:
@@ -144,8 +205,24 @@ def main(argv=None) -> dict:
         f"the block linears {block_q / block_fp:.2f}x, embeddings and head stay fp32)"
     )
     libs = library_status()
-    for name, status in libs.items():
-        print(f"{name}: {status}" + ("" if status == "imports" else "; only this repository's GPTQ ran"))
+    print(f"auto_gptq: {libs['auto_gptq']}")
+    anchor = {}
+    if libs["gptqmodel"] == "imports":
+        settings = gptqmodel_settings(g, args.act_order, args.damp)
+        theirs, anchor = run_gptqmodel(source, model, windows, settings, args.out, evaluate)
+        equal, first = code_agreement(qweights, theirs)
+        anchor |= {"gptqmodel_codes_equal": equal, "gptqmodel_block0_codes_equal": first}
+        anchor["gptqmodel_settings"] = json.dumps(settings)
+        ours_ppl = increase("gptq", 4, g) + fp["ppl"]
+        print(
+            f"GPTQModel {anchor['gptqmodel_version']} on the same model and windows "
+            f"({anchor['gptqmodel_settings']}): 4 bits g{g} perplexity {anchor['gptqmodel_ppl']:.3f} (ours "
+            f"{ours_ppl:.3f}); its codes equal ours on {equal:.1%} of the weights ({first:.1%} in the first "
+            "block, whose inputs both runs share exactly; later blocks see the earlier ones as each run "
+            "quantised them)"
+        )
+    else:
+        print(f"gptqmodel: {libs['gptqmodel']}; only this repository's GPTQ ran")
 
     figures = {"model": source.name, "calib_windows": windows.shape[0], "calib_seq_len": windows.shape[1]}
     for r in rows:
@@ -168,6 +245,7 @@ def main(argv=None) -> dict:
         block_linears_int4_over_fp32=block_q / block_fp,
         **{f"{k}_status": v for k, v in libs.items()},
         **{f"gptq{b}_g{g}_updated_ranges_ppl": v for b, v in updated.items()},
+        **anchor,
     )
     return figures
 

@@ -39,6 +39,7 @@ PACKAGES = {
     "fmoe": "fastmoe",
     "auto_gptq": "auto-gptq",
     "awq": "autoawq",
+    "gptqmodel": "gptqmodel",
     "onnx": "onnx",
     "onnxscript": "onnxscript",
     "onnxruntime": "onnxruntime",
@@ -58,6 +59,7 @@ INSTALL_HINTS = {
     "auto_gptq": "pip install auto-gptq (needs CUDA and transformers<5; see requirements-gpu.txt)",
     "awq": "pip install autoawq (deprecated; pinned to torch 2.6; see requirements-gpu.txt)",
     "tensorrt": "pip install tensorrt (NVIDIA GPUs only; see requirements-gpu.txt)",
+    "gptqmodel": "pip install --no-deps gptqmodel==7.7.0 && pip install -r requirements-anchors.txt",
 }
 
 
@@ -361,6 +363,18 @@ INCOMPATIBILITIES = [
     Incompatibility(
         lambda r: _installed(r, "awq") and not _imports(r, "awq"),
         lambda r: f"autoawq is installed but does not import ({r['packages']['awq']['error']})",
+    ),
+    Incompatibility(
+        lambda r: _installed(r, "gptqmodel") and _v(r, "torch") < (2, 14, 1),
+        lambda r: (
+            f"gptqmodel {r['packages']['gptqmodel']['version']} declares torch>=2.14.1 and torch is "
+            f"{r['packages']['torch']['version']}: installed with --no-deps beside it "
+            "(requirements-anchors.txt) it quantises on a CPU (s7_4_1_gptq); a plain pip install "
+            "replaces the CPU torch with 2.14.1 and CUDA wheels. On a CPU it needs "
+            "GPTQMODEL_CPU_WORKERS at most the cores torch uses (s7_4_1_gptq sets it); its AWQ runs only "
+            "in fp16/bf16, and its fp32 loader (TorchFusedLinear) drops the zero points, so the script "
+            "reads the checkpoint itself (common.gptq_checkpoint)"
+        ),
     ),
     Incompatibility(
         lambda r: _installed(r, "deepspeed") and not _installed(r, "tree"),

@@ -100,6 +100,7 @@ class LMSource:
     decode_fn: object = field(repr=False)
     eot_id: int | None = None
     info: dict = field(default_factory=dict)
+    tokenizer: object = field(default=None, repr=False)  # the project's tokenizers.Tokenizer ("pretrained")
 
     def encode(self, text: str) -> list[int]:
         return self.encode_fn(text)
@@ -118,6 +119,13 @@ class LMSource:
                 f"model_type={getattr(arch, 'model_type', '?')!r}"
             )
         return self.model
+
+    def hf_folder(self, out_dir: str) -> str:
+        """A Hugging Face folder of this model that libraries (GPTQModel) can load: the ``--hf-path``
+        folder itself, or the project's LM written to ``out_dir`` by :func:`save_hf_folder`."""
+        if self.kind == "hf":
+            return self.info["path"]
+        return save_hf_folder(self.decoder("a Hugging Face folder"), self.tokenizer, out_dir)
 
     def describe(self) -> str:
         params = sum(p.numel() for p in self.model.parameters())
@@ -204,6 +212,7 @@ def load_pretrained(name: str, device: str = "cpu") -> LMSource:
         lambda ids: tokenizer.decode(ids),
         tokenizer.token_to_id(EOT),
         info,
+        tokenizer,
     )
 
 

@@ -216,3 +216,11 @@ def test_import_status_says_why_a_package_does_not_import():
 
     assert import_status("numpy") == "imports"
     assert import_status("no_such_package_here") == "does not import: not installed"
+
+
+def test_gptqmodel_beside_an_older_torch_is_a_warning_both_ways(report):
+    older = "\n".join(_fake(report, gptqmodel=("7.7.0", True, None), torch=("2.13.0+cpu", True, None)))
+    assert "gptqmodel 7.7.0 declares torch>=2.14.1" in older and "--no-deps" in older
+    newer = "\n".join(_fake(report, gptqmodel=("7.7.0", True, None), torch=("2.14.1", True, None)))
+    assert "gptqmodel" not in newer
+    assert "gptqmodel" not in "\n".join(_fake(report, gptqmodel=(None, False, "not installed")))

@@ -3,11 +3,15 @@
 fastmoe's ``_run_distributed`` starts one ``python <test file> <function> <json args>`` process per
 rank with a fresh environment; here each also gets the ``fmoe`` alias and this repository on its
 ``PYTHONPATH``, one thread (the workers share 2 cores), and a time limit after which every worker
-of the run is killed and the test fails with their output.
+of the run is killed and the test fails with their output.  A worker leaves its process group before
+the interpreter ends (fastmoe's workers just exit): gloo's threads still running at exit end the
+process with ``terminate called without an active exception`` (SIGABRT) after its test passed.
 """
 
 from __future__ import annotations
 
+import atexit
+import datetime
 import os
 import subprocess
 from pathlib import Path
@@ -20,6 +24,20 @@ ALIAS = HERE / "fmoe_alias"
 WORKER_TIMEOUT_S = 300
 
 __all__ = ["ALIAS", "HERE", "communicate", "free_port", "worker_env"]
+
+
+@atexit.register
+def _leave_process_group() -> None:
+    """In a worker: wait (at most 60 s) for the peers to finish, then tear the gloo group down."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+    except RuntimeError:  # a peer failed or left: nothing to wait for
+        pass
+    dist.destroy_process_group()
 
 
 def worker_env() -> dict[str, str]:

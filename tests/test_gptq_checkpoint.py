@@ -1,0 +1,87 @@
+"""common.gptq_checkpoint: the gptq checkpoint format (AutoGPTQ's and GPTQModel's) read back into our
+quantised weights, bit layout written out by hand; and, where GPTQModel imports, its GPTQ of the same
+model with the same settings against ours, code for code."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from common.gptq_checkpoint import as_decoder_weights, read_gptq_checkpoint, unpack_int32
+from common.quant import rtn
+
+
+def _pack_rows(codes: torch.Tensor) -> torch.Tensor:
+    """(K, N) 4-bit codes -> (K/8, N) int32, row 8r+i in bits 4i..4i+3 (the format, by hand)."""
+    k, n = codes.shape
+    out = torch.zeros(k // 8, n, dtype=torch.int64)
+    for i in range(8):
+        out |= codes[i::8].long() << (4 * i)
+    return out.to(torch.int32)  # wraps past 2^31 as the format's int32 does
+
+
+def _write_layer(tensors: dict, name: str, qw, zero_offset: int) -> None:
+    tensors[f"{name}.qweight"] = _pack_rows(qw.codes.T)  # (K/8, N)
+    tensors[f"{name}.qzeros"] = _pack_rows(qw.zero.long() - zero_offset).T.contiguous()  # (G, N/8)
+    tensors[f"{name}.scales"] = qw.scale.T.contiguous().half()
+    tensors[f"{name}.g_idx"] = qw.g_idx.int()
+
+
+def test_unpack_int32_spreads_eight_fields_lowest_bits_first():
+    packed = torch.tensor([[0x76543210, -0x10000000 + 0x0FEDCBA9]], dtype=torch.int32)  # (1, 2)
+    assert unpack_int32(packed, dim=1).tolist() == [[0, 1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 15]]
+    assert unpack_int32(packed, dim=0)[:, 0].tolist() == list(range(8))
+
+
+@pytest.mark.parametrize("fmt,offset", [("gptq", 1), ("gptq_v2", 0)])
+def test_a_checkpoint_in_the_gptq_format_reads_back_as_our_weights(tmp_path, fmt, offset):
+    torch.manual_seed(0)
+    names = {
+        "self_attn.q_proj": (32, 64),
+        "self_attn.k_proj": (16, 64),
+        "self_attn.v_proj": (16, 64),
+        "self_attn.o_proj": (64, 32),
+        "mlp.gate_proj": (48, 64),
+        "mlp.up_proj": (48, 64),
+        "mlp.down_proj": (64, 48),
+    }
+    ours, tensors = {}, {}
+    for name, shape in names.items():
+        qw = rtn(torch.randn(shape), 4, 16)
+        qw.zero.clamp_(min=1)  # the gptq format stores zero - 1 in 4 bits
+        qw.scale = qw.scale.half().float()  # the format keeps fp16 scales
+        ours[name] = qw
+        _write_layer(tensors, f"model.layers.0.{name}", qw, offset)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    config = {"bits": 4, "group_size": 16, "checkpoint_format": fmt, "pack_dtype": "int32"}
+    (tmp_path / "quantize_config.json").write_text(json.dumps(config))
+    weights, cfg = read_gptq_checkpoint(tmp_path)
+    assert cfg["group_size"] == 16
+    for name, qw in ours.items():
+        got = weights[f"model.layers.0.{name}"]
+        assert torch.equal(got.codes, qw.codes) and torch.equal(got.zero, qw.zero)
+        assert torch.equal(got.scale, qw.scale) and torch.equal(got.g_idx, qw.g_idx)
+    fused = as_decoder_weights(weights, 1)
+    qkv = fused["blocks.0.attn.qkv"]
+    assert qkv.codes.shape == (64, 64)
+    assert torch.equal(qkv.codes[32:48], ours["self_attn.k_proj"].codes)
+    assert torch.equal(fused["blocks.0.ffn.gate_up"].dequantize()[48:], ours["mlp.up_proj"].dequantize())
+    config["bits"] = 3
+    (tmp_path / "quantize_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="4-bit"):
+        read_gptq_checkpoint(tmp_path)
+
+
+def test_gptqmodel_quantises_the_trained_lm_to_our_codes(tmp_path):
+    pytest.importorskip(
+        "gptqmodel",
+        reason="GPTQModel is an optional anchor (requirements-anchors.txt); without it only ours runs",
+    )
+    from ch07_deployment import s7_4_1_gptq
+
+    figures = s7_4_1_gptq.main(["--quick", "--out", str(tmp_path), "--json", str(tmp_path / "f.json")])
+    assert figures["gptqmodel_status"] == "imports"
+    assert figures["gptqmodel_block0_codes_equal"] == 1.0  # the inputs both runs share exactly
+    assert figures["gptqmodel_codes_equal"] > 0.99
+    assert abs(figures["gptqmodel_ppl"] - figures["gptq4_g32_ppl"]) < 0.01 * figures["gptq4_g32_ppl"]
