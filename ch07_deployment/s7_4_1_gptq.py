@@ -28,6 +28,7 @@ to ours.  auto-gptq is only reported: 0.7.1 fails to import with transformers 5.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -51,9 +52,12 @@ from common.runner import parse_args, run_script, script_parser
 PAPER_OPT125M = {"fp16": 27.65, "rtn4": 37.28, "gptq4": 31.12}
 
 
-def library_status() -> dict:
-    """Whether auto-gptq / GPTQModel import here, and why not (:func:`common.env.package_status`)."""
-    return {name: import_status(name) for name in ("auto_gptq", "gptqmodel")}
+def library_status(log_path: str) -> dict:
+    """Whether auto-gptq / GPTQModel import here, and why not (:func:`common.env.import_status`);
+    GPTQModel's banner and its libraries' notes while it imports go to ``log_path``."""
+    os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
+    with open(log_path, "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        return {name: import_status(name) for name in ("auto_gptq", "gptqmodel")}
 
 
 def gptqmodel_settings(group_size: int, act_order: bool, damp: float) -> dict:
@@ -76,17 +80,25 @@ def run_gptqmodel(source, model, windows, settings: dict, out: str, evaluate) ->
     """GPTQModel quantises the same model (as a Hugging Face folder) on the same calibration windows;
     its checkpoint is read back into our weights (:mod:`common.gptq_checkpoint`), so its perplexity is
     measured by the same evaluation.  Returns ``({block linear: QuantizedWeight}, figures)``."""
-    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, torch.get_num_threads())))  # before import
     import gptqmodel
     from gptqmodel import GPTQModel, QuantizeConfig
 
     start = time.perf_counter()
     hf = source.hf_folder(os.path.join(out, "hf"))
-    qmodel = GPTQModel.load(hf, QuantizeConfig(**settings), device="cpu", dtype=torch.float32)
-    calibration = [{"input_ids": w.tolist(), "attention_mask": [1] * len(w)} for w in windows]
-    qmodel.quantize(calibration, batch_size=16)
     folder = os.path.join(out, "gptqmodel")
-    qmodel.save(folder)
+    log_path = os.path.join(out, "gptqmodel.log")
+    hf, folder = os.path.abspath(hf), os.path.abspath(folder)
+    here = os.getcwd()
+    with open(log_path, "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        os.chdir(out)  # GPTQModel writes its own logs/ folder into the working directory
+        try:
+            qmodel = GPTQModel.load(hf, QuantizeConfig(**settings), device="cpu", dtype=torch.float32)
+            calibration = [{"input_ids": w.tolist(), "attention_mask": [1] * len(w)} for w in windows]
+            qmodel.quantize(calibration, batch_size=16)
+            qmodel.save(folder)
+        finally:
+            os.chdir(here)
+    print(f"GPTQModel's own log (its progress tables): {log_path}")
     seconds = time.perf_counter() - start
     weights, _ = read_gptq_checkpoint(folder)
     theirs = as_decoder_weights(weights, model.config.n_layer)
@@ -204,7 +216,8 @@ def main(argv=None) -> dict:
         f"({q_bytes / fp_bytes:.2f}x; "
         f"the block linears {block_q / block_fp:.2f}x, embeddings and head stay fp32)"
     )
-    libs = library_status()
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, torch.get_num_threads())))  # before its import
+    libs = library_status(os.path.join(args.out, "gptqmodel.log"))
     print(f"auto_gptq: {libs['auto_gptq']}")
     anchor = {}
     if libs["gptqmodel"] == "imports":

@@ -39,11 +39,13 @@ BLOCK = re.compile(
 PROGRESS = re.compile(r"\d+%\||\d it/s|\ds/it|\?it/s|^[^:]+: \d+/\d+ \(\d+%\) \d+ s\b")
 # libraries' notes about themselves, not the section's output: DeepSpeed's accelerator choice and its
 # op build, the torch profiler's trace markers, torch's ONNX exporter on an absent torchvision,
-# onnxruntime's advice to pre-process before quantising
+# onnxruntime's advice to pre-process before quantising, torch's note on the enums torchao registers
+# (GPTQModel imports it)
 NOISE = re.compile(
     r"\[WARNING\] \[real_accelerator\.py|^DeepSpeed deepspeed\.ops\.\S+ built successfully"
     r"|^USDT:.*profiler_(start|stop)$|torchvision is not installed\. Skipping torchvision::"
     r"|^WARNING:root:Please consider to run pre-processing before quantization"
+    r"|_pytree\.py:\d+\] <enum '\w+'> is an Enum subclass"
 )
 
 
