@@ -292,3 +292,23 @@ def test_gptq_codes_equal_the_reference_loop(group_size, act_order):
         assert not torch.equal(other.codes.float(), want)
     with pytest.raises(ValueError, match="group_range"):
         gptq(W, H, group_range="fresh")
+
+
+@pytest.mark.parametrize("group_size", [32, 128])
+def test_rtn_codes_equal_torchaos_asymmetric_int4(group_size):
+    """torchao's IntxWeightOnlyConfig(int4, PerGroup, asymmetric) is an RTN nobody here wrote: its signed
+    codes and zero points are ours minus 8, its scales ours."""
+    pytest.importorskip("torchao", reason="torchao is optional (requirements-anchors.txt)")
+    from torchao.quantization import IntxWeightOnlyConfig, quantize_
+    from torchao.quantization.granularity import PerGroup
+    from torchao.quantization.quant_primitives import MappingType
+
+    torch.manual_seed(0)
+    layer = torch.nn.Sequential(torch.nn.Linear(256, 48, bias=False))
+    ours = rtn(layer[0].weight.detach(), 4, group_size)
+    config = IntxWeightOnlyConfig(torch.int4, PerGroup(group_size), MappingType.ASYMMETRIC)
+    quantize_(layer, config)
+    theirs = layer[0].weight
+    assert torch.equal(theirs.qdata.int() + 8, ours.codes.int())
+    assert torch.equal(theirs.zero_point.int().view(48, -1) + 8, ours.zero.int())
+    torch.testing.assert_close(theirs.scale.float().view(48, -1), ours.scale, rtol=0, atol=0)
