@@ -41,8 +41,8 @@ from num2words import num2words
 from common.models.transformer import Seq2SeqTransformer
 from common.plotting import pyplot, save_figure
 from common.progress import progress
-from common.runner import parse_args, positive_int, run_script, script_parser
-from common.training import lr_at
+from common.runner import add_dtype_flag, parse_args, positive_int, run_script, script_parser
+from common.training import autocast_for, lr_at
 
 LANGUAGES = {"de": "German", "fr": "French"}
 BLEU_TOKENIZE = {"de": "char", "fr": "13a"}  # German numbers are one word: BLEU over characters
@@ -113,13 +113,17 @@ def encode_batch(pairs, src_vocab: CharVocab, tgt_vocab: CharVocab, device: str)
 
 
 @torch.no_grad()
-def translate(model, pairs, src_vocab, tgt_vocab, device, max_len: int, batch_size=250) -> list[str]:
-    """Greedy translations of the sources of ``pairs``."""
+def translate(
+    model, pairs, src_vocab, tgt_vocab, device, max_len: int, batch_size=250, dtype: str = "fp32"
+) -> list[str]:
+    """Greedy translations of the sources of ``pairs`` (under autocast to ``dtype``)."""
     model.eval()
     out = []
     for i in range(0, len(pairs), batch_size):
         src, _, _ = encode_batch(pairs[i : i + batch_size], src_vocab, tgt_vocab, device)
-        out += [tgt_vocab.decode(ids) for ids in model.greedy_decode(src, BOS, EOS, max_len).tolist()]
+        with autocast_for(device, dtype):
+            ids = model.greedy_decode(src, BOS, EOS, max_len).tolist()
+        out += [tgt_vocab.decode(row) for row in ids]
     model.train()
     return out
 
@@ -139,6 +143,7 @@ def scores(hypotheses: list[str], references: list[str], bleu_tokenize: str = "1
 
 def main(argv=None) -> dict:
     parser = script_parser(__doc__)
+    add_dtype_flag(parser)
     parser.add_argument(
         "--languages", default="de,fr", help="target languages, comma-separated, of: de, fr (default both)"
     )
@@ -228,8 +233,11 @@ def main(argv=None) -> dict:
     for _ in (bar := progress(range(args.steps), desc="training", mininterval=1.0)):
         batch = rng.sample(train_pairs, args.batch_size)
         src, tgt_in, tgt_out = encode_batch(batch, src_vocab, tgt_vocab, device)
-        logits = model(src, tgt_in)  # (batch, T, tgt_vocab)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt_out.reshape(-1), ignore_index=-100)
+        with autocast_for(device, args.dtype):
+            logits = model(src, tgt_in)  # (batch, T, tgt_vocab)
+        loss = F.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), tgt_out.reshape(-1), ignore_index=-100
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -257,7 +265,7 @@ def main(argv=None) -> dict:
     }
     for lang in languages:
         pairs = [p for p in test_pairs if p[0] == lang]
-        hyps = translate(model, pairs, src_vocab, tgt_vocab, device, max_len)
+        hyps = translate(model, pairs, src_vocab, tgt_vocab, device, max_len, dtype=args.dtype)
         refs = [t for _, _, t in pairs]
         s = scores(hyps, refs, BLEU_TOKENIZE[lang])
         print(f"\n{LANGUAGES[lang]}, held-out numbers (greedy decoding):")

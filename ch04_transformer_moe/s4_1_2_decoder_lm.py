@@ -31,7 +31,7 @@ from common.models.decoder import PRESETS, DecoderConfig, DecoderLM
 from common.models.generation import generate
 from common.models.hf_llama import decoder_to_hf
 from common.plotting import pyplot, save_figure
-from common.runner import parse_args, run_script, script_parser
+from common.runner import add_dtype_flag, parse_args, run_script, script_parser
 from common.training import TrainConfig, train
 
 VARIANTS = {
@@ -69,6 +69,7 @@ def hf_check(config: DecoderConfig, device: str, seed: int) -> float:
 
 def main(argv=None) -> dict:
     parser = script_parser(__doc__)
+    add_dtype_flag(parser)
     parser.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary of the embedded corpus")
     parser.add_argument("--steps", type=int, default=600, help="training steps of the demo model (quick: 40)")
     parser.add_argument("--d-model", type=int, default=192, help="width of the demo model (quick: 64)")
@@ -152,7 +153,7 @@ def main(argv=None) -> dict:
         eval_batches=4,
         eval_batch_size=16,
         seed=args.seed,
-        dtype="fp32",
+        dtype=args.dtype,
     )
     result = train(model, data, cfg_train, device=device)
     losses = result["losses"]

@@ -30,7 +30,7 @@ import torch
 
 from common.data import TokenData, get_tokenizer, load_corpus
 from common.plotting import pyplot, save_figure
-from common.runner import parse_args, positive_int, run_script, script_parser
+from common.runner import add_dtype_flag, parse_args, positive_int, run_script, script_parser
 from common.training import TrainConfig, train
 
 
@@ -84,6 +84,7 @@ def main(argv=None) -> dict:
     from common.models.decoder import DecoderConfig, DecoderLM
 
     parser = script_parser(__doc__)
+    add_dtype_flag(parser)
     parser.add_argument(
         "--layers", type=positive_int, default=None, help="decoder layers (default 8; quick 3)"
     )
@@ -175,7 +176,7 @@ def main(argv=None) -> dict:
         eval_every=0,
         eval_batches=4 if q else 16,
         seed=args.seed,
-        dtype="fp32",
+        dtype=args.dtype,
     )
     print(f"\ntraining both for {steps} steps, AdamW lr {args.lr:g} from the first step, no clipping")
     for placement, model in models.items():

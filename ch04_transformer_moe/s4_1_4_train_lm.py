@@ -38,7 +38,14 @@ import torch
 
 from common.data import TokenData, get_tokenizer, load_corpus
 from common.plotting import pyplot, save_figure
-from common.runner import non_negative_int, parse_args, positive_int, run_script, script_parser
+from common.runner import (
+    add_dtype_flag,
+    non_negative_int,
+    parse_args,
+    positive_int,
+    run_script,
+    script_parser,
+)
 from common.training import TrainConfig, cleanup_distributed, setup_distributed, train
 
 TINY = dict(n_layer=4, d_model=128, n_head=4, n_kv_head=4)
@@ -186,12 +193,7 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--resume", action="store_true", help="continue from the checkpoints in the output folder"
     )
-    parser.add_argument(
-        "--dtype",
-        choices=["auto", "fp32", "bf16", "fp16"],
-        default="auto",
-        help="autocast dtype; auto = bf16 where the GPU supports it, else fp32",
-    )
+    add_dtype_flag(parser, fp16=True)
     parser.add_argument(
         "--samples", type=non_negative_int, default=3, help="continuations to generate at the end"
     )

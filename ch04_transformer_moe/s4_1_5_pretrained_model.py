@@ -22,15 +22,17 @@ import math
 
 import torch
 
+from common.env import torch_dtype
 from common.models.generation import generate
 from common.pretrained import SPECS, pretrained_lm
-from common.runner import parse_args, positive_int, run_script, script_parser
+from common.runner import add_dtype_flag, parse_args, positive_int, run_script, script_parser
 
 PROMPTS = ["The return value of", "A class is"]
 
 
 def main(argv=None) -> dict:
     parser = script_parser(__doc__)
+    add_dtype_flag(parser)
     parser.add_argument(
         "--name", choices=sorted(SPECS), default=None, help="which model (default tiny; quick: test)"
     )
@@ -60,6 +62,7 @@ def main(argv=None) -> dict:
         f"{info['val_bpb']:.3f} bits per byte"
     )
 
+    model = model.to(torch_dtype(args.dtype))  # this script's copy: the continuations decode in --dtype
     prompts = [tokenizer.encode(p).ids for p in PROMPTS]
     stop = tokenizer.token_to_id("<|endoftext|>")
     greedy = generate(model, prompts, new_tokens, stop_tokens=stop)

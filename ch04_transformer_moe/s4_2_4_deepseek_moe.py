@@ -35,7 +35,8 @@ import torch
 from common.moe import DeepSeekMoE
 from common.plotting import pyplot, save_figure
 from common.progress import progress
-from common.runner import parse_args, run_script, script_parser
+from common.runner import add_dtype_flag, parse_args, run_script, script_parser
+from common.training import autocast_for
 
 
 def plot(path: str, curves: dict[str, list[float]]) -> None:
@@ -78,8 +79,9 @@ def train_run(args, gamma: float, x_all: torch.Tensor, teacher: torch.nn.Module,
         x = x_all[idx]  # (batch, seq, d_model)
         with torch.no_grad():
             y = teacher(x)
-        out, _ = layer(x)  # its auxiliary loss is not added
-        loss = (out - y).pow(2).mean()
+        with autocast_for(args.device, args.dtype):
+            out, _ = layer(x)  # its auxiliary loss is not added
+        loss = (out.float() - y).pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -90,6 +92,7 @@ def train_run(args, gamma: float, x_all: torch.Tensor, teacher: torch.nn.Module,
 
 def main(argv=None) -> dict:
     parser = script_parser(__doc__)
+    add_dtype_flag(parser)
     parser.add_argument("--d-model", type=int, default=128, help="model width")
     parser.add_argument("--d-ff", type=int, default=512, help="width of one coarse expert before splitting")
     parser.add_argument("--experts", type=int, default=8, help="coarse experts N (m·N fine-grained experts)")

@@ -40,7 +40,7 @@ from torch import nn
 from common.data import TokenData, get_tokenizer, load_corpus
 from common.moe import DeepSeekMoE, MoELayer, merge_loads
 from common.plotting import pyplot, save_figure
-from common.runner import parse_args, run_script, script_parser
+from common.runner import add_dtype_flag, parse_args, run_script, script_parser
 from common.training import TrainConfig, train
 
 TINY = dict(n_layer=4, d_model=128, n_head=4, n_kv_head=4)
@@ -113,6 +113,7 @@ def main(argv=None) -> dict:
     from common.models.decoder import DecoderConfig, DecoderLM
 
     parser = script_parser(__doc__)
+    add_dtype_flag(parser)
     parser.add_argument("--experts", type=int, default=8, help="experts per MoE layer")
     parser.add_argument("--k", type=int, default=2, help="experts per token")
     parser.add_argument(
@@ -193,7 +194,7 @@ def main(argv=None) -> dict:
         eval_every=max(1, args.steps // 4),
         eval_batches=4 if args.quick else 16,
         seed=args.seed,
-        dtype="fp32",
+        dtype=args.dtype,
     )
     results = {}
     for name, model in (("dense", dense), ("MoE", moe)):

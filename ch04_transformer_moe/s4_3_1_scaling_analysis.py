@@ -35,7 +35,7 @@ from common.estimate import PRESETS, count_params, flops_per_token, model_shape,
 from common.models.decoder import PRESETS as DECODER_PRESETS
 from common.models.decoder import DecoderConfig, DecoderLM
 from common.plotting import pyplot, save_figure
-from common.runner import parse_args, run_script, script_parser
+from common.runner import add_dtype_flag, parse_args, run_script, script_parser
 
 PUBLISHED = [
     "gpt2",
@@ -132,7 +132,7 @@ def plot_table(path: str, rows: list[dict]) -> None:
     save_figure(fig, path)
 
 
-def train_ladder(sizes, tokens: int, seed: int, device: str) -> list[dict]:
+def train_ladder(sizes, tokens: int, seed: int, device: str, dtype: str = "fp32") -> list[dict]:
     """Train each (layers, width) on the corpus for ``tokens`` training tokens; validation loss per size."""
     from common.data import TokenData, get_tokenizer, load_corpus
     from common.pretrained import SPECS
@@ -162,6 +162,7 @@ def train_ladder(sizes, tokens: int, seed: int, device: str) -> list[dict]:
             eval_every=0,
             eval_batches=16,
             seed=seed,
+            dtype=dtype,
             progress=True,
         )
         result = train(model, data, cfg, device=device)
@@ -225,6 +226,7 @@ def plot_ladder(path: str, rows: list[dict], fit) -> None:
 
 def main(argv=None) -> dict:
     parser = script_parser(__doc__)
+    add_dtype_flag(parser)
     parser.add_argument(
         "--models",
         nargs="+",
@@ -279,7 +281,7 @@ def main(argv=None) -> dict:
 
     sizes = QUICK_LADDER if args.quick else LADDER
     print(f"\n2. scaling ladder: {len(sizes)} sizes, {tokens:,} training tokens each")
-    ladder = train_ladder(sizes, tokens, args.seed, args.device)
+    ladder = train_ladder(sizes, tokens, args.seed, args.device, args.dtype)
     figures.update({f"ladder_{r['layers']}x{r['width']}_n": r["n"] for r in ladder})
     figures.update({f"ladder_{r['layers']}x{r['width']}_loss": r["loss"] for r in ladder})
     fit = None

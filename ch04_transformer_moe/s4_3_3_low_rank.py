@@ -43,7 +43,7 @@ from common.lm_source import add_source_args, evaluate_lm, load_source
 from common.models.hf_llama import decoder_to_hf
 from common.plotting import pyplot, save_figure
 from common.prune import linear_weights
-from common.runner import parse_args, run_script, script_parser
+from common.runner import add_dtype_flag, parse_args, run_script, script_parser
 from common.training import TrainConfig, train
 
 # our fused matrices -> the transformers Llama projections they hold, stacked by rows
@@ -241,6 +241,7 @@ def plot(path: str, rows: list[dict], dense: dict) -> None:
 
 def main(argv=None) -> dict:
     parser = script_parser(__doc__)
+    add_dtype_flag(parser)
     add_source_args(parser)
     parser.add_argument(
         "--ranks",
@@ -315,7 +316,7 @@ def main(argv=None) -> dict:
         eval_every=0,
         eval_batches=eval_batches,
         seed=args.seed,
-        dtype="fp32",
+        dtype=args.dtype,
     )
     train(lora, slice_data, cfg, device=str(device))
     after = evaluate_lm(lora, slice_data, 8, eval_batches)

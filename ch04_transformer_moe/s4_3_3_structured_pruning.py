@@ -43,7 +43,7 @@ from common.prune import (
     prune_model,
     zero_units,
 )
-from common.runner import parse_args, run_script, script_parser
+from common.runner import add_dtype_flag, parse_args, run_script, script_parser
 from common.timing import paired_ratio, race
 from common.training import TrainConfig, train
 
@@ -69,6 +69,7 @@ def plot(path: str, rows: list[dict], dense: dict) -> None:
 
 def main(argv=None) -> dict:
     parser = script_parser(__doc__)
+    add_dtype_flag(parser)
     add_source_args(parser)
     parser.add_argument(
         "--ratios",
@@ -220,7 +221,7 @@ def main(argv=None) -> dict:
             eval_every=0,
             eval_batches=eval_batches,
             seed=args.seed,
-            dtype="fp32",
+            dtype=args.dtype,
             progress=True,
         )
         train(pruned, source.data, cfg, device=str(device))

@@ -48,7 +48,15 @@ from common.fmoe.expert_parallel import local_experts
 from common.launch import is_main, job_size, run_workers
 from common.models.attention import MultiHeadAttention
 from common.progress import progress
-from common.runner import non_negative_int, parse_args, positive_int, run_script, script_parser
+from common.runner import (
+    add_dtype_flag,
+    non_negative_int,
+    parse_args,
+    positive_int,
+    run_script,
+    script_parser,
+)
+from common.training import autocast_for
 
 BOOK = {"total": 273e6, "moe": 268e6, "attention": 5.24e6, "norms": 0.2e6}
 BOOK_LOSS = (2.04, 1.11)
@@ -251,9 +259,9 @@ def epoch_means(losses, steps_per_epoch) -> list[float]:
 
 
 def train_lm(fm, a) -> dict:
-    """AdamW on the corpus for ``a.lm_steps`` steps, checkpointed to ``a.ckpt_dir`` every ``a.ckpt_every``
-    steps and on Ctrl-C/SIGTERM (the interruption then carries the folder and step to the runner);
-    ``a.resume`` continues from that checkpoint."""
+    """AdamW on the corpus for ``a.lm_steps`` steps under autocast to ``a.dtype``, checkpointed to
+    ``a.ckpt_dir`` every ``a.ckpt_every`` steps and on Ctrl-C/SIGTERM (the interruption then carries the
+    folder and step to the runner); ``a.resume`` continues from that checkpoint."""
     from common import checkpoint as ckpt
     from common.data import TokenData, get_tokenizer, load_corpus
     from common.errors import UsageError
@@ -305,7 +313,9 @@ def train_lm(fm, a) -> dict:
     try:
         while step < a.lm_steps:
             x, y = data.get_batch("train", a.batch, generator=g)
-            loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+            with autocast_for("cpu", a.dtype):  # the regression parts stay fp32: they compare exactly
+                logits = model(x)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -348,6 +358,7 @@ def intra_op_threads(n: int):
 
 def main(argv=None) -> dict:
     parser = script_parser(__doc__)
+    add_dtype_flag(parser)
     parser.add_argument("--nproc", type=int, default=2, help="worker processes for expert-parallel training")
     parser.add_argument("--layers", type=int, default=2, help="Transformer blocks of the trained models")
     parser.add_argument("--d-model", type=int, default=256, help="model width of the trained models")

@@ -46,11 +46,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from common import checkpoint as ckpt
-from common.env import require
+from common.env import require, torch_dtype
 from common.fmoe.expert_parallel import check_ep_size
 from common.launch import is_main, job_size, run_workers
 from common.models.attention import MultiHeadAttention
-from common.runner import parse_args, positive_int, run_script, script_parser
+from common.runner import add_dtype_flag, parse_args, positive_int, run_script, script_parser
 
 BOOK_LOSS = (1.784, 1.001)
 
@@ -126,6 +126,8 @@ def _worker(ctx, a):
     snapshot = DSMoETransformer(
         a.layers, a.d_model, a.heads, a.experts, a.d_ff, ctx.world_size, a.capacity_factor
     )
+    dtype = torch_dtype(a.dtype)
+    model.to(dtype)  # the module's buffers too (DeepSpeed's bf16 casts only the parameters)
     shard = os.path.join(a.ckpt_dir, f"rank{ctx.rank}")  # this rank's experts and optimizer partition
     state = ckpt.load_checkpoint(shard, model) if a.resume else None  # weights before the engine copies them
     groups = split_params_into_different_moe_groups_for_optimizer(
@@ -137,6 +139,7 @@ def _worker(ctx, a):
         "train_micro_batch_size_per_gpu": a.batch // ctx.world_size,
         "zero_optimization": {"stage": a.zero_stage},
         "zero_allow_untested_optimizer": True,  # torch's AdamW, not DeepSpeed's CUDA-only fused Adam
+        "bf16": {"enabled": a.dtype == "bf16"},  # bf16 weights and gradients, fp32 master copy and moments
         "steps_per_print": 10**9,
     }
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
@@ -157,8 +160,8 @@ def _worker(ctx, a):
     for _ in range(len(epochs), a.epochs):
         losses = []
         for xb, yb in zip(x, y):
-            out, aux = engine(xb[rows].to(engine.device))
-            mse = F.mse_loss(out, yb[rows].to(engine.device))
+            out, aux = engine(xb[rows].to(engine.device, dtype))
+            mse = F.mse_loss(out.float(), yb[rows].to(engine.device))
             engine.backward(mse + a.aux_coef * aux)
             engine.step()
             mean = mse.detach().clone()
@@ -192,6 +195,7 @@ def saved_epoch(ckpt_dir: str, world: int) -> int | None:
 
 def main(argv=None) -> dict:
     parser = script_parser(__doc__)
+    add_dtype_flag(parser)
     parser.add_argument("--nproc", type=int, default=2, help="worker processes (ep_size)")
     parser.add_argument("--zero-stage", type=int, default=2, choices=[1, 2], help="ZeRO stage")
     parser.add_argument("--layers", type=int, default=2, help="Transformer blocks")

@@ -9,7 +9,9 @@ With the estimators of ``common/estimate.py``:
 3. days to train and tokens/s to serve on each GPU of the datasheet table at that utilisation, and on
    this machine, whose fp32/bf16 matmul FLOP/s the script measures;
 4. for the project's decoder LM: a training step's time predicted from 6·N·tokens (plus attention) over
-   the measured FLOP/s, beside the measured step time.
+   the measured FLOP/s, beside the measured step time; where the CPU multiplies bf16 natively
+   (AVX512_BF16 or AMX; or with ``--dtype bf16``) the same step under bf16 autocast beside it, predicted
+   at the measured bf16 rate.
 
     python -m ch07_deployment.s7_3_1_compute_requirements
     python -m ch07_deployment.s7_3_1_compute_requirements --quick
@@ -22,9 +24,11 @@ import time
 import torch
 
 from common import estimate
+from common.env import cpu_bf16_native
 from common.machine import measure_machine
 from common.models.decoder import DecoderConfig, DecoderLM
-from common.runner import parse_args, run_script, script_parser
+from common.runner import add_dtype_flag, parse_args, run_script, script_parser
+from common.training import autocast_for
 
 PUBLISHED = ("llama-2-7b", "llama-2-13b", "llama-2-70b", "mixtral-8x7b", "deepseek-v3")
 # Llama 2 paper (Touvron et al. 2023, Table 2): pretraining on 2.0T tokens took these A100-80GB GPU-hours
@@ -86,8 +90,12 @@ def hardware_table(machine: estimate.Hardware, mfu: float, model: str = "llama-2
 
 
 def measured_step(
-    config: DecoderConfig, batch: int, seq: int, machine: estimate.Hardware, steps: int
+    config: DecoderConfig, batch: int, seq: int, machine: estimate.Hardware, steps: int, dtype: str = "fp32"
 ) -> dict:
+    """A training step (AdamW) of the project's LM, fp32 or under bf16 autocast, against 6·N·D +
+    attention at this machine's measured matmul rate for that dtype; figures prefixed with the dtype
+    (none for fp32)."""
+    torch.manual_seed(0)
     model = DecoderLM(config)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     idx = torch.randint(0, config.vocab_size, (batch, seq))
@@ -95,7 +103,8 @@ def measured_step(
     for _ in range(steps + 1):  # the first step allocates AdamW's state: not timed
         start = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        _, loss = model(idx, idx)
+        with autocast_for("cpu", dtype):
+            _, loss = model(idx, idx)
         loss.backward()
         opt.step()
         times.append(time.perf_counter() - start)
@@ -105,29 +114,34 @@ def measured_step(
     # 6·N·tokens, plus attention (forward 2·layers·keys·(d_qk + d_v) per token, causal: keys ≈ seq/2; ×3)
     attn = 3 * 2 * config.n_layer * (seq / 2) * (d_qk + d_v) * tokens
     flops = estimate.training_flops(config, tokens) + attn
-    predicted = flops / (machine.fp32_tflops * 1e12)
+    predicted = flops / (machine.tflops(dtype) * 1e12)
     print(
         f"\nThe project's decoder LM ({estimate.count_params(config)['total']:,} parameters), "
-        f"a training step of {batch}x{seq} tokens, fp32:"
+        f"a training step of {batch}x{seq} tokens, {'fp32' if dtype == 'fp32' else f'{dtype} autocast'}:"
     )
-    print(f"  6·N·D + attention = {flops:.3e} FLOPs; at the measured {machine.fp32_tflops * 1e3:.1f} GFLOP/s")
+    print(
+        f"  6·N·D + attention = {flops:.3e} FLOPs; at the measured {machine.tflops(dtype) * 1e3:.1f} "
+        f"{dtype} GFLOP/s"
+    )
     print(f"  predicted {predicted * 1e3:.0f} ms, measured {measured * 1e3:.0f} ms (fastest of {steps})")
     print(
         f"  measured/predicted = {measured / predicted:.2f}: the step also runs the optimizer, norms, softmax"
         " and\n  element-wise work that 6·N·D leaves out, and its matmuls have other shapes than the"
         " square one timed"
     )
+    prefix = "" if dtype == "fp32" else f"{dtype}_"
     return {
-        "train_step_flops": flops,
-        "train_step_predicted_s": predicted,
-        "train_step_measured_s": measured,
-        "train_step_ratio": measured / predicted,
-        "achieved_gflops": flops / measured / 1e9,
+        f"{prefix}train_step_flops": flops,
+        f"{prefix}train_step_predicted_s": predicted,
+        f"{prefix}train_step_measured_s": measured,
+        f"{prefix}train_step_ratio": measured / predicted,
+        f"{prefix}achieved_gflops": flops / measured / 1e9,
     }
 
 
 def main(argv=None) -> dict:
     parser = script_parser(__doc__)
+    add_dtype_flag(parser)
     parser.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation assumed for the GPUs")
     parser.add_argument("--preset", default="small", choices=["small", "base"], help="the project's LM size")
     parser.add_argument("--batch", type=int, default=8, help="training batch of the timed step")
@@ -159,6 +173,20 @@ def main(argv=None) -> dict:
     figures |= llama2_training(args.mfu)
     figures |= hardware_table(machine, args.mfu)
     figures |= measured_step(config, args.batch, args.seq, machine, args.steps)
+    if cpu_bf16_native() or args.dtype == "bf16":  # beside fp32 where the CPU has bf16 (or when asked)
+        figures |= measured_step(config, args.batch, args.seq, machine, args.steps, "bf16")
+        speedup = figures["train_step_measured_s"] / figures["bf16_train_step_measured_s"]
+        print(
+            f"  bf16 autocast over fp32: the step is {speedup:.2f}x faster (the matmul rates differ "
+            f"{machine.bf16_tflops / machine.fp32_tflops:.2f}x;\n  norms, softmax, the optimizer and the "
+            "casts gain little or nothing)"
+        )
+        figures["bf16_train_step_speedup"] = speedup
+    else:
+        print(
+            "\nno bf16 step: this CPU has no AVX512_BF16/AMX (torch would emulate bf16; "
+            "--dtype bf16 forces it)"
+        )
     return figures
 
 

@@ -13,6 +13,11 @@ bandwidth and FLOP/s (goal: within 2x), with the gap explained by measurement: t
 a model of the same depth whose weights are negligible, and the rate at which torch's matrix-vector
 product (``F.linear`` at batch 1) reads this model's own matrices, beside the copy bandwidth.
 
+Where the CPU multiplies bf16 natively (AVX512_BF16 or AMX; or when asked with ``--dtype bf16``) it also
+measures the prompt pass and a decode step with the weights and KV cache in bf16 beside fp32, each against
+the estimator at that dtype's measured FLOP/s and bytes: prefill, compute-bound, should gain what the
+bf16 matmul rate gains over fp32; decode, memory-bound, at most the halved bytes.
+
     python -m ch07_deployment.s7_3_2_latency_estimation
     python -m ch07_deployment.s7_3_2_latency_estimation --quick
 """
@@ -25,10 +30,11 @@ import time
 import torch
 
 from common import estimate
+from common.env import cpu_bf16_native, torch_dtype
 from common.machine import matvec_bandwidth, measure_machine, memory_bandwidth
 from common.models.decoder import DecoderConfig, DecoderLM
 from common.plotting import pyplot, save_figure
-from common.runner import parse_args, run_script, script_parser
+from common.runner import add_dtype_flag, parse_args, run_script, script_parser
 
 
 def gpu_table(config, label: str, prompt: int, context: int) -> dict:
@@ -79,6 +85,63 @@ def _decode_step_times(model: DecoderLM, prompt: int, new: int) -> tuple[float, 
             model(idx[:, i : i + 1], kv_cache=cache)
             steps.append(time.perf_counter() - start)
     return ttft, min(steps)
+
+
+def _prefill_time(model: DecoderLM, prompt: int, repeats: int = 3) -> float:
+    """Fastest of ``repeats`` prompt passes of ``prompt`` tokens at batch 1 (into a fresh KV cache)."""
+    idx = torch.randint(0, model.config.vocab_size, (1, prompt))
+    times = []
+    with torch.inference_mode():
+        for _ in range(repeats + 1):  # the first pass warms up: not counted
+            cache = model.new_kv_cache(1, prompt)
+            start = time.perf_counter()
+            model(idx, kv_cache=cache, last_only=True)
+            times.append(time.perf_counter() - start)
+    return min(times[1:])
+
+
+def dtype_comparison(
+    config: DecoderConfig, machine: estimate.Hardware, prefill: int, prompt: int, new: int
+) -> dict:
+    """The prompt pass and a decode step of the project's LM in fp32 and in bf16 (weights and KV cache),
+    each beside the estimator at that dtype (its measured matmul rate, its bytes per weight)."""
+    print(
+        f"\nfp32 and bf16 on this CPU (measured matmul: fp32 {machine.fp32_tflops * 1e3:.0f}, bf16 "
+        f"{machine.bf16_tflops * 1e3:.0f} GFLOP/s): prefill of {prefill} tokens, decode at batch 1"
+    )
+    print(
+        f"  {'dtype':6}{'prefill pred ms':>17}{'meas ms':>9}{'ratio':>7}"
+        f"{'decode pred ms':>16}{'meas ms':>9}{'ratio':>7}"
+    )
+    figures, measured = {}, {}
+    for name in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        model = DecoderLM(config).eval().to(torch_dtype(name))
+        pre = estimate.prefill_latency(config, machine, 1, prefill, dtype=name)["seconds"]
+        dec = estimate.decode_latency(config, machine, 1, prompt + new // 2, dtype=name)["seconds"]
+        pre_m = _prefill_time(model, prefill)
+        _decode_step_times(model, 4, 4)  # warm up
+        _, dec_m = _decode_step_times(model, prompt, new)
+        measured[name] = (pre_m, dec_m)
+        print(
+            f"  {name:6}{pre * 1e3:17.2f}{pre_m * 1e3:9.2f}{pre_m / pre:7.2f}"
+            f"{dec * 1e3:16.3f}{dec_m * 1e3:9.3f}{dec_m / dec:7.2f}"
+        )
+        figures |= {
+            f"{name}_prefill_predicted_ms": pre * 1e3,
+            f"{name}_prefill_measured_ms": pre_m * 1e3,
+            f"{name}_decode_predicted_ms": dec * 1e3,
+            f"{name}_decode_measured_ms": dec_m * 1e3,
+        }
+    prefill_gain = measured["fp32"][0] / measured["bf16"][0]
+    decode_gain = measured["fp32"][1] / measured["bf16"][1]
+    print(
+        f"  bf16 over fp32, measured: prefill {prefill_gain:.2f}x faster (the matmul rates differ "
+        f"{machine.bf16_tflops / machine.fp32_tflops:.2f}x), decode {decode_gain:.2f}x (half the bytes:\n"
+        "  at most 2x; a model this small spends much of a decode step in per-operator overhead, which bf16\n"
+        "  does not shrink)"
+    )
+    return figures | {"bf16_prefill_speedup": prefill_gain, "bf16_decode_speedup": decode_gain}
 
 
 def measured_decode(config: DecoderConfig, machine: estimate.Hardware, prompt: int, new: int) -> dict:
@@ -144,17 +207,26 @@ def measured_decode(config: DecoderConfig, machine: estimate.Hardware, prompt: i
 
 def main(argv=None) -> dict:
     parser = script_parser(__doc__)
+    add_dtype_flag(parser)
     parser.add_argument(
         "--preset", default="small", choices=["small", "base", "large"], help="the project's LM"
     )
     parser.add_argument("--prompt", type=int, default=64, help="prompt tokens of the measured decode")
     parser.add_argument("--new", type=int, default=64, help="decode steps measured")
+    parser.add_argument(
+        "--prefill",
+        type=int,
+        default=256,
+        help="prompt tokens of the fp32/bf16 prefill comparison (quick: 64)",
+    )
     args = parse_args(parser, argv)
-    if args.prompt <= 0 or args.new <= 0:
-        parser.error("--prompt and --new must be positive")
+    if args.prompt <= 0 or args.new <= 0 or args.prefill <= 0:
+        parser.error("--prompt, --new and --prefill must be positive")
     config = DecoderConfig.preset(args.preset, vocab_size=8192, context_length=1024)
     if args.quick:
-        args.prompt, args.new = 16, 16
+        args.prompt, args.new, args.prefill = 16, 16, 64
+    if args.prefill > config.context_length:
+        parser.error(f"--prefill {args.prefill} exceeds the LM's context of {config.context_length} tokens")
 
     machine = measure_machine("cpu", quick=args.quick)
     figures = {
@@ -166,6 +238,13 @@ def main(argv=None) -> dict:
     plot_roofline(os.path.join(args.out, "roofline.png"), "llama-2-7b", machine, 512)
     print(f"\nroofline plot: {os.path.join(args.out, 'roofline.png')}")
     figures |= measured_decode(config, machine, args.prompt, args.new)
+    if cpu_bf16_native() or args.dtype == "bf16":
+        figures |= dtype_comparison(config, machine, args.prefill, args.prompt, args.new)
+    else:
+        print(
+            "\nno bf16 comparison: this CPU has no AVX512_BF16/AMX (torch would emulate bf16; "
+            "--dtype bf16 forces it)"
+        )
     return figures
 
 

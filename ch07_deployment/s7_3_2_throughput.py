@@ -20,9 +20,10 @@ import time
 import torch
 
 from common import estimate
+from common.env import torch_dtype
 from common.machine import measure_machine
 from common.models.decoder import DecoderConfig, DecoderLM
-from common.runner import parse_args, run_script, script_parser
+from common.runner import add_dtype_flag, parse_args, run_script, script_parser
 
 
 def measure(model: DecoderLM, batch: int, prompt: int, new: int) -> dict:
@@ -45,6 +46,7 @@ def measure(model: DecoderLM, batch: int, prompt: int, new: int) -> dict:
 
 def main(argv=None) -> dict:
     parser = script_parser(__doc__)
+    add_dtype_flag(parser)
     parser.add_argument("--preset", default="small", choices=["small", "base"], help="the project's LM")
     parser.add_argument("--batches", default="1,2,4,8,16,32", help="comma-separated batch sizes")
     parser.add_argument("--prompt", type=int, default=64, help="prompt tokens per request")
@@ -63,12 +65,13 @@ def main(argv=None) -> dict:
         config = config.replace(context_length=args.prompt + args.new)
 
     machine = measure_machine("cpu", quick=args.quick)
-    model = DecoderLM(config).eval()
+    model = DecoderLM(config).eval().to(torch_dtype(args.dtype))  # weights and KV cache in --dtype
     measure(model, 1, 4, 3)  # warm up
     n = estimate.count_params(config)["total"]
     print(
-        f"The project's decoder LM ({n:,} parameters, fp32); this machine: "
-        f"{machine.bandwidth_gbs:.1f} GB/s, {machine.fp32_tflops * 1e3:.1f} GFLOP/s (measured)"
+        f"The project's decoder LM ({n:,} parameters, {args.dtype}); this machine: "
+        f"{machine.bandwidth_gbs:.1f} GB/s, {machine.tflops(args.dtype) * 1e3:.1f} {args.dtype} GFLOP/s "
+        "(measured)"
     )
     print(f"prompt {args.prompt} tokens, {args.new} new tokens per request\n")
     print(
@@ -78,10 +81,9 @@ def main(argv=None) -> dict:
     figures = {"machine_bandwidth_gbs": machine.bandwidth_gbs}
     rows = []
     for b in batches:
-        pred = estimate.generation_time(config, machine, b, args.prompt, args.new, dtype="fp32")
-        bound = estimate.decode_latency(config, machine, b, args.prompt + args.new // 2, dtype="fp32")[
-            "bound"
-        ]
+        pred = estimate.generation_time(config, machine, b, args.prompt, args.new, dtype=args.dtype)
+        context = args.prompt + args.new // 2
+        bound = estimate.decode_latency(config, machine, b, context, dtype=args.dtype)["bound"]
         meas = measure(model, b, args.prompt, args.new)
         rows.append((b, pred, meas))
         print(

@@ -42,13 +42,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from common import estimate
+from common.env import torch_dtype
 from common.launch import is_main, job_size, run_workers
 from common.lm_source import add_source_args, load_source
 from common.models.attention import CausalSelfAttention, KVCache
 from common.models.decoder import DecoderLM
 from common.models.feedforward import MLP, SwiGLU
 from common.models.generation import generate
-from common.runner import parse_args, positive_int, run_script, script_parser
+from common.runner import add_dtype_flag, parse_args, positive_int, run_script, script_parser
 from common.timing import timed
 
 ANCHORS = ("deepspeed", "torch")  # tried in this order by --anchor auto
@@ -264,7 +265,7 @@ def deepspeed_tp(hf, ctx) -> nn.Module:
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="nccl" if ctx.device.startswith("cuda") else "gloo")
-    engine = deepspeed.init_inference(hf, tensor_parallel={"tp_size": ctx.world_size}, dtype=torch.float32)
+    engine = deepspeed.init_inference(hf, tensor_parallel={"tp_size": ctx.world_size}, dtype=hf.dtype)
     return engine.module
 
 
@@ -325,18 +326,18 @@ def library_anchor(model: DecoderLM, ctx, anchor: str, prompt: list[int], n_new:
 # ----------------------------------------------------------------------------- the workers
 
 
-def time_allreduce(numel: int, device: str, rounds: int = 50) -> float:
-    """Median seconds of one all-reduce of ``numel`` float32 values over the group (0 for one process)."""
+def time_allreduce(numel: int, device: str, dtype: torch.dtype, rounds: int = 50) -> float:
+    """Median seconds of one all-reduce of ``numel`` values over the group (0 for one process)."""
     if not dist.is_initialized():
         return 0.0
-    x = torch.zeros(numel, device=device)
+    x = torch.zeros(numel, device=device, dtype=dtype)
     return statistics.median(timed(lambda: dist.all_reduce(x), device) for _ in range(rounds))
 
 
 def tp_worker(ctx, config, state: dict, prompt: list[int], n_new: int, repeats: int, anchor: str) -> dict:
     """One rank: the split model's greedy tokens and prompt logits, the decode time of the split model and
     (on rank 0, interleaved) of the whole model in one process, the all-reduce latency, the anchor."""
-    model = DecoderLM(config)
+    model = DecoderLM(config).to(next(iter(state.values())).dtype)  # fp32, or the --dtype bf16 of main
     model.load_state_dict(state)
     model = model.to(ctx.device).eval()
     tp = TensorParallelLM(model, ctx.rank, ctx.world_size).eval()
@@ -362,8 +363,9 @@ def tp_worker(ctx, config, state: dict, prompt: list[int], n_new: int, repeats: 
             dist.barrier()
         split.append(per_token(tp))
     result |= {"single_s": statistics.median(single) if single else None, "tp_s": statistics.median(split)}
-    result["allreduce_d_s"] = time_allreduce(config.d_model, ctx.device)
-    result["allreduce_vocab_s"] = time_allreduce(config.vocab_size, ctx.device)
+    dtype = model.lm_head.weight.dtype
+    result["allreduce_d_s"] = time_allreduce(config.d_model, ctx.device, dtype)
+    result["allreduce_vocab_s"] = time_allreduce(config.vocab_size, ctx.device, dtype)
     if anchor != "none":
         result["anchor"] = library_anchor(model, ctx, anchor, prompt, n_new)
     return result
@@ -374,6 +376,7 @@ def tp_worker(ctx, config, state: dict, prompt: list[int], n_new: int, repeats: 
 
 def main(argv=None) -> dict:
     parser = script_parser(__doc__)
+    add_dtype_flag(parser)
     add_source_args(parser)
     parser.add_argument(
         "--nproc", type=positive_int, default=2, help="tensor-parallel processes (and GPUs of the plan)"
@@ -426,7 +429,7 @@ def main(argv=None) -> dict:
             f"--new-tokens {args.new_tokens}: the prompt ({len(prompt)}) and the new tokens exceed the "
             f"context length {model.config.context_length}"
         )
-    model = model.float().eval()
+    model = model.to(torch_dtype(args.dtype)).eval()
     single_tokens = generate(model.to(device), [prompt], args.new_tokens)[0]
     with torch.no_grad():
         single_logits = model(torch.tensor([prompt], device=device))[0].cpu()

@@ -13,7 +13,9 @@ fp32 model, interleaved round after round.  Two 4-bit paths run: the plain one a
 (:class:`~common.quant.QuantLinear` dequantises its whole weight and calls ``F.linear``, which on a CPU
 costs more than the 4x fewer bytes save) and the runtime one (:func:`common.quant_runtime.to_runtime`:
 torch's int4 kernel dequantises inside its tiles, activations in bf16 where the CPU has it), whose
-speed the figures report; it decodes the same greedy tokens within bf16's rounding.
+speed the figures report; it decodes the same greedy tokens within bf16's rounding.  With ``--dtype bf16``
+the race also decodes with the float model's weights in bf16 (half fp32's bytes), the 16-bit precision
+of part 1's table.
 
     python -m ch07_deployment.s7_3_3_single_gpu_70b
     python -m ch07_deployment.s7_3_3_single_gpu_70b --quick
@@ -21,6 +23,7 @@ speed the figures report; it decodes the same greedy tokens within bf16's roundi
 
 from __future__ import annotations
 
+import copy
 import os
 import statistics
 
@@ -28,6 +31,7 @@ import torch
 
 from common import estimate
 from common.calibration import calibration_windows
+from common.env import torch_dtype
 from common.lm_source import add_source_args, evaluate_lm, load_source
 from common.model_files import path_bytes
 from common.models.generation import generate
@@ -39,7 +43,7 @@ from common.quant import (
     save_quantized,
 )
 from common.quant_runtime import summarize_paths, to_runtime
-from common.runner import parse_args, run_script, script_parser
+from common.runner import add_dtype_flag, parse_args, run_script, script_parser
 from common.timing import paired_ratio, race
 
 BOOK_GPU = "rtx-4060"
@@ -66,6 +70,7 @@ def decode_race(models: dict, prompt: list[int], n_new: int, repeats: int) -> tu
 
 def main(argv=None) -> dict:
     parser = script_parser(__doc__)
+    add_dtype_flag(parser)
     add_source_args(parser)
     parser.add_argument("--preset", default="llama-2-70b", help="the model to plan for (common.estimate)")
     parser.add_argument("--group-size", type=int, default=128, help="GPTQ group size (quick: 32)")
@@ -126,12 +131,10 @@ def main(argv=None) -> dict:
     q_eval = evaluate_lm(loaded, source.data, batch_size=16, max_batches=4 if args.quick else 16)
     prompt = source.data.val[:8].tolist()
     fast, paths = to_runtime(loaded)  # a copy on torch's int4 kernel; `loaded` stays the plain model
-    rates, speed, tokens = decode_race(
-        {"fp32": model, "int4 kernel": fast, "int4 QuantLinear": loaded},
-        prompt,
-        args.new_tokens,
-        args.repeats,
-    )
+    racers = {"fp32": model, "int4 kernel": fast, "int4 QuantLinear": loaded}
+    if args.dtype != "fp32":  # a 16-bit copy of the float model beside them
+        racers[args.dtype] = copy.deepcopy(model).to(torch_dtype(args.dtype))
+    rates, speed, tokens = decode_race(racers, prompt, args.new_tokens, args.repeats)
     q_tokens = tokens["int4 QuantLinear"]
     disk = path_bytes(folder)
 
@@ -152,6 +155,18 @@ def main(argv=None) -> dict:
         f"{rates['int4 QuantLinear']:.0f} ({speed['int4 QuantLinear']:.2f}x); int4 and fp32 agree on "
         f"{agree:.0%} of the greedy tokens, the kernel and the plain int4 path on {kernel_agree:.0%}"
     )
+    half = {}
+    if args.dtype != "fp32":
+        d = args.dtype
+        print(
+            f"{d} weights: {rates[d]:.0f} tokens/s ({speed[d]:.2f}x fp32), agreeing with fp32 on "
+            f"{agreement('fp32', d):.0%} of the greedy tokens"
+        )
+        half = {
+            f"{d}_decode_tokens_per_s": rates[d],
+            f"{d}_over_fp32_decode": speed[d],
+            f"{d}_fp32_token_agreement": agreement("fp32", d),
+        }
     print(
         "the plain int4 layer dequantises its whole weight (unpack, subtract zeros, scale) before every "
         "matmul, which on a CPU costs more than reading 4x fewer bytes saves; the kernel dequantises inside "
@@ -177,6 +192,7 @@ def main(argv=None) -> dict:
         "int4_runtime_paths": summarize_paths(paths),
         "greedy_token_agreement": agree,
         "kernel_plain_token_agreement": kernel_agree,
+        **half,
     }
 
 

@@ -34,7 +34,7 @@ from torch import nn
 
 from common.distill import lm_batches, lm_logits, student_config, train_student
 from common.lm_source import add_source_args, evaluate_lm, load_source
-from common.runner import parse_args, run_script, script_parser
+from common.runner import add_dtype_flag, parse_args, run_script, script_parser
 
 
 def run_lm(args, source) -> dict:
@@ -65,6 +65,7 @@ def run_lm(args, source) -> dict:
             args.alpha,
             lm_logits,
             f"{name} student",
+            dtype=args.dtype,
         )
         results[name] = {**evaluate(student), "seconds": time.perf_counter() - start, "last_loss": losses[-1]}
     teacher_eval = evaluate(teacher)
@@ -143,6 +144,7 @@ def run_digits(args) -> dict:
             args.temperature,
             args.alpha,
             plain,
+            dtype=args.dtype,
         )
         with torch.no_grad():
             logits = student(x_val)
@@ -180,6 +182,7 @@ def run_digits(args) -> dict:
 
 def main(argv=None) -> dict:
     parser = script_parser(__doc__)
+    add_dtype_flag(parser)
     add_source_args(parser)
     parser.add_argument("--task", choices=["lm", "digits"], default=None, help="default lm (quick: digits)")
     parser.add_argument("--steps", type=int, default=300, help="training steps of each student")

@@ -16,7 +16,8 @@ Variants of the project's pretrained LM (``--model tiny``; ``--hf-path DIR`` for
   activation score on the calibration windows, :func:`common.prune.activation_scores`), so the matrices
   really shrink (:func:`common.prune.prune_model`); no fine-tuning afterwards;
 - ``distilled``: a student of half the teacher's layers at its width, distilled from it
-  (:mod:`common.distill`, ``T²·KL + CE``) for ``--distil-steps`` steps;
+  (:mod:`common.distill`, ``T²·KL + CE``) for ``--distil-steps`` steps (under autocast to ``--dtype``;
+  every variant is timed and saved as the table says);
 - ``distilled_gptq4`` and ``pruned50_gptq4``: those two quantised by GPTQ to 4 bits.  A pruned
   feed-forward layer keeps half its neurons (192 of 384 in the tiny model), which groups of 128 do not
   divide: the pruned model is quantised with the largest group that divides every width (64 there),
@@ -74,7 +75,7 @@ from common.plotting import pyplot, save_figure
 from common.prune import activation_scores, lowest_per_layer, prune_model
 from common.quant import pack_model, quantize_model, save_quantized
 from common.quant_runtime import summarize_paths, to_runtime
-from common.runner import parse_args, run_script, script_parser
+from common.runner import add_dtype_flag, parse_args, run_script, script_parser
 from common.timing import paired_ratio, race
 
 VARIANTS = {
@@ -177,6 +178,7 @@ def distil(teacher: nn.Module, config, data, args) -> nn.Module:
         args.alpha,
         lm_logits,
         "distil",
+        dtype=args.dtype,
     )
     return student.eval()
 
@@ -201,6 +203,7 @@ def plot(path: str, rows: dict, title: str) -> str:
 
 def main(argv=None) -> dict:
     parser = script_parser(__doc__)
+    add_dtype_flag(parser)
     add_source_args(parser)
     parser.add_argument("--group-size", type=int, default=128, help="4-bit group width (quick: 32)")
     parser.add_argument("--calib-samples", type=int, default=64, help="calibration windows (quick: 16)")

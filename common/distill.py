@@ -45,11 +45,23 @@ def distillation_loss(
 
 
 def train_student(
-    student, teacher, batches, steps, lr, temperature, alpha, logits_of, progress: str | None = None
+    student,
+    teacher,
+    batches,
+    steps,
+    lr,
+    temperature,
+    alpha,
+    logits_of,
+    progress: str | None = None,
+    dtype: str = "fp32",
 ) -> list[float]:
     """Train ``student`` for ``steps`` on ``batches()`` (x, y); with a teacher, by the distillation loss,
-    else by cross-entropy. ``logits_of(model, x)`` gives a model's logits. ``progress``: a progress bar with
-    that title (:func:`common.progress.progress`). Returns the loss per step."""
+    else by cross-entropy. ``logits_of(model, x)`` gives a model's logits, computed under autocast to
+    ``dtype`` (the losses in fp32). ``progress``: a progress bar with that title
+    (:func:`common.progress.progress`). Returns the loss per step."""
+    from common.training import autocast_for
+
     opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 - i / steps)
     student.train()
@@ -60,12 +72,14 @@ def train_student(
 
         bar = progress_bar(total=steps, desc=progress)
     for x, y in batches():
-        s = logits_of(student, x)
+        with autocast_for(x.device.type, dtype):
+            s = logits_of(student, x).float()
+            if teacher is not None:
+                with torch.no_grad():
+                    t = logits_of(teacher, x).float()
         if teacher is None:
             loss = F.cross_entropy(s.reshape(-1, s.shape[-1]), y.reshape(-1))
         else:
-            with torch.no_grad():
-                t = logits_of(teacher, x)
             loss = distillation_loss(s, t, y, temperature, alpha)
         opt.zero_grad(set_to_none=True)
         loss.backward()

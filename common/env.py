@@ -106,6 +106,28 @@ def choose_dtype(device: str) -> tuple[object, str]:
     return torch.float32, "CPU: fp32 (bf16 autocast on CPU is slow without AMX and loses precision)"
 
 
+DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def dtype_name(dtype) -> str:
+    """torch.bfloat16 -> "bf16" (the names of the ``--dtype`` flag)."""
+    return {v: k for k, v in DTYPE_NAMES.items()}[str(dtype).removeprefix("torch.")]
+
+
+def torch_dtype(name: str):
+    """ "bf16" -> torch.bfloat16."""
+    import torch
+
+    return getattr(torch, DTYPE_NAMES[name])
+
+
+def cpu_bf16_native() -> bool:
+    """Whether this CPU multiplies bf16 natively (oneDNN: AVX512_BF16 or AMX); without, torch emulates it."""
+    import torch
+
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     try:

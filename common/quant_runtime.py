@@ -31,6 +31,7 @@ import copy
 import torch
 from torch import nn
 
+from common.env import cpu_bf16_native
 from common.quant import QuantLinear
 
 INT4_GROUPS = (32, 64, 128, 256)
@@ -43,7 +44,7 @@ def bf16_supported(device: torch.device | str) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return cpu_bf16_native()
     return False
 
 

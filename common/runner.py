@@ -15,7 +15,9 @@ A section script looks like this::
         run_script(main)
 
 Shared flags: ``--quick`` (also on when the environment variable ``BOOK_QUICK`` is 1/true/yes),
-``--device auto|cpu|cuda|mps``, ``--seed`` (0 to 2**32-1), ``--out DIR``, ``--json PATH``.  One parser
+``--device auto|cpu|cuda|mps``, ``--seed`` (0 to 2**32-1), ``--out DIR``, ``--json PATH``; a script that
+trains or decodes a model adds ``--dtype`` with :func:`add_dtype_flag` (default from ``BOOK_DTYPE``, else
+auto: bf16 on a GPU that has it, fp32 on a CPU, so that reports compare across machines).  One parser
 reads them all; the output targets are checked before the work starts (a folder given as ``--json``,
 an ``--out`` that cannot be written are usage errors, exit 2).  ``run_script`` captures Python
 warnings (still printing them), prints the returned figures as a short table, writes
@@ -51,6 +53,7 @@ from typing import Any
 from common.errors import SKIP_EXIT_CODE, USAGE_EXIT_CODE, Interrupted, SkipScript, UsageError
 
 QUICK_ENV = "BOOK_QUICK"
+DTYPE_ENV = "BOOK_DTYPE"
 SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit
 
 # the parser and arguments of the script that run_script is running (for --json and the resume line)
@@ -110,6 +113,41 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="write the returned figures, status and warnings as JSON to PATH",
     )
     return parser
+
+
+def add_dtype_flag(parser: argparse.ArgumentParser, fp16: bool = False) -> None:
+    """``--dtype auto|fp32|bf16`` (and fp16 where the script handles a loss scaler) for a script that
+    trains or decodes.  :func:`parse_args` turns it into the dtype's name (``args.dtype``) with the reason
+    (``args.dtype_reason``); train under ``common.training.autocast_for``, decode with the model cast."""
+    choices = ["auto", "fp32", "bf16"] + (["fp16"] if fp16 else [])
+    parser.dtype_choices = choices
+    parser.add_argument(
+        "--dtype",
+        choices=choices,
+        default=None,
+        help=f"compute dtype (default: ${DTYPE_ENV}, else auto = bf16 on a GPU that supports it, fp32 on a "
+        "CPU; bf16 on a CPU runs natively with AVX512_BF16 or AMX, emulated and slow without)",
+    )
+
+
+def _resolve_dtype_flag(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    from common import env
+
+    choices = parser.dtype_choices
+    asked = args.dtype or os.environ.get(DTYPE_ENV, "").strip().lower() or "auto"
+    if asked not in choices:
+        parser.error(f"{DTYPE_ENV}={asked!r}: choose from {', '.join(choices)}")
+    if asked == "auto":
+        chosen, reason = env.choose_dtype(args.device)
+        name = env.dtype_name(chosen)
+        if name not in choices:
+            name, reason = "fp32", f"{reason}; this script takes no {name}: fp32"
+    else:
+        name, reason = asked, "asked for" if args.dtype else f"from {DTYPE_ENV}"
+    if name == "bf16" and args.device == "cpu" and not env.cpu_bf16_native():
+        reason += " (this CPU has no AVX512_BF16/AMX: bf16 is emulated and slower than fp32)"
+    args.dtype, args.dtype_reason = name, reason
+    print(f"compute dtype: {name} ({reason})")
 
 
 class ScriptParser(argparse.ArgumentParser):
@@ -184,6 +222,8 @@ def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace
     args.quick = bool(args.quick or quick_from_env())
     env.seed_everything(args.seed)
     args.device, args.device_reason = env.choose_device(args.device)
+    if hasattr(parser, "dtype_choices"):
+        _resolve_dtype_flag(parser, args)
     return args
 
 
@@ -314,9 +354,11 @@ def run_script(main: Callable[[list[str] | None], dict], argv: list[str] | None 
         if in_main_thread:
             signal.signal(signal.SIGTERM, original_sigterm)
     seconds = time.perf_counter() - start
+    args = _current.get("args")
+    if status == "PASS" and getattr(args, "dtype_reason", None):
+        figures.setdefault("dtype", args.dtype)  # which dtype the figures were measured in
     if status == "PASS":
         print_figures(figures)
-    args = _current.get("args")
     json_path = args.json if args is not None else _json_in_argv(argv)
     if json_path and not os.path.isdir(json_path):  # a folder as --json is the usage error just shown
         payload = {

@@ -260,7 +260,10 @@ def _dist_world() -> tuple[int, int]:
 # ----------------------------------------------------------------------------- evaluation
 
 
-def _autocast(device: str, dtype: torch.dtype):
+def autocast_for(device: str, dtype: torch.dtype | str):
+    """Autocast to ``dtype`` (a torch dtype or a ``--dtype`` name) on ``device``; nothing for fp32."""
+    if isinstance(dtype, str):
+        dtype = resolve_dtype(dtype, device)
     if dtype == torch.float32:
         return nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
@@ -286,7 +289,7 @@ def evaluate(
     total_nats, text_nats, n_tokens, n_bytes = 0.0, 0.0, 0, 0
     for x, y in data.val_batches(batch_size, max_batches):
         x, y = x.to(device), y.to(device)
-        with _autocast(device, dtype):
+        with autocast_for(device, dtype):
             logits, _ = model(x)
         nats = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")  # (batch*seq,)
         token_bytes = data.token_bytes.to(device)[y.flatten()]
@@ -410,11 +413,11 @@ def check_resumable(directory: str, model: nn.Module, cfg: TrainConfig) -> dict:
 
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:
-    from common.env import choose_dtype
+    from common.env import choose_dtype, torch_dtype
 
     if name == "auto":
         return choose_dtype(torch.device(device).type)[0]
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+    return torch_dtype(name)
 
 
 def train(
@@ -501,7 +504,7 @@ def train(
                 x, y = x.to(device), y.to(device)
                 sync = nullcontext() if world == 1 or k == cfg.grad_accum - 1 else model.no_sync()
                 with sync:
-                    with _autocast(device, dtype):
+                    with autocast_for(device, dtype):
                         _, loss = model(x, y)
                     loss = loss / cfg.grad_accum
                     (scaler.scale(loss) if scaler else loss).backward()

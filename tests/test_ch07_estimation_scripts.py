@@ -26,3 +26,27 @@ def test_bad_flags_exit_2(module, argv, capsys):
         main([*argv, "--device", "cpu"])
     assert e.value.code == 2
     assert "error:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["bf16-cpu", "no-bf16-cpu"])
+@pytest.mark.parametrize(
+    "module, figure, predicted",
+    [
+        ("s7_3_1_compute_requirements", "bf16_train_step_speedup", "bf16_train_step_predicted_s"),
+        ("s7_3_2_latency_estimation", "bf16_decode_speedup", "bf16_prefill_predicted_ms"),
+    ],
+)
+def test_bf16_is_measured_beside_fp32_where_the_cpu_has_it(
+    module, figure, predicted, native, monkeypatch, tmp_path
+):
+    """Forced both ways: oneDNN's answer decides whether the bf16 step/prefill/decode is measured."""
+    import torch
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+    monkeypatch.delenv("BOOK_DTYPE", raising=False)
+    main = importlib.import_module(f"ch07_deployment.{module}").main
+    figures = main(["--quick", "--device", "cpu", "--out", str(tmp_path)])
+    assert (figure in figures) == (predicted in figures) == native
+    if native:  # bf16 against the estimator at the bf16 rate: faster than fp32's prediction
+        fp32 = predicted.replace("bf16_", "fp32_" if "prefill" in predicted else "")
+        assert 0 < figures[predicted] < figures[fp32]
