@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from common.runner import QUICK_ENV, SKIP_EXIT_CODE, write_json
+from common.runner import DTYPE_ENV, QUICK_ENV, SKIP_EXIT_CODE, write_json
 from verify.report import compare_reports, format_markdown, summarize
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -335,6 +335,13 @@ def main(argv=None) -> int:
         help="passed to every script as --device",
     )
     parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=["auto", "fp32", "bf16"],
+        help=f"the compute dtype of every script that takes --dtype (sets {DTYPE_ENV} for them; default: "
+        f"${DTYPE_ENV}, else each script's auto: fp32 on a CPU, bf16 on a GPU that has it)",
+    )
+    parser.add_argument(
         "--timeout",
         type=_non_negative_seconds,
         default=None,
@@ -360,6 +367,10 @@ def main(argv=None) -> int:
         "--root", default=str(REPO_ROOT), help=argparse.SUPPRESS
     )  # tests use a throwaway tree
     args = parser.parse_args(argv)
+    if args.dtype is not None:  # the scripts read it from their environment (common.runner)
+        os.environ[DTYPE_ENV] = args.dtype
+    elif os.environ.get(DTYPE_ENV, "auto") not in ("auto", "fp32", "bf16"):
+        parser.error(f"{DTYPE_ENV}={os.environ[DTYPE_ENV]!r}: choose from auto, fp32, bf16")
 
     root = Path(args.root).resolve()
     scripts = discover(root, args.only)
@@ -389,6 +400,7 @@ def main(argv=None) -> int:
     environment["run"] = {
         "quick": args.quick,
         "device": args.device,
+        "dtype": os.environ.get(DTYPE_ENV, "auto"),
         "timeout": timeout,
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         "command": " ".join(sys.argv),

@@ -34,7 +34,9 @@ def format_markdown(report: dict) -> str:
         "# Book verification report",
         "",
         f"Run {run.get('started', '?')}: {'quick' if run.get('quick') else 'full'} mode, "
-        f"device `{run.get('device', '?')}`, limit {run.get('timeout', '?')} s per script.",
+        f"device `{run.get('device', '?')}`"
+        + (f", dtype `{run['dtype']}`" if run.get("dtype", "auto") != "auto" else "")
+        + f", limit {run.get('timeout', '?')} s per script.",
         "",
         "## Environment",
         "",
