@@ -22,21 +22,18 @@ the other choice, the range of the updated weights, and prints both.
 Where GPTQModel imports (an optional anchor: ``requirements-anchors.txt`` says how to install it beside
 torch's CPU build), it quantises the same model, written as a Hugging Face folder
 (``LMSource.hf_folder``), on the same windows with the same settings; its checkpoint is read back
-(:mod:`common.gptq_checkpoint`) and the script prints its perplexity and the share of its codes equal
+(:mod:`common.quant_checkpoints`) and the script prints its perplexity and the share of its codes equal
 to ours.  auto-gptq is only reported: 0.7.1 fails to import with transformers 5.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import time
 
 import torch
 
-from common.env import import_status
-from common.gptq_checkpoint import as_decoder_weights, read_gptq_checkpoint
+from common.gptqmodel_anchor import code_agreement, library_status, quantize_with_gptqmodel
 from common.lm_source import add_source_args, evaluate_lm, load_for_compression
 from common.model_files import path_bytes, save_safetensors
 from common.quant import (
@@ -46,18 +43,11 @@ from common.quant import (
     quantized_bytes,
     save_quantized,
 )
+from common.quant_checkpoints import as_decoder_weights, read_gptq_checkpoint
 from common.runner import parse_args, run_script, script_parser
 
 # GPTQ paper, Table 3: OPT-125M, WikiText-2 perplexity, 4 bits per channel
 PAPER_OPT125M = {"fp16": 27.65, "rtn4": 37.28, "gptq4": 31.12}
-
-
-def library_status(log_path: str) -> dict:
-    """Whether auto-gptq / GPTQModel import here, and why not (:func:`common.env.import_status`);
-    GPTQModel's banner and its libraries' notes while it imports go to ``log_path``."""
-    os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
-    with open(log_path, "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        return {name: import_status(name) for name in ("auto_gptq", "gptqmodel")}
 
 
 def gptqmodel_settings(group_size: int, act_order: bool, damp: float) -> dict:
@@ -77,29 +67,18 @@ def gptqmodel_settings(group_size: int, act_order: bool, damp: float) -> dict:
 
 
 def run_gptqmodel(source, model, windows, settings: dict, out: str, evaluate) -> tuple[dict, dict]:
-    """GPTQModel quantises the same model (as a Hugging Face folder) on the same calibration windows;
-    its checkpoint is read back into our weights (:mod:`common.gptq_checkpoint`), so its perplexity is
+    """GPTQModel quantises the same model (as a Hugging Face folder) on the same calibration windows
+    (:mod:`common.gptqmodel_anchor`); its checkpoint is read back into our weights, so its perplexity is
     measured by the same evaluation.  Returns ``({block linear: QuantizedWeight}, figures)``."""
     import gptqmodel
-    from gptqmodel import GPTQModel, QuantizeConfig
+    from gptqmodel import QuantizeConfig
 
-    start = time.perf_counter()
     hf = source.hf_folder(os.path.join(out, "hf"))
     folder = os.path.join(out, "gptqmodel")
     log_path = os.path.join(out, "gptqmodel.log")
-    hf, folder = os.path.abspath(hf), os.path.abspath(folder)
-    here = os.getcwd()
-    with open(log_path, "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        os.chdir(out)  # GPTQModel writes its own logs/ folder into the working directory
-        try:
-            qmodel = GPTQModel.load(hf, QuantizeConfig(**settings), device="cpu", dtype=torch.float32)
-            calibration = [{"input_ids": w.tolist(), "attention_mask": [1] * len(w)} for w in windows]
-            qmodel.quantize(calibration, batch_size=16)
-            qmodel.save(folder)
-        finally:
-            os.chdir(here)
-    print(f"GPTQModel's own log (its progress tables): {log_path}")
-    seconds = time.perf_counter() - start
+    seconds = quantize_with_gptqmodel(
+        hf, QuantizeConfig(**settings), windows, folder, log_path, torch.float32
+    )
     weights, _ = read_gptq_checkpoint(folder)
     theirs = as_decoder_weights(weights, model.config.n_layer)
     ppl = evaluate(pack_model(model, theirs))["ppl"]
@@ -108,17 +87,6 @@ def run_gptqmodel(source, model, windows, settings: dict, out: str, evaluate) ->
         "gptqmodel_ppl": ppl,
         "gptqmodel_seconds": seconds,
     }
-
-
-def code_agreement(ours: dict, theirs: dict) -> tuple[float, float]:
-    """Share of equal codes over every block linear, and over the first block's (whose inputs the two
-    runs share exactly; later blocks see the earlier blocks as each run quantised them)."""
-
-    def share(names):
-        same = sum(int((ours[n].codes == theirs[n].codes).sum()) for n in names)
-        return same / sum(ours[n].codes.numel() for n in names)
-
-    return share(list(ours)), share([n for n in ours if n.startswith("blocks.0.")])
 
 
 def main(argv=None) -> dict:
@@ -216,7 +184,6 @@ def main(argv=None) -> dict:
         f"({q_bytes / fp_bytes:.2f}x; "
         f"the block linears {block_q / block_fp:.2f}x, embeddings and head stay fp32)"
     )
-    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, torch.get_num_threads())))  # before its import
     libs = library_status(os.path.join(args.out, "gptqmodel.log"))
     print(f"auto_gptq: {libs['auto_gptq']}")
     anchor = {}

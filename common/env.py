@@ -395,7 +395,7 @@ INCOMPATIBILITIES = [
             "replaces the CPU torch with 2.14.1 and CUDA wheels. On a CPU it needs "
             "GPTQMODEL_CPU_WORKERS at most the cores torch uses (s7_4_1_gptq sets it); its AWQ runs only "
             "in fp16/bf16, and its fp32 loader (TorchFusedLinear) drops the zero points, so the script "
-            "reads the checkpoint itself (common.gptq_checkpoint)"
+            "reads the checkpoint itself (common.quant_checkpoints)"
         ),
     ),
     Incompatibility(

@@ -1,6 +1,6 @@
-"""common.gptq_checkpoint: the gptq checkpoint format (AutoGPTQ's and GPTQModel's) read back into our
-quantised weights, bit layout written out by hand; and, where GPTQModel imports, its GPTQ of the same
-model with the same settings against ours, code for code."""
+"""common.quant_checkpoints: the gptq and AWQ gemm checkpoint formats (AutoGPTQ's, AutoAWQ's and
+GPTQModel's) read back into our quantised weights, bit layouts written out by hand; and, where GPTQModel
+imports, its GPTQ and its AWQ of the same model with the same settings beside ours."""
 
 import json
 
@@ -8,8 +8,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from common.gptq_checkpoint import as_decoder_weights, read_gptq_checkpoint, unpack_int32
 from common.quant import rtn
+from common.quant_checkpoints import (
+    as_decoder_norms,
+    as_decoder_weights,
+    read_awq_checkpoint,
+    read_gptq_checkpoint,
+    unpack_int32,
+)
 
 
 def _pack_rows(codes: torch.Tensor) -> torch.Tensor:
@@ -73,6 +79,49 @@ def test_a_checkpoint_in_the_gptq_format_reads_back_as_our_weights(tmp_path, fmt
         read_gptq_checkpoint(tmp_path)
 
 
+def _pack_awq_columns(codes: torch.Tensor) -> torch.Tensor:
+    """(R, N) 4-bit codes -> (R, N/8) int32: output row 8c+j of word c in the field AWQ's interleave
+    [0, 2, 4, 6, 1, 3, 5, 7] gives it (row 8c+order[i] in bits 4i..4i+3), written out by hand."""
+    order = [0, 2, 4, 6, 1, 3, 5, 7]
+    r, n = codes.shape
+    out = torch.zeros(r, n // 8, dtype=torch.int64)
+    for i, j in enumerate(order):
+        out |= codes[:, j::8].long() << (4 * i)
+    return out.to(torch.int32)
+
+
+def test_a_checkpoint_in_the_awq_gemm_format_reads_back_as_our_weights_and_norms(tmp_path):
+    torch.manual_seed(0)
+    names = {"self_attn.o_proj": (64, 32), "mlp.down_proj": (32, 48)}
+    ours, tensors = {}, {}
+    for name, shape in names.items():
+        qw = rtn(torch.randn(shape), 4, 16)
+        qw.scale = qw.scale.half().float()
+        ours[name] = qw
+        p = f"model.layers.0.{name}"
+        tensors[p + ".qweight"] = _pack_awq_columns(qw.codes.T)  # (K, N/8)
+        tensors[p + ".qzeros"] = _pack_awq_columns(qw.zero.T)  # (G, N/8)
+        tensors[p + ".scales"] = qw.scale.T.contiguous().half()  # (G, N)
+    norms = {"input_layernorm": torch.rand(32), "post_attention_layernorm": torch.rand(32)}
+    tensors |= {f"model.layers.0.{n}.weight": t for n, t in norms.items()}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    config = {"bits": 4, "group_size": 16, "checkpoint_format": "gemm", "zero_point": True}
+    (tmp_path / "quantize_config.json").write_text(json.dumps(config))
+    weights, others, _ = read_awq_checkpoint(tmp_path)
+    for name, qw in ours.items():
+        got = weights[f"model.layers.0.{name}"]
+        assert torch.equal(got.codes, qw.codes) and torch.equal(got.zero, qw.zero)
+        assert torch.equal(got.scale, qw.scale)
+        assert torch.equal(got.g_idx, torch.arange(qw.codes.shape[1]) // 16)
+    assert sorted(others) == sorted(f"model.layers.0.{n}.weight" for n in norms)
+    decoder_norms = as_decoder_norms(others, 1)
+    assert torch.equal(decoder_norms["blocks.0.norm2.weight"], norms["post_attention_layernorm"])
+    for bad in ({"checkpoint_format": "gemv"}, {"zero_point": False}, {"bits": 3}):
+        (tmp_path / "quantize_config.json").write_text(json.dumps(config | bad))
+        with pytest.raises(ValueError, match="4-bit AWQ gemm"):
+            read_awq_checkpoint(tmp_path)
+
+
 def test_gptqmodel_quantises_the_trained_lm_to_our_codes(tmp_path):
     pytest.importorskip(
         "gptqmodel",
@@ -85,3 +134,19 @@ def test_gptqmodel_quantises_the_trained_lm_to_our_codes(tmp_path):
     assert figures["gptqmodel_block0_codes_equal"] == 1.0  # the inputs both runs share exactly
     assert figures["gptqmodel_codes_equal"] > 0.99
     assert abs(figures["gptqmodel_ppl"] - figures["gptq4_g32_ppl"]) < 0.01 * figures["gptq4_g32_ppl"]
+
+
+def test_gptqmodels_awq_runs_beside_ours_and_reads_back(tmp_path):
+    pytest.importorskip(
+        "gptqmodel",
+        reason="GPTQModel is an optional anchor (requirements-anchors.txt); without it only ours runs",
+    )
+    from ch07_deployment import s7_4_1_awq
+
+    figures = s7_4_1_awq.main(["--quick", "--out", str(tmp_path), "--json", str(tmp_path / "f.json")])
+    assert figures["gptqmodel_status"] == "imports"
+    fp = figures["fp32_ppl"]
+    # read back right, its AWQ loses less than round-to-nearest (quick: +0.20 against RTN's +0.49) and
+    # shares most codes with ours (quick: 66%); a misread layout gives noise, a perplexity far above
+    assert figures["gptqmodel_awq4_ppl"] - fp < figures["rtn4_ppl"] - fp
+    assert figures["gptqmodel_awq4_codes_equal"] > 0.5
