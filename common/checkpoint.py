@@ -23,6 +23,7 @@ import os
 import random
 from pathlib import Path
 
+import psutil
 import torch
 
 WEIGHTS = "model.safetensors"  # the weights of a checkpoint written before they were content-named
@@ -91,10 +92,16 @@ def _current_state(directory: Path) -> dict | None:
 
 
 def _tidy(directory: Path, keep: str | None) -> None:
-    """Remove what an interrupted save left: temporaries, and weights that ``state.pt`` does not name."""
+    """Remove what an interrupted save left: this process's temporaries and those of processes that
+    have ended (never a live one's: it may be writing them now), and weights that ``state.pt`` does not
+    name."""
     for path in directory.iterdir():
         stray_weights = path.name.startswith("model") and path.name.endswith(".safetensors")
-        if ".tmp" in path.name or (stray_weights and path.name != keep):
+        _, tmp, pid = path.name.rpartition(".tmp")
+        ours_or_dead = tmp and (
+            not pid.isdigit() or int(pid) == os.getpid() or not psutil.pid_exists(int(pid))
+        )
+        if ours_or_dead or (stray_weights and path.name != keep):
             path.unlink(missing_ok=True)
 
 

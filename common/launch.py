@@ -26,21 +26,60 @@ to :func:`run_workers`::
 
 Either way the caller gets ``[result of rank 0, result of rank 1, ...]``; :func:`is_main` tells
 the one process that should print and write files.
+
+Nothing outlives the job.  A spawned worker watches its parent and ends at once when the parent is
+gone (killed with SIGKILL included), so no orphan finishes the work on its own.  DeepSpeed's CPU
+all-reduce maps one shared-memory file per rank (``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_
+<port>_<rank>``, 69 MB each in deepspeed 0.19.8) and never removes them: the parent removes those of its
+job's port when the workers have ended, a worker whose parent vanished removes its own, and under a
+launcher every rank removes its own once all ranks are past the work (a mapped file may be unlinked:
+the mapping stays until the process ends).
 """
 
 from __future__ import annotations
 
+import multiprocessing
+import multiprocessing.connection
 import os
 import pickle
 import queue
 import socket
+import threading
 import time
 import traceback
 import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 GRACE_SECONDS = 5.0  # between SIGTERM and SIGKILL when ending workers
+SHM_DIR = Path("/dev/shm")
+ORPHAN_EXIT_CODE = 143  # a worker whose parent is gone ends as SIGTERM would end it
+
+
+def deepspeed_shm_files(addr: str, port: int | str, rank: int | None = None) -> list[Path]:
+    """The shared-memory files DeepSpeed's CPU all-reduce made for the job at ``addr:port`` (one per
+    rank; only ``rank``'s when given), named as ``deepspeed/ops/csrc/cpu/comm/shm.cpp`` names them."""
+    if not hasattr(os, "getuid") or not SHM_DIR.is_dir():  # Windows: DeepSpeed has no shm kernel there
+        return []
+    which = "*" if rank is None else str(rank)
+    return sorted(SHM_DIR.glob(f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{which}"))
+
+
+def remove_deepspeed_shm(addr: str, port: int | str, rank: int | None = None) -> int:
+    """Remove the files :func:`deepspeed_shm_files` finds; returns how many there were."""
+    found = deepspeed_shm_files(addr, port, rank)
+    for path in found:
+        path.unlink(missing_ok=True)
+    return len(found)
+
+
+def _end_with_parent(sentinel, port: int, rank: int) -> None:
+    """In a worker's thread: wait until the parent process is gone, remove this rank's DeepSpeed
+    buffer and end the worker at once (its peers do the same)."""
+    multiprocessing.connection.wait([sentinel])
+    remove_deepspeed_shm("127.0.0.1", port, rank)
+    os._exit(ORPHAN_EXIT_CODE)
 
 
 def _deepspeed_env() -> None:
@@ -121,6 +160,9 @@ def _worker_main(rank: int, nproc: int, port: int, device: str, threads: int, fn
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
     )
+    parent = multiprocessing.parent_process()
+    if parent is not None:  # spawned: the sentinel is readable once the parent has ended, however
+        threading.Thread(target=_end_with_parent, args=(parent.sentinel, port, rank), daemon=True).start()
     import torch
     import torch.distributed as dist
 
@@ -207,7 +249,8 @@ def run_workers(
         ctx = setup_distributed(device)
         result = fn(ctx, *args)
         gathered: list = [None] * ctx.world_size
-        dist.all_gather_object(gathered, result)
+        dist.all_gather_object(gathered, result)  # every rank is past its DeepSpeed set-up now
+        remove_deepspeed_shm(os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""), ctx.rank)
         return gathered
     if not isinstance(nproc, int) or nproc < 1:
         raise ValueError(f"nproc must be a positive integer, got {nproc!r}")
@@ -262,4 +305,5 @@ def run_workers(
     finally:
         _end(processes)
         results.close()
+        remove_deepspeed_shm("127.0.0.1", port)
     return [outcome[r] for r in range(nproc)]

@@ -51,6 +51,8 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import SKIP_EXIT_CODE, USAGE_EXIT_CODE, Interrupted, SkipScript, UsageError
+from common.folder_lock import FolderInUse, lock_folder, release_all
+from common.launch import is_main
 
 QUICK_ENV = "BOOK_QUICK"
 DTYPE_ENV = "BOOK_DTYPE"
@@ -207,9 +209,10 @@ def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace
 
     ``args.device`` becomes the chosen device name ("cpu", "cuda", "mps"); ``args.device_reason``
     says why.  Asking for cuda or mps where there is none raises :class:`SkipScript`.  ``args.out``
-    defaults to ``runs/<name of the calling script>`` (created by whoever writes there first; only
-    checked here).  Nothing else about the process changes: allocator settings such as
-    :func:`common.env.keep_freed_memory` are for the caller to opt into.
+    defaults to ``runs/<name of the calling script>``; it is created here and locked for this run
+    (:mod:`common.folder_lock`: a second run on it is a usage error naming the first).  Nothing else
+    about the process changes: allocator settings such as :func:`common.env.keep_freed_memory` are for
+    the caller to opt into.
     """
     from common import env
 
@@ -219,6 +222,11 @@ def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace
         caller = sys._getframe(1).f_globals.get("__file__") or "script"
         args.out = os.path.join("runs", os.path.splitext(os.path.basename(caller))[0])
     check_output_targets(parser, args)
+    if is_main():  # under a launcher, rank 0 holds it for the job
+        try:
+            lock_folder(args.out)
+        except FolderInUse as e:
+            parser.error(f"argument --out: {e}")
     args.quick = bool(args.quick or quick_from_env())
     env.seed_everything(args.seed)
     args.device, args.device_reason = env.choose_device(args.device)
@@ -351,6 +359,7 @@ def run_script(main: Callable[[list[str] | None], dict], argv: list[str] | None 
         status, reason, code = "FAIL", f"{type(e).__name__}: {e}", 1
     finally:
         warnings.showwarning = original_showwarning
+        release_all()
         if in_main_thread:
             signal.signal(signal.SIGTERM, original_sigterm)
     seconds = time.perf_counter() - start

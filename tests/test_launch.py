@@ -113,3 +113,41 @@ def test_under_torchrun_deepspeed_gets_its_local_size(monkeypatch):
     monkeypatch.setenv("LOCAL_SIZE", "2")  # DeepSpeed's own launcher set it: left alone
     _deepspeed_env()
     assert os.environ["LOCAL_SIZE"] == "2"
+
+
+def _deepspeed_all_reduce(ctx):
+    import deepspeed
+    import deepspeed.comm as ds_dist
+
+    from common.launch import deepspeed_shm_files
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    t = torch.ones(4)
+    ds_dist.all_reduce(t)
+    port = os.environ["MASTER_PORT"]
+    return port, [p.name for p in deepspeed_shm_files("127.0.0.1", port)], t.tolist()
+
+
+def _deepspeed_then_raise(ctx):
+    _deepspeed_all_reduce(ctx)
+    if ctx.rank == 1:
+        raise ValueError("rank one fails after DeepSpeed set up its buffers")
+    dist.barrier()
+
+
+def test_deepspeeds_shared_memory_buffers_are_removed_when_the_job_ends():
+    pytest.importorskip(
+        "deepspeed", reason="DeepSpeed is in requirements.txt; this checks its CPU all-reduce"
+    )
+    from common.launch import deepspeed_shm_files
+
+    out = run_workers(_deepspeed_all_reduce, nproc=2, timeout=300)
+    port, seen, total = out[0]
+    assert total == [2.0] * 4
+    # the shared-memory kernel made one buffer per rank (so this test sees the leak it guards against)
+    assert len(seen) == 2 and all(name.endswith(("_0", "_1")) for name in seen)
+    assert deepspeed_shm_files("127.0.0.1", port) == []
+    before = {p.name for p in deepspeed_shm_files("127.0.0.1", "*")}
+    with pytest.raises(WorkerError, match="rank one fails"):
+        run_workers(_deepspeed_then_raise, nproc=2, timeout=300)
+    assert {p.name for p in deepspeed_shm_files("127.0.0.1", "*")} == before

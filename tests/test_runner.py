@@ -10,6 +10,7 @@ import textwrap
 import pytest
 import torch
 
+from common.folder_lock import release_all
 from common.runner import SKIP_EXIT_CODE, SkipScript, parse_args, script_parser
 
 SCRIPT = textwrap.dedent('''
@@ -220,7 +221,9 @@ def test_parse_args_seeds_and_picks_device(monkeypatch):
     assert args.device == "cpu" and args.quick is False and args.device_reason
     assert args.out == os.path.join("runs", "test_runner")  # named after the calling script
     assert parse_args(script_parser(), ["--out", "elsewhere"]).out == "elsewhere"
-    assert not os.path.exists(args.out)  # nothing is created until a script writes there
+    assert os.path.isfile(os.path.join(args.out, ".lock"))  # held for this run (common.folder_lock)
+    release_all()
+    assert not os.path.exists(args.out) and not os.path.exists("elsewhere")  # nothing was written there
 
 
 @pytest.mark.skipif(

@@ -143,12 +143,17 @@ WORKERS = textwrap.dedent('''
     from common.runner import parse_args, run_script, script_parser
 
     def wait_forever(ctx, pid_dir):
-        open(os.path.join(pid_dir, str(os.getpid())), "w").close()
+        # a stand-in for the buffer DeepSpeed's CPU all-reduce maps, under the name it gives it
+        port = os.environ["MASTER_PORT"]
+        shm = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_{ctx.rank}"
+        open(shm, "w").close()
+        with open(os.path.join(pid_dir, str(os.getpid())), "w") as f:
+            f.write(shm)
         time.sleep(600)
 
     def main(argv=None):
         parser = script_parser(__doc__)
-        parser.add_argument("--pids")
+        parser.add_argument("--pids", default=os.environ.get("PIDS_DIR"))
         args = parse_args(parser, argv)
         run_workers(wait_forever, nproc=2, args=(args.pids,), timeout=600)
         return {}
@@ -166,28 +171,76 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_sigterm_to_the_parent_ends_its_workers(tmp_path):
+def _start_workers(tmp_path):
+    """The two-worker script, started; returns (process, {worker pid: its shm file}) once both wait."""
     script = tmp_path / "s_workers.py"
     script.write_text(WORKERS)
     pids = tmp_path / "pids"
     pids.mkdir()
     proc = subprocess.Popen(
-        [sys.executable, str(script), "--pids", str(pids), "--json", str(tmp_path / "f.json")],
+        [sys.executable, str(script), "--pids", str(pids), "--json", str(tmp_path / "f.json")]
+        + ["--out", str(tmp_path / "out")],
         env=_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     deadline = time.time() + 120
-    while len(os.listdir(pids)) < 2:
+    while len([p for p in pids.iterdir() if p.stat().st_size]) < 2:
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
         time.sleep(0.1)
-    workers = [int(p) for p in os.listdir(pids)]
-    proc.send_signal(signal.SIGTERM)
-    proc.communicate(timeout=60)
-    assert proc.returncode == 143
-    assert json.loads((tmp_path / "f.json").read_text())["status"] == "INTERRUPTED"
-    deadline = time.time() + 10
+    return proc, {int(p.name): p.read_text() for p in pids.iterdir()}
+
+
+def _gone_within(seconds: float, workers: dict) -> bool:
+    deadline = time.time() + seconds
     while any(_alive(p) for p in workers) and time.time() < deadline:
         time.sleep(0.1)
-    assert not any(_alive(p) for p in workers)
+    return not any(_alive(p) for p in workers)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_workers_and_their_shared_memory_end_with_the_parent(tmp_path, sig):
+    proc, workers = _start_workers(tmp_path)
+    assert all(os.path.exists(shm) for shm in workers.values())
+    proc.send_signal(sig)
+    proc.communicate(timeout=60)
+    assert proc.returncode == (143 if sig == signal.SIGTERM else -9)
+    if sig == signal.SIGTERM:
+        assert json.loads((tmp_path / "f.json").read_text())["status"] == "INTERRUPTED"
+    # SIGKILL: nothing of the parent runs; the workers notice it is gone (their watchdog) and end
+    assert _gone_within(10, workers)
+    assert not any(os.path.exists(shm) for shm in workers.values())
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_harness_ends_the_running_script_and_its_workers_and_records_it(tmp_path):
+    chapter = tmp_path / "book" / "ch99_fake"
+    chapter.mkdir(parents=True)
+    (chapter / "s1_1_workers.py").write_text(WORKERS)
+    (chapter / "s1_2_later.py").write_text("raise SystemExit('the harness ran on after SIGTERM')\n")
+    pids, out = tmp_path / "pids", tmp_path / "report"
+    pids.mkdir()
+    cmd = [sys.executable, "-m", "verify", "--root", str(tmp_path / "book"), "--out", str(out)]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO_ROOT,
+        env=_env() | {"PIDS_DIR": str(pids)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.time() + 300
+    while len([p for p in pids.iterdir() if p.stat().st_size]) < 2:
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.2)
+    workers = {int(p.name): p.read_text() for p in pids.iterdir()}
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    (entry,) = json.loads((out / "report.json").read_text())["scripts"]
+    assert entry["status"] == "FAIL"
+    assert entry["reason"] == "interrupted: the harness was stopped by SIGTERM"
+    assert entry["exit_code"] == 143  # the script's own clean stop, within the grace period
+    assert entry["peak_rss_mb"] > 0
+    assert _gone_within(10, workers)
+    assert not any(os.path.exists(shm) for shm in workers.values())

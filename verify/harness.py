@@ -33,6 +33,7 @@ import sys
 import time
 from pathlib import Path
 
+from common.errors import Interrupted
 from common.runner import DTYPE_ENV, QUICK_ENV, SKIP_EXIT_CODE, write_json
 from verify.report import compare_reports, format_markdown, summarize
 
@@ -60,15 +61,32 @@ def matches(path: str, patterns: list[str] | None) -> bool:
     return not patterns or any(pat in path or fnmatch.fnmatch(path, pat) for pat in patterns)
 
 
-def _kill_group(proc: subprocess.Popen, grace: float = 5.0) -> None:
+def _raise_interrupted(signum, frame):
+    """SIGTERM takes the path Ctrl-C takes: the running script is ended with its grace period and
+    recorded, the report written, exit 128 + the signal's number."""
+    signal.signal(signum, signal.SIG_DFL)  # a second SIGTERM ends the harness at once
+    raise Interrupted(signum)
+
+
+def _reap(proc: subprocess.Popen):
+    """The script's resource usage once it has exited (its exit code set on ``proc``), else None."""
+    pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
+    if pid != proc.pid:
+        return None
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return rusage
+
+
+def _kill_group(proc: subprocess.Popen, grace: float = 5.0):
     """End the script's process group and any descendant that left it: SIGTERM, then after ``grace``
-    seconds SIGKILL."""
+    seconds SIGKILL.  Returns the script's resource usage (None if it had been reaped already)."""
     try:
         import psutil
 
         descendants = psutil.Process(proc.pid).children(recursive=True)
     except Exception:  # noqa: BLE001 - psutil missing or the process already gone
         descendants = []
+    rusage = None
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(proc.pid, sig)
@@ -81,9 +99,12 @@ def _kill_group(proc: subprocess.Popen, grace: float = 5.0) -> None:
                 pass
         deadline = time.monotonic() + (grace if sig == signal.SIGTERM else 5)
         while time.monotonic() < deadline:
-            if proc.poll() is not None and not any(_alive(c) for c in descendants):
-                return
+            if proc.returncode is None:
+                rusage = _reap(proc)
+            if proc.returncode is not None and not any(_alive(c) for c in descendants):
+                return rusage
             time.sleep(0.05)
+    return rusage
 
 
 def _alive(proc) -> bool:
@@ -188,20 +209,22 @@ def run_one(
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
-        timed_out, rusage, status = False, None, None
+        timed_out, interrupted, rusage = False, None, None
         try:
             while True:
-                pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
-                if pid == proc.pid:
-                    proc.returncode = os.waitstatus_to_exitcode(status)
+                rusage = _reap(proc)
+                if rusage is not None:
                     break
                 if timeout and time.monotonic() - start > timeout:
                     timed_out = True
-                    _kill_group(proc, grace)
+                    rusage = _kill_group(proc, grace)
                     break
                 time.sleep(0.05)
+        except KeyboardInterrupt as e:  # SIGINT, or SIGTERM (main's handler): the script's clean stop
+            interrupted = signal.Signals(getattr(e, "signum", signal.SIGINT)).name
+            rusage = _kill_group(proc, grace)
         except BaseException:
-            _kill_group(proc)  # an interrupt of the harness takes the script down with it
+            _kill_group(proc)
             raise
         if proc.returncode is None:
             proc.wait()
@@ -222,7 +245,13 @@ def run_one(
     entry["plots"] = copy_plots(script_out, started_at, out_dir / "plots" / stem, out_dir)
 
     code = proc.returncode
-    if timed_out:
+    if interrupted:
+        entry["status"] = "FAIL"
+        entry["reason"] = f"interrupted: the harness was stopped by {interrupted}"
+        entry["interrupted"] = interrupted
+        if isinstance(payload, dict) and payload.get("resume"):
+            entry["reason"] += f"; checkpoint saved, resume with: {payload['resume']}"
+    elif timed_out:
         entry["status"], entry["reason"] = "TIMEOUT", f"stopped after {timeout:g} s"
         if isinstance(payload, dict) and payload.get("resume"):
             entry["reason"] += f"; checkpoint saved, resume with: {payload['resume']}"
@@ -281,16 +310,51 @@ def collect_environment() -> dict:
     return json.loads(proc.stdout)
 
 
-def _kept_entries(old_report: Path, running: list[str], quick: bool) -> list[dict]:
-    """The entries of an earlier report for the scripts not run now (``--update``)."""
+def machine_of(environment: dict) -> dict:
+    """What a report's timings depend on: the CPU, its flags and cores, torch's kernels, the GPUs."""
+    torch = environment.get("torch") or {}
+    return {
+        "cpu": environment.get("cpu"),
+        "cpu_flags": environment.get("cpu_flags"),
+        "cores": environment.get("cores"),
+        "cpu_capability": torch.get("cpu_capability"),
+        "gpus": torch.get("gpus"),
+    }
+
+
+def _describe_machine(m: dict) -> str:
+    gpus = ", ".join(map(str, m.get("gpus") or [])) or "no GPU"
+    flags = " ".join(m.get("cpu_flags") or [])
+    return f"{m.get('cpu')} ({flags}; torch {m.get('cpu_capability')}), {m.get('cores')} cores, {gpus}"
+
+
+def _kept_entries(old_report: Path, running: list[str], quick: bool, environment: dict) -> list[dict]:
+    """The entries of an earlier report for the scripts not run now (``--update``).  SystemExit with
+    one line when that report is unreadable, of the other mode, or measured on another machine (the
+    kept timings and the new ones would not compare)."""
     if not old_report.exists():
         return []
-    old = json.loads(old_report.read_text())
-    old_quick = old.get("environment", {}).get("run", {}).get("quick")
+    try:
+        old = json.loads(old_report.read_text())
+        scripts = old["scripts"]
+        if not isinstance(scripts, list) or not all(isinstance(e, dict) and "name" in e for e in scripts):
+            raise ValueError("no list of script entries")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(
+            f"--update: {old_report} is not a readable verify report ({e}); remove it or choose another --out"
+        ) from None
+    old_env = old.get("environment") if isinstance(old.get("environment"), dict) else {}
+    old_quick = (old_env.get("run") or {}).get("quick")
     if old_quick is not None and old_quick != quick:
         mode = "quick" if old_quick else "full"
         raise SystemExit(f"--update: {old_report} is a {mode}-mode report; run in the same mode")
-    return [e for e in old["scripts"] if e["name"] not in running]
+    if old_env and machine_of(old_env) != machine_of(environment):
+        then, now = (_describe_machine(machine_of(e)) for e in (old_env, environment))
+        raise SystemExit(
+            f"--update: {old_report} was measured on {then}; this machine is {now}; an update would mix the "
+            "two in one report: run the whole report here, or choose another --out"
+        )
+    return [e for e in scripts if e["name"] not in running]
 
 
 def _non_negative_seconds(text: str) -> float:
@@ -314,6 +378,11 @@ def load_compare(parser: argparse.ArgumentParser, path: str) -> dict:
     scripts = old.get("scripts") if isinstance(old, dict) else None
     if not isinstance(scripts, list) or not all(isinstance(e, dict) and "name" in e for e in scripts):
         parser.error(f"argument --compare: {path} is not a verify report (no list of scripts)")
+    for e in scripts:
+        if e.get("status") not in STATUSES:
+            parser.error(f"argument --compare: {path}: {e['name']} has no status of {', '.join(STATUSES)}")
+        if not isinstance(e.get("figures", {}), dict):
+            parser.error(f"argument --compare: {path}: the figures of {e['name']} are not a mapping")
     return old
 
 
@@ -386,7 +455,13 @@ def main(argv=None) -> int:
     out_dir = Path(args.out or (DEFAULT_OUT / "partial" if partial else DEFAULT_OUT)).resolve()
     if out_dir.exists() and not out_dir.is_dir():
         parser.error(f"argument --out: {out_dir} is not a folder")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write-test{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        parser.error(f"argument --out: cannot write into {out_dir}: {e.strerror or e}")
     if partial and args.out:
         _say_what_is_replaced(out_dir / "report.json", scripts)
 
@@ -396,7 +471,7 @@ def main(argv=None) -> int:
     environment = collect_environment()
     print(format_report(environment), flush=True)
     report = {"environment": environment, "scripts": [], "summary": {}}
-    kept = _kept_entries(out_dir / "report.json", scripts, args.quick) if args.update else []
+    kept = _kept_entries(out_dir / "report.json", scripts, args.quick, environment) if args.update else []
     environment["run"] = {
         "quick": args.quick,
         "device": args.device,
@@ -416,33 +491,30 @@ def main(argv=None) -> int:
     limit = f"limit {timeout:g} s each" if timeout else "no time limit"
     print(f"\nrunning {len(scripts)} scripts ({mode} mode, device {args.device}, {limit})", flush=True)
 
-    interrupted = False
-    for i, rel in enumerate(scripts, 1):
-        try:
-            entry = run_one(
-                rel, root=root, out_dir=out_dir, quick=args.quick, device=args.device, timeout=timeout
-            )
-        except KeyboardInterrupt:
-            entry = {
-                "name": rel,
-                "status": "FAIL",
-                "reason": "interrupted: the harness was stopped",
-                "exit_code": 130,
-                "seconds": 0.0,
-                "peak_rss_mb": 0.0,
-                "warnings": [],
-                "figures": {},
-                "log": "",
-                "plots": [],
-            }
-            interrupted = True
-        report["scripts"].append(entry)
-        report["scripts"].sort(key=lambda e: order.get(e["name"], len(order)))
-        write_report(report, out_dir)
-        print(_progress_line(i, len(scripts), entry), flush=True)
-        if interrupted:
-            print("interrupted: the report holds every script run so far", file=sys.stderr)
-            break
+    interrupted = None
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+    try:
+        for i, rel in enumerate(scripts, 1):
+            try:
+                entry = run_one(
+                    rel, root=root, out_dir=out_dir, quick=args.quick, device=args.device, timeout=timeout
+                )
+            except KeyboardInterrupt as e:  # between two scripts
+                entry = None
+                interrupted = signal.Signals(getattr(e, "signum", signal.SIGINT)).name
+            if entry is not None:
+                interrupted = entry.pop("interrupted", None)
+                report["scripts"].append(entry)
+                report["scripts"].sort(key=lambda e: order.get(e["name"], len(order)))
+                write_report(report, out_dir)
+                print(_progress_line(i, len(scripts), entry), flush=True)
+            if interrupted:
+                print(
+                    f"interrupted by {interrupted}: the report holds every script run so far", file=sys.stderr
+                )
+                break
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
     s = report["summary"]
     print("\n" + "  ".join(f"{k} {s.get(k, 0)}" for k in STATUSES) + f"   report: {out_dir / 'report.md'}")
@@ -450,7 +522,7 @@ def main(argv=None) -> int:
         selected = (lambda name: matches(name, args.only)) if args.only else None
         print("\n" + compare_reports(old, report, selected=selected))
     if interrupted:
-        return 130
+        return 128 + signal.Signals[interrupted].value
     return 1 if s.get("FAIL", 0) or s.get("TIMEOUT", 0) else 0
 
 
