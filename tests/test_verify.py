@@ -158,6 +158,7 @@ def test_statuses_and_reasons(run):
     assert "needs a CUDA GPU" in by["s1_3_skip.py"]["reason"] and "tensorrt" in by["s1_3_skip.py"]["reason"]
     assert by["s1_4_hang.py"]["status"] == "TIMEOUT" and "6 s" in by["s1_4_hang.py"]["reason"]
     assert 6 <= by["s1_4_hang.py"]["seconds"] < 30
+    assert by["s1_4_hang.py"]["peak_rss_mb"] > 0  # collected from the script it ended
     crash = by["s1_5_crash.py"]
     assert (
         crash["status"] == "FAIL"
@@ -243,8 +244,13 @@ def test_only_list_and_compare_flag(run, tmp_path):
         ("{not json", "{} is not JSON: Expecting property name enclosed in double quotes"),
         ("[1, 2]", "{} is not a verify report (no list of scripts)"),
         ('{"scripts": "all"}', "{} is not a verify report (no list of scripts)"),
+        ('{"scripts": [{"name": "a.py"}]}', "{}: a.py has no status of PASS, FAIL, SKIP, TIMEOUT"),
+        (
+            '{"scripts": [{"name": "a.py", "status": "PASS", "figures": [1]}]}',
+            "{}: the figures of a.py are not",
+        ),
     ],
-    ids=["missing", "malformed", "not-an-object", "no-list"],
+    ids=["missing", "malformed", "not-an-object", "no-list", "no-status", "figures-a-list"],
 )
 def test_a_bad_compare_file_is_refused_before_anything_runs(run, tmp_path, content, message):
     old = tmp_path / "old.json"
@@ -342,6 +348,30 @@ def test_update_refreshes_part_of_a_report(tmp_path):
     assert without.returncode == 0
     mixed = harness(root, out, "--only", "s1_1", "--update")  # a full run cannot update a quick report
     assert mixed.returncode != 0 and "quick-mode report" in mixed.stderr
+
+    report["environment"]["cpu_flags"] = ["avx", "avx2", "amx_bf16"]  # as if measured on another CPU
+    (out / "report.json").write_text(json.dumps(report))
+    other = harness(root, out, "--quick", "--only", "s1_1", "--update")
+    assert other.returncode == 1
+    (line,) = [ln for ln in other.stderr.splitlines() if ln.startswith("--update:")]
+    assert "(avx avx2 amx_bf16;" in line and "an update would mix the two in one report" in line
+    assert "[1/1]" not in other.stdout  # refused before any script ran
+
+    (out / "report.json").write_text('{"scripts": [')  # cut off mid-write
+    corrupt = harness(root, out, "--quick", "--only", "s1_1", "--update")
+    assert corrupt.returncode == 1 and "[1/1]" not in corrupt.stdout
+    assert f"--update: {out / 'report.json'} is not a readable verify report" in corrupt.stderr
+
+
+def test_an_out_that_cannot_be_written_is_a_usage_error(tmp_path):
+    root = make_tree(tmp_path / "book", {"s1_1_pass.py": SCRIPTS["s1_1_pass.py"]})
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    proc = harness(root, a_file / "report")
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines()[-1].startswith(
+        "python -m verify: error: argument --out: cannot write into "
+    )
 
 
 def test_peak_rss_is_the_scripts_own(tmp_path):
