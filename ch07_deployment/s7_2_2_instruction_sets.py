@@ -34,7 +34,7 @@ from common.runner import parse_args, run_script, script_parser
 def cpu_info() -> tuple[str, set[str], float | None]:
     """(model name, SIMD feature flags, current clock in GHz): the flags as the environment report reads
     them (:mod:`common.env`), the clock from /proc/cpuinfo where Linux has one."""
-    name, flags = env._cpu_model_and_flags()
+    name, flags = env.cpu_model_and_flags()
     ghz = None
     try:
         with open("/proc/cpuinfo") as f:

@@ -23,7 +23,7 @@ import torch
 
 from common.lm_source import add_source_args, evaluate_lm, load_source
 from common.model_files import onnx_bytes, save_safetensors
-from common.onnx_export import ORT_GEMM_OPS, OrtDecoder, OrtLM, export_decoder
+from common.onnx_export import ORT_GEMM_OPS, OrtDecoder, OrtLM, export_decoder, quantize_dynamic_int8
 from common.runner import parse_args, run_script, script_parser
 from common.timing import gemm_share, paired_ratio, race
 
@@ -48,12 +48,10 @@ def main(argv=None) -> dict:
     seq = args.seq_len or model.config.context_length
     if not 1 <= seq <= model.config.context_length:
         parser.error(f"--seq-len must be in [1, {model.config.context_length}], got {seq}")
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
     os.makedirs(args.out, exist_ok=True)
     fp_path, q_path = os.path.join(args.out, "lm.onnx"), os.path.join(args.out, "lm.int8.onnx")
     info = export_decoder(model, fp_path)
-    quantize_dynamic(fp_path, q_path, weight_type=QuantType.QInt8)
+    settings = quantize_dynamic_int8(fp_path, q_path)
     fp_sess = OrtLM(fp_path, providers=["CPUExecutionProvider"], spinning=False)
     q_sess = OrtLM(q_path, providers=["CPUExecutionProvider"], spinning=False)
 
@@ -137,7 +135,7 @@ def main(argv=None) -> dict:
         "ort_int8_bpb": evals["ort_int8"]["bpb"],
         "ort_fp32_max_logit_diff": fp_diff,
         "ort_int8_max_logit_diff": q_diff,
-        "onnxruntime_settings": "default graph optimisations; quantize_dynamic(weight_type=QInt8) defaults",
+        "onnxruntime_settings": f"default graph optimisations; {settings['onnxruntime_quantize']}",
     }
 
 

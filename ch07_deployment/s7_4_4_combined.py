@@ -7,7 +7,8 @@ Variants of the project's pretrained LM (``--model tiny``; ``--hf-path DIR`` for
 - ``torch_int8``: ``torch.ao.quantization.quantize_dynamic`` on every ``nn.Linear`` (output head
   included), int8 weights, activations quantised on the fly, as PyTorch ships it;
 - ``ort_int8``: the model exported to ONNX (:func:`common.onnx_export.export_decoder`) and quantised by
-  ``onnxruntime.quantization.quantize_dynamic`` with its defaults, run by onnxruntime;
+  ``onnxruntime.quantization.quantize_dynamic`` with its defaults (and ``reduce_range`` on x86 without
+  VNNI, as onnxruntime advises), run by onnxruntime;
 - ``gptq4`` and ``awq4``: 4-bit weights, groups of 128 columns, on every block linear (embeddings and
   head stay fp32), packed two per byte in :class:`common.quant.QuantLinear` (``common/quant.py``), run
   on torch's int4 kernel (:func:`common.quant_runtime.to_runtime`, bf16 activations where the CPU has
@@ -70,7 +71,7 @@ from common.calibration import block_linears
 from common.distill import lm_batches, lm_logits, student_config, train_student
 from common.lm_source import add_source_args, evaluate_lm, load_for_compression
 from common.model_files import onnx_bytes, path_bytes, save_safetensors, save_state_dict
-from common.onnx_export import OrtDecoder, OrtLM, export_decoder
+from common.onnx_export import OrtDecoder, OrtLM, export_decoder, quantize_dynamic_int8
 from common.plotting import pyplot, save_figure
 from common.prune import activation_scores, lowest_per_layer, prune_model
 from common.quant import pack_model, quantize_model, save_quantized
@@ -123,12 +124,11 @@ def torch_int8(model: nn.Module, folder: str) -> Variant:
 
 
 def ort_int8(model: nn.Module, folder: str) -> tuple[Variant, dict]:
-    """The model exported to ONNX and quantised by onnxruntime's ``quantize_dynamic`` (its defaults)."""
-    from onnxruntime.quantization import quantize_dynamic
-
+    """The model exported to ONNX and quantised by onnxruntime's ``quantize_dynamic`` (its defaults, and
+    the reduced range it advises on x86 without VNNI: :func:`common.onnx_export.quantize_dynamic_int8`)."""
     fp_path, q_path = os.path.join(folder, "lm.onnx"), os.path.join(folder, "lm.int8.onnx")
     info = export_decoder(model, fp_path)
-    quantize_dynamic(fp_path, q_path)
+    info |= quantize_dynamic_int8(fp_path, q_path)
     session = OrtLM(q_path, providers=["CPUExecutionProvider"], spinning=False)
     info["fp32_onnx_bytes"] = onnx_bytes(fp_path)
     return Variant(OrtDecoder(session), onnx_bytes(q_path), ".onnx, int8 weights (ORT defaults)"), info
@@ -364,6 +364,7 @@ def main(argv=None) -> dict:
         "ort_int8_max_logit_diff": logit_diff["ort_int8"],
         "onnx_exporter": onnx_info["exporter"],
         "ort_fp32_onnx_bytes": onnx_info["fp32_onnx_bytes"],
+        "onnxruntime_quantize": onnx_info["onnxruntime_quantize"],
         "torch_threads": torch.get_num_threads(),
         "onnxruntime_settings": "quantize_dynamic defaults; session defaults (threads, ORT_ENABLE_ALL), "
         "no idle spinning",

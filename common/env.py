@@ -251,7 +251,9 @@ def import_status(import_name: str) -> str:
     return "imports" if info["imports"] else f"does not import: {info['error']}"
 
 
-def _cpu_model_and_flags() -> tuple[str, list[str]]:
+def cpu_model_and_flags() -> tuple[str, list[str]]:
+    """``(CPU model, the SIMD and matrix flags the book's branches look at)`` from /proc/cpuinfo where
+    there is one (Linux), else the platform's processor name and no flags."""
     model, flags = platform.processor() or platform.machine(), []
     try:
         with open("/proc/cpuinfo") as f:
@@ -269,6 +271,7 @@ def _cpu_model_and_flags() -> tuple[str, list[str]]:
                 "avx512f",
                 "avx512_bf16",
                 "avx512_vnni",
+                "avx_vnni",
                 "amx_bf16",
                 "amx_tile",
                 "amx_int8",
@@ -441,7 +444,7 @@ INCOMPATIBILITIES = [
 
 def environment_report() -> dict:
     """Everything a reader or maintainer needs to know about this machine, plus version warnings."""
-    cpu_model, simd = _cpu_model_and_flags()
+    cpu_model, simd = cpu_model_and_flags()
     report = {
         "os": f"{platform.system()} {platform.release()}",
         "platform": platform.platform(),

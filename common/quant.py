@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.calibration import block_inputs, block_linears, layer_inputs, run_block
+from common.checkpoint import file_sha256
 from common.progress import progress_if
 
 BITS = (2, 3, 4, 8)
@@ -558,8 +559,9 @@ def quantized_bytes(model: nn.Module) -> int:
 
 def save_quantized(model: nn.Module, folder: str | os.PathLike, quantization: dict) -> Path:
     """Write a packed DecoderLM as ``model.safetensors`` plus ``quant_config.json`` (the model config, the
-    quantisation settings, which layers are quantised, and a pruned model's per-layer shapes).  Each file
-    goes to a temporary name and is renamed; the config, written last, marks the folder complete."""
+    quantisation settings, which layers are quantised, a pruned model's per-layer shapes, and the
+    weights' SHA-256).  Each file goes to a temporary name and is renamed; the config, written last,
+    marks the folder complete."""
     from safetensors.torch import save_model
 
     folder = Path(folder)
@@ -580,6 +582,7 @@ def save_quantized(model: nn.Module, folder: str | os.PathLike, quantization: di
     (folder / CONFIG).unlink(missing_ok=True)  # an old config must not vouch for new weights
     tmp = folder / f"{WEIGHTS}.tmp{os.getpid()}"
     save_model(model, str(tmp))
+    config["weights_sha256"] = file_sha256(tmp)  # load checks it before it trusts a byte
     os.replace(tmp, folder / WEIGHTS)
     tmp = folder / f"{CONFIG}.tmp{os.getpid()}"
     tmp.write_text(json.dumps(config, indent=2))
@@ -587,8 +590,22 @@ def save_quantized(model: nn.Module, folder: str | os.PathLike, quantization: di
     return folder
 
 
+def _check_layer(name: str, spec, layer: QuantLinear) -> None:
+    """ValueError unless the loaded ``layer`` holds what its ``spec`` says: codes and zero points within
+    the bit width, one scale per group of the group size."""
+    top = max(int(layer.weight_codes().max()), int(layer.zeros.max()))
+    if top >= 2 ** spec["bits"]:
+        raise ValueError(f"{name} says {spec['bits']} bits, its codes reach {top}")
+    if int(layer.g_idx.min()) < 0 or int(layer.g_idx.max()) >= layer.scales.shape[1]:
+        raise ValueError(f"{name}: its column groups do not match its {layer.scales.shape[1]} scales")
+
+
 def load_quantized(folder: str | os.PathLike, device: str = "cpu"):
-    """``(model, config)`` from :func:`save_quantized`'s folder (safetensors: no code runs on load)."""
+    """``(model, config)`` from :func:`save_quantized`'s folder (safetensors: no code runs on load).
+
+    Checked before it is trusted, every refusal one ``ValueError``: the weights' checksum, the config's
+    fields, the settings of the ``quantization`` block against every layer's, and each layer's tensors
+    against its bits and group size (shapes, and codes within the bit width)."""
     from safetensors.torch import load_model
 
     from common.models.decoder import DecoderConfig, DecoderLM
@@ -596,24 +613,38 @@ def load_quantized(folder: str | os.PathLike, device: str = "cpu"):
     folder = Path(folder)
     if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():
         raise ValueError(f"{folder} is not a quantised model folder (needs {CONFIG} and {WEIGHTS})")
-    config = json.loads((folder / CONFIG).read_text())
-    if config.get("format") != FORMAT:
-        raise ValueError(f"{folder / CONFIG} has format {config.get('format')!r}, expected {FORMAT!r}")
-    model = DecoderLM(DecoderConfig(**config["model_config"]))
-    if "layer_shapes" in config:
-        from common.prune import pruned_like
-
-        model = pruned_like(model, config["layer_shapes"])
-    for name, spec in config["layers"].items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        lin = getattr(parent, child)
-        setattr(
-            parent,
-            child,
-            QuantLinear(lin.in_features, lin.out_features, spec["bits"], spec["group_size"], spec["bias"]),
+    try:
+        config = json.loads((folder / CONFIG).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{folder / CONFIG} is not readable JSON: {e}") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        got = config.get("format") if isinstance(config, dict) else type(config).__name__
+        raise ValueError(f"{folder / CONFIG} has format {got!r}, expected {FORMAT!r}")
+    if file_sha256(folder / WEIGHTS) != config.get("weights_sha256"):
+        raise ValueError(
+            f"{folder / WEIGHTS} does not match the checksum in {CONFIG} (an edited, truncated or other file)"
         )
-    load_model(model, str(folder / WEIGHTS), strict=True, device=str(device))
+    try:
+        layers, settings = dict(config["layers"]), dict(config["quantization"])
+        model = DecoderLM(DecoderConfig(**config["model_config"]))
+        if "layer_shapes" in config:
+            from common.prune import pruned_like
+
+            model = pruned_like(model, config["layer_shapes"])
+        for name, spec in layers.items():
+            for key in ("bits", "group_size"):
+                if key in settings and spec[key] != settings[key]:
+                    raise ValueError(f"{name} has {key} {spec[key]}, the quantization block {settings[key]}")
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            lin = getattr(parent, child)
+            shape = (lin.in_features, lin.out_features, spec["bits"], spec["group_size"], spec["bias"])
+            setattr(parent, child, QuantLinear(*shape))
+        load_model(model, str(folder / WEIGHTS), strict=True, device="cpu")
+        for name, spec in layers.items():
+            _check_layer(name, spec, model.get_submodule(name))
+    except (KeyError, TypeError, AttributeError, RuntimeError, ValueError) as e:
+        raise ValueError(f"{folder}: the quantised model does not match its {CONFIG}: {e}") from None
     return model.to(device).eval(), config
 
 

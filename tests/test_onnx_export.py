@@ -77,3 +77,35 @@ def test_ort_decoder_evaluates_like_the_pytorch_model_and_its_files_are_counted(
     onnx.save(onnx.load(path), external, save_as_external_data=True, location="weights.bin", size_threshold=0)
     on_disk = os.path.getsize(external) + os.path.getsize(tmp_path / "weights.bin")
     assert onnx_bytes(external) == on_disk > 4 * sum(p.numel() for p in source.model.parameters())
+
+
+@pytest.mark.parametrize(
+    "machine, flags, saturates",
+    [
+        ("x86_64", ["avx", "avx2", "fma"], True),  # an AVX2 laptop CPU (vpmaddubsw)
+        ("x86_64", ["avx2", "avx512f"], True),  # AVX-512 without VNNI (Skylake-SP)
+        ("x86_64", ["avx2", "avx512f", "avx512_vnni"], False),
+        ("AMD64", ["avx2", "avx_vnni"], False),  # Windows' name for x86-64; AVX-VNNI (Alder Lake)
+        ("aarch64", [], False),
+    ],
+)
+def test_int8_saturation_is_judged_from_the_cpu(monkeypatch, machine, flags, saturates):
+    import platform
+
+    from common.onnx_export import int8_saturates
+
+    monkeypatch.setattr(platform, "machine", lambda: machine)
+    assert int8_saturates(flags) is saturates
+
+
+@pytest.mark.parametrize("saturates", [True, False])
+def test_the_int8_quantiser_reduces_the_range_only_where_the_kernels_saturate(monkeypatch, saturates):
+    quantization = pytest.importorskip("onnxruntime.quantization", reason="onnxruntime is an optional group")
+    from common import onnx_export
+
+    seen = {}
+    monkeypatch.setattr(quantization, "quantize_dynamic", lambda fp, q, **kw: seen.update(kw))
+    monkeypatch.setattr(onnx_export, "int8_saturates", lambda: saturates)
+    settings = onnx_export.quantize_dynamic_int8("fp.onnx", "q.onnx")
+    assert seen["reduce_range"] is saturates
+    assert f"reduce_range={saturates}" in settings["onnxruntime_quantize"]

@@ -1,6 +1,7 @@
 """common.quant: RTN, GPTQ and AWQ against their defining properties; packing, QuantLinear, save/load."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -149,6 +150,81 @@ def test_save_load_gives_the_same_logits(tmp_path):
     assert config["quantization"]["method"] == "gptq" and len(config["layers"]) == 8
     assert torch.equal(logits(loaded, idx), logits(packed, idx))
     assert not any(isinstance(m, torch.nn.Linear) for m in loaded.blocks.modules())
+
+
+def _edit_config(folder, edit):
+    import json
+
+    config = json.loads((folder / "quant_config.json").read_text())
+    edit(config)
+    (folder / "quant_config.json").write_text(json.dumps(config))
+
+
+def _resign(folder):
+    """Make the checksum agree again, as a careful tamperer would: the other checks must still hold."""
+    from common.checkpoint import file_sha256
+
+    _edit_config(folder, lambda c: c.update(weights_sha256=file_sha256(folder / "model.safetensors")))
+
+
+def _set_layer(key, value):
+    return lambda c: c["layers"]["blocks.0.attn.qkv"].update({key: value})
+
+
+def _three_bits_everywhere(config):
+    for spec in config["layers"].values():
+        spec["bits"] = 3
+    config["quantization"]["bits"] = 3
+
+
+def _saved_rtn(tmp_path):
+    fake, qweights = rtn_model(tiny_lm(), 4, 32)
+    return save_quantized(
+        pack_model(fake, qweights), tmp_path / "q", {"method": "rtn", "bits": 4, "group_size": 32}
+    )
+
+
+@pytest.mark.parametrize(
+    "tamper, message",
+    [
+        (_set_layer("bits", 3), "blocks.0.attn.qkv has bits 3, the quantization block 4"),
+        (_three_bits_everywhere, "says 3 bits, its codes reach 15"),  # consistent, but the codes say 4
+        (_set_layer("group_size", 16), "has group_size 16"),
+        (lambda c: c["quantization"].update(group_size=64), "the quantization block 64"),
+        (lambda c: c.pop("layers"), "'layers'"),
+    ],
+    ids=["layer-bits", "all-bits", "layer-group", "block-group", "no-layers"],
+)
+def test_a_tampered_quantised_config_is_refused_with_one_value_error(tmp_path, tamper, message):
+    folder = _saved_rtn(tmp_path)
+    _edit_config(folder, tamper)
+    _resign(folder)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_quantized(folder)
+
+
+@pytest.mark.parametrize(
+    "text, message", [("{not json", "is not readable JSON"), ("[1]", "has format 'list'")]
+)
+def test_an_unreadable_quantised_config_is_one_value_error(tmp_path, text, message):
+    folder = _saved_rtn(tmp_path)
+    (folder / "quant_config.json").write_text(text)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_quantized(folder)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_a_damaged_weights_file_fails_its_checksum(tmp_path, damage):
+    folder = _saved_rtn(tmp_path)
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    if damage == "flip":
+        data[-100] ^= 0x01  # one bit of one code: loads fine, computes wrong, unless checked
+    else:
+        data = data[: len(data) // 2]
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="does not match the checksum in quant_config.json"):
+        load_quantized(folder)
 
 
 def test_quantising_leaves_the_callers_model_alone():
