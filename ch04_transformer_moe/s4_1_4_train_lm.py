@@ -37,6 +37,7 @@ import os
 import torch
 
 from common.data import TokenData, get_tokenizer, load_corpus
+from common.errors import UsageError
 from common.plotting import pyplot, save_figure
 from common.runner import (
     add_dtype_flag,
@@ -46,7 +47,14 @@ from common.runner import (
     run_script,
     script_parser,
 )
-from common.training import TrainConfig, cleanup_distributed, setup_distributed, train
+from common.training import (
+    TrainConfig,
+    cleanup_distributed,
+    finished_run,
+    resume_plan,
+    setup_distributed,
+    train,
+)
 
 TINY = dict(n_layer=4, d_model=128, n_head=4, n_kv_head=4)
 QUICK = dict(n_layer=2, d_model=64, n_head=2, n_kv_head=2)
@@ -191,7 +199,10 @@ def main(argv=None) -> dict:
         help="checkpoint every N steps (default 50; quick 6)",
     )
     parser.add_argument(
-        "--resume", action="store_true", help="continue from the checkpoints in the output folder"
+        "--resume",
+        action="store_true",
+        help="continue from the checkpoints in the output folder: a recipe with one continues, one that "
+        "never began starts, a finished one is kept",
     )
     add_dtype_flag(parser, fp16=True)
     parser.add_argument(
@@ -220,9 +231,9 @@ def main(argv=None) -> dict:
         f"data: {len(data.train):,} training / {len(data.val):,} validation tokens, "
         f"{data.bytes_per_token['val']:.2f} bytes per token, vocabulary {vocab}"
     )
-    results, models = {}, {}
+    results, models, runs = {}, {}, {}
     try:
-        for recipe in recipes:
+        for recipe in recipes:  # every recipe's model and settings, and what --resume does with it
             config = recipe_config(recipe, base)
             torch.manual_seed(args.seed)  # every rank starts from the same weights
             model = models[recipe] = DecoderLM(config)
@@ -241,6 +252,12 @@ def main(argv=None) -> dict:
                 dtype=args.dtype,
                 **recipe_optimizer(recipe, args),
             )
+            runs[recipe] = (cfg, resume_plan(model, cfg) if args.resume else "start")
+        if args.resume and all(plan == "start" for _, plan in runs.values()):
+            raise UsageError(f"resume: no checkpoint of any recipe in {args.out} to resume from")
+        for recipe, (cfg, plan) in runs.items():
+            model, config = models[recipe], models[recipe].config
+            cfg.resume = plan == "resume"  # a recipe that never began starts; a finished one is kept
             tokens_per_step = cfg.batch_size * cfg.grad_accum * dist.world_size * context
             rates = (
                 f"AdamW {cfg.lr:g}, cosine"
@@ -260,8 +277,12 @@ def main(argv=None) -> dict:
                 f"{context}), "
                 f"{rates}, device {dist.device} ({args.device_reason})"
             )
-            result = results[recipe] = train(model, data, cfg, device=dist.device)
-            if result["resumed_from"] is not None:
+            if plan == "done":
+                result = results[recipe] = finished_run(model, cfg, device=dist.device)
+                say(f"finished earlier (the checkpoint {cfg.ckpt_dir} is its last step): kept, not retrained")
+            else:
+                result = results[recipe] = train(model, data, cfg, device=dist.device)
+            if plan == "resume":
                 say(f"resumed from step {result['resumed_from']}")
             say(
                 f"{recipe}: validation loss {result['val_loss']:.4f} nats per token, "

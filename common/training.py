@@ -379,15 +379,7 @@ def model_config(model: nn.Module) -> dict | None:
     return None
 
 
-def check_resumable(directory: str, model: nn.Module, cfg: TrainConfig) -> dict:
-    """The checkpoint's state, after checking that ``cfg`` and ``model`` may continue it.
-
-    Raises :class:`~common.errors.UsageError` naming what is wrong: no checkpoint, an unreadable
-    one, a model or training setting that differs, or ``cfg.steps`` not beyond the checkpoint's step.
-    """
-    if not ckpt.has_checkpoint(directory):
-        raise UsageError(f"resume: no complete checkpoint in {directory} to resume from")
-    state = ckpt.read_state(directory)
+def _check_settings(directory: str, model: nn.Module, cfg: TrainConfig, state: dict) -> None:
     extra = state.get("extra") or {}
     now_model, saved_model = model_config(model), extra.get("model_config")
     if now_model is not None and saved_model is not None:
@@ -404,12 +396,52 @@ def check_resumable(directory: str, model: nn.Module, cfg: TrainConfig) -> dict:
                 f"resume: the checkpoint in {directory} was trained with {key}={saved_cfg[key]!r}, "
                 f"this run asks for {key}={now_cfg[key]!r}; keep it, or use another output folder"
             )
+
+
+def check_resumable(directory: str, model: nn.Module, cfg: TrainConfig) -> dict:
+    """The checkpoint's state, after checking that ``cfg`` and ``model`` may continue it.
+
+    Raises :class:`~common.errors.UsageError` naming what is wrong: no checkpoint, an unreadable
+    one, a model or training setting that differs, or ``cfg.steps`` not beyond the checkpoint's step.
+    """
+    if not ckpt.has_checkpoint(directory):
+        raise UsageError(f"resume: no complete checkpoint in {directory} to resume from")
+    state = ckpt.read_state(directory)
+    _check_settings(directory, model, cfg, state)
     if state["step"] >= cfg.steps:
         raise UsageError(
             f"resume: the checkpoint in {directory} is at step {state['step']}, so steps={cfg.steps} "
             f"leaves nothing to train; ask for more than {state['step']} steps"
         )
     return state
+
+
+def resume_plan(model: nn.Module, cfg: TrainConfig) -> str:
+    """What ``--resume`` does with one of several runs (a script's recipes or phases), decided before
+    any of them trains: ``"start"`` where it never saved a checkpoint (it trains from step 0),
+    ``"done"`` where its checkpoint is that of the finished run (same settings, ``cfg.steps`` reached:
+    :func:`finished_run` gives its result), ``"resume"`` where :func:`check_resumable` accepts it;
+    :class:`~common.errors.UsageError` otherwise.  A script refuses ``--resume`` only when every run
+    would start (nothing was saved)."""
+    if not ckpt.has_checkpoint(cfg.ckpt_dir):
+        return "start"
+    state = ckpt.read_state(cfg.ckpt_dir)
+    if state["step"] == cfg.steps and (state.get("extra") or {}).get("result") is not None:
+        _check_settings(cfg.ckpt_dir, model, cfg, state)
+        return "done"
+    check_resumable(cfg.ckpt_dir, model, cfg)
+    return "resume"
+
+
+def finished_run(model: nn.Module, cfg: TrainConfig, device: str = "cpu") -> dict:
+    """The result :func:`train` returned for the finished run whose checkpoint is in ``cfg.ckpt_dir``
+    (its history, validation figures and timing, as saved), with its weights loaded into ``model``."""
+    try:
+        state = ckpt.load_checkpoint(cfg.ckpt_dir, model, device=device)
+    except (ckpt.CheckpointError, ValueError, RuntimeError) as e:
+        raise UsageError(f"resume: {e}".splitlines()[0]) from e
+    extra = state["extra"]
+    return {**extra["history"], **extra["result"], "resumed_from": state["step"]}
 
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:
@@ -466,16 +498,12 @@ def train(
         history = state["extra"]["history"]
         start_step = resumed_from = state["step"]
 
-    def save(step: int, rng_state: dict) -> None:
+    def save(step: int, rng_state: dict, result: dict | None = None) -> None:
         if cfg.ckpt_dir and rank == 0:
-            ckpt.save_checkpoint(
-                cfg.ckpt_dir,
-                raw_model,
-                optimizer,
-                step,
-                rng_state,
-                {"history": history, "config": asdict(cfg), "model_config": model_config(raw_model)},
-            )
+            extra = {"history": history, "config": asdict(cfg), "model_config": model_config(raw_model)}
+            if result is not None:  # the finished run: resume_plan calls it done
+                extra["result"] = result
+            ckpt.save_checkpoint(cfg.ckpt_dir, raw_model, optimizer, step, rng_state, extra)
 
     def run_eval(step: int) -> dict:
         result = evaluate(
@@ -554,7 +582,14 @@ def train(
         bar.close()
         seconds = time.perf_counter() - t0
         final = run_eval(step)
-        save(step, rng_at_step)
+        result = {
+            "val_loss": final["loss"],
+            "val_bpb": final["bpb"],
+            "steps": step,
+            "seconds": seconds,
+            "tokens_per_second": tokens * world / max(seconds, 1e-9),
+        }
+        save(step, rng_at_step, result if step == cfg.steps else None)
     except KeyboardInterrupt as e:
         # weights and optimizer are those after `step` completed steps; the RNGs are as they were then
         save(step, rng_at_step)
@@ -563,12 +598,4 @@ def train(
             e.checkpoint_dir, e.step = cfg.ckpt_dir, step
             print(f"\ninterrupted at step {step}: checkpoint saved to {cfg.ckpt_dir}", flush=True)
         raise
-    return {
-        **history,
-        "val_loss": final["loss"],
-        "val_bpb": final["bpb"],
-        "steps": step,
-        "seconds": seconds,
-        "tokens_per_second": tokens * world / max(seconds, 1e-9),
-        "resumed_from": resumed_from,
-    }
+    return {**history, **result, "resumed_from": resumed_from}

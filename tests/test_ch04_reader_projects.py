@@ -139,3 +139,31 @@ def test_separate_rates_with_tied_embeddings_and_bad_rates():
     assert all(g["lr"] != 0.007 for g in adamw)  # a tied head is the embedding
     with pytest.raises(ValueError, match="learning rates"):
         build_optimizer(nn.Linear(2, 2), head_lr=0.0)
+
+
+# ----------------------------------------------------------------------------- resuming two recipes
+
+
+def _train_lm(out, *flags):
+    return s414.main(["--quick", "--out", str(out), "--samples", "0", "--eval-every", "0", *flags])
+
+
+def test_resume_continues_a_recipe_starts_one_that_never_began_and_keeps_a_finished_one(tmp_path, capsys):
+    from common.errors import UsageError
+
+    with pytest.raises(UsageError, match="no checkpoint of any recipe"):
+        _train_lm(tmp_path, "--resume")  # nothing saved: refused before anything trains
+    assert "run:" not in capsys.readouterr().out
+    # as if stopped during the first recipe: llama has a checkpoint, nanodeepseek none
+    _train_lm(tmp_path, "--recipe", "llama", "--steps", "2")
+    resumed = _train_lm(tmp_path, "--steps", "4", "--resume")
+    out = capsys.readouterr().out
+    assert "resumed from step 2" in out and out.count("resumed from") == 1  # nanodeepseek started
+    assert (tmp_path / "checkpoint-nanodeepseek").is_dir()
+    # both finished: a second resume keeps them, retrains nothing, reports the same figures
+    again = _train_lm(tmp_path, "--steps", "4", "--resume")
+    assert capsys.readouterr().out.count("kept, not retrained") == 2
+    for key in ("llama_val_loss", "nanodeepseek_val_loss", "nanodeepseek_train_seconds"):
+        assert again[key] == resumed[key]
+    with pytest.raises(UsageError, match="trained with lr="):  # other settings: refused up front
+        _train_lm(tmp_path, "--steps", "6", "--resume", "--lr", "0.5")
