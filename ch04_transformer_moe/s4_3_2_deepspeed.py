@@ -29,7 +29,9 @@ batches, with torch's AdamW. It shows:
     python -m ch04_transformer_moe.s4_3_2_deepspeed --quick
 
 A reader sees a table of stage / max loss difference from DDP / bytes per rank / formula, the
-bf16 table, the fp16 refusal, and ``zero_loss_curves.png``.
+bf16 table, the fp16 refusal, and ``zero_loss_curves.png``.  The runs keep no checkpoint: each is a few
+dozen steps (seconds; the whole script under a minute on 2 CPU cores), so a stopped run is rerun, not
+resumed (chapter 6.4.4's DeepSpeed training is the one that resumes).
 """
 
 from __future__ import annotations

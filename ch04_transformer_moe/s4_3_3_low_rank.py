@@ -26,7 +26,8 @@ The LoRA layer is :class:`LoRALinear` below.
 
 A reader sees the SVD table (rank, parameters, loss, bpb) and ``low_rank_svd.png``, then the LoRA
 trainable fraction, the adaptation-validation loss before and after fine-tuning, and two logits
-differences below 1e-5.
+differences below 1e-5.  The LoRA fine-tuning keeps no checkpoint: it is ``--lora-steps`` steps of a
+rank-few adapter (seconds on a CPU), so a stopped run is rerun, not resumed.
 """
 
 from __future__ import annotations

@@ -20,19 +20,33 @@ teacher's soft targets on the unlabelled rest (a transfer set, as in Hinton et a
 from the 100 labels.  In both, ``distilled_val_loss`` should end below ``scratch_val_loss``.
 
     python -m ch07_deployment.s7_4_3_knowledge_distillation
+    python -m ch07_deployment.s7_4_3_knowledge_distillation --resume   # after Ctrl-C or SIGTERM
     python -m ch07_deployment.s7_4_3_knowledge_distillation --quick
+
+The LM students save a checkpoint each (``--out``/checkpoint-scratch, checkpoint-distilled) when
+stopped and when done; ``--resume`` continues them with the same settings, starts one that never began
+and refuses other settings before either trains.  The digits students train in seconds and keep none.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.distill import lm_batches, lm_logits, student_config, train_student
+from common.distill import (
+    check_student_checkpoint,
+    lm_batches,
+    lm_logits,
+    student_config,
+    student_settings,
+    train_student,
+)
+from common.errors import UsageError
 from common.lm_source import add_source_args, evaluate_lm, load_source
 from common.runner import add_dtype_flag, parse_args, run_script, script_parser
 
@@ -51,8 +65,22 @@ def run_lm(args, source) -> dict:
     def evaluate(m):
         return evaluate_lm(m, data, batch_size=16, max_batches=args.eval_batches)
 
+    runs = {"scratch": None, "distilled": teacher}
+    folders = {name: os.path.join(args.out, f"checkpoint-{name}") for name in runs}
+    if args.resume:  # both students checked before either trains
+        saved = {
+            name: check_student_checkpoint(
+                folders[name],
+                student_settings(student0, t, args.steps, args.lr, args.temperature, args.alpha, args.dtype),
+            )
+            for name, t in runs.items()
+        }
+        if all(step is None for step in saved.values()):
+            raise UsageError(f"resume: no student checkpoint in {args.out} to resume from")
+        where = {n: "starts" if st is None else f"from step {st}" for n, st in saved.items()}
+        print("resume: " + ", ".join(f"{n} student {w}" for n, w in where.items()))
     results = {}
-    for name, t in (("scratch", None), ("distilled", teacher)):
+    for name, t in runs.items():
         student = copy.deepcopy(student0)
         start = time.perf_counter()
         losses = train_student(
@@ -66,6 +94,8 @@ def run_lm(args, source) -> dict:
             lm_logits,
             f"{name} student",
             dtype=args.dtype,
+            ckpt_dir=folders[name],
+            resume=args.resume,
         )
         results[name] = {**evaluate(student), "seconds": time.perf_counter() - start, "last_loss": losses[-1]}
     teacher_eval = evaluate(teacher)
@@ -193,6 +223,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--student-layers", type=int, default=2, help="student depth (LM)")
     parser.add_argument("--student-width", type=int, default=64, help="student d_model (LM)")
     parser.add_argument("--eval-batches", type=int, default=None, help="validation batches of 16 (all)")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="LM task: continue the students from their checkpoints in --out (one that never began starts)",
+    )
     args = parse_args(parser, argv)
     args.task = args.task or ("digits" if args.quick else "lm")
     if args.temperature is None:
@@ -204,6 +239,10 @@ def main(argv=None) -> dict:
     if args.student_layers < 1 or args.student_width < 1:
         parser.error("--student-layers and --student-width must be at least 1")
     if args.task == "digits":
+        if args.resume:
+            parser.error(
+                "--resume is for --task lm (the digits students train in seconds, without checkpoints)"
+            )
         figures = run_digits(args)
     else:
         figures = run_lm(args, load_source(parser, args))

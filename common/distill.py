@@ -44,6 +44,40 @@ def distillation_loss(
     return alpha * temperature**2 * soft + (1 - alpha) * hard
 
 
+def student_settings(student, teacher, steps, lr, temperature, alpha, dtype) -> dict:
+    """What a student's checkpoint must agree with to be continued: the run's settings and the model."""
+    from common.training import model_config
+
+    return {
+        "steps": steps,
+        "lr": lr,
+        "temperature": temperature,
+        "alpha": alpha,
+        "dtype": dtype,
+        "teacher": teacher is not None,
+        "model_config": model_config(student),
+    }
+
+
+def check_student_checkpoint(ckpt_dir, settings: dict) -> int | None:
+    """The step of the student checkpoint in ``ckpt_dir`` (None: there is none), after checking that it
+    was trained with ``settings``; :class:`~common.errors.UsageError` naming the first that differs."""
+    from common import checkpoint as ckpt
+    from common.errors import UsageError
+
+    if not ckpt.has_checkpoint(ckpt_dir):
+        return None
+    state = ckpt.read_state(ckpt_dir)
+    saved = (state.get("extra") or {}).get("settings") or {}
+    for key, value in settings.items():
+        if saved.get(key) != value:
+            raise UsageError(
+                f"resume: the student in {ckpt_dir} was trained with {key}={saved.get(key)!r}, this run asks "
+                f"for {key}={value!r}; keep it, or use another output folder"
+            )
+    return state["step"]
+
+
 def train_student(
     student,
     teacher,
@@ -55,42 +89,71 @@ def train_student(
     logits_of,
     progress: str | None = None,
     dtype: str = "fp32",
+    ckpt_dir=None,
+    resume: bool = False,
 ) -> list[float]:
     """Train ``student`` for ``steps`` on ``batches()`` (x, y); with a teacher, by the distillation loss,
     else by cross-entropy. ``logits_of(model, x)`` gives a model's logits, computed under autocast to
     ``dtype`` (the losses in fp32). ``progress``: a progress bar with that title
-    (:func:`common.progress.progress`). Returns the loss per step."""
+    (:func:`common.progress.progress`). Returns the loss per step.
+
+    With ``ckpt_dir``, Ctrl-C or SIGTERM saves a checkpoint (:mod:`common.checkpoint`: weights,
+    optimizer, schedule, losses) and the finished run saves its last; ``resume=True`` continues from it
+    (after :func:`check_student_checkpoint`), skipping the batches already trained on, so the run ends
+    where an unbroken one would; a finished checkpoint trains nothing more."""
+    from common import checkpoint as ckpt
     from common.training import autocast_for
 
     opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 - i / steps)
+    settings = student_settings(student, teacher, steps, lr, temperature, alpha, dtype)
+    losses, start = [], 0
+    if resume and check_student_checkpoint(ckpt_dir, settings) is not None:
+        state = ckpt.load_checkpoint(ckpt_dir, student, opt)
+        sched.load_state_dict(state["extra"]["scheduler"])
+        losses, start = list(state["extra"]["losses"]), state["step"]
+
+    def save() -> None:
+        extra = {"settings": settings, "losses": losses, "scheduler": sched.state_dict()}
+        ckpt.save_checkpoint(ckpt_dir, student, opt, len(losses), extra=extra)
+
     student.train()
-    losses = []
     bar = None
     if progress:
         from common.progress import progress as progress_bar
 
-        bar = progress_bar(total=steps, desc=progress)
-    for x, y in batches():
-        with autocast_for(x.device.type, dtype):
-            s = logits_of(student, x).float()
-            if teacher is not None:
-                with torch.no_grad():
-                    t = logits_of(teacher, x).float()
-        if teacher is None:
-            loss = F.cross_entropy(s.reshape(-1, s.shape[-1]), y.reshape(-1))
-        else:
-            loss = distillation_loss(s, t, y, temperature, alpha)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
+        bar = progress_bar(total=steps, initial=start, desc=progress)
+    try:
+        for i, (x, y) in enumerate(batches()):
+            if i < start:  # trained on before the checkpoint: the same batches, in the same order
+                continue
+            with autocast_for(x.device.type, dtype):
+                s = logits_of(student, x).float()
+                if teacher is not None:
+                    with torch.no_grad():
+                        t = logits_of(teacher, x).float()
+            if teacher is None:
+                loss = F.cross_entropy(s.reshape(-1, s.shape[-1]), y.reshape(-1))
+            else:
+                loss = distillation_loss(s, t, y, temperature, alpha)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+            if bar is not None:
+                bar.update()
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    except KeyboardInterrupt as e:
+        if ckpt_dir is not None:
+            save()
+            e.checkpoint_dir, e.step = ckpt_dir, len(losses)
+        raise
+    finally:
         if bar is not None:
-            bar.update()
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    if bar is not None:
-        bar.close()
+            bar.close()
+    if ckpt_dir is not None and len(losses) > start:
+        save()
     student.eval()
     return losses
 
