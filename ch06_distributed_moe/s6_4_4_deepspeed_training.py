@@ -26,17 +26,23 @@ A reader sees the optimizer groups, each epoch's mean loss and the first -> last
 book's.
 
 No lost work: every process holds its own experts, so after every epoch each rank writes its own
-checkpoint (``--out``/checkpoint/rank{r}: weights as safetensors, the AdamW state of its ZeRO
-partition, the RNG and the epoch losses) with :func:`common.checkpoint.save_checkpoint`, atomically.
-Ctrl-C or SIGTERM reaches the parent, which ends the workers (:func:`common.launch.run_workers`),
-records the last epoch every rank saved and prints the ``--resume`` command; an interruption loses
-at most the epoch under way.  (DeepSpeed's own ``engine.save_checkpoint`` is not used: its
+checkpoint (``--out``/checkpoint/epoch{N}/rank{r}: weights as safetensors, the AdamW state of its ZeRO
+partition, the RNG, the epoch losses and the run's settings) with
+:func:`common.checkpoint.save_checkpoint`, atomically; a rank removes its shard of the previous epoch
+only once every rank has saved the new one, so a machine that dies between two ranks' saves leaves the
+last epoch complete on all of them.  Ctrl-C or SIGTERM reaches the parent, which ends the workers
+(:func:`common.launch.run_workers`), records the last epoch every rank saved and prints the
+``--resume`` command; an interruption loses at most the epoch under way.  ``--resume`` refuses, before
+any worker starts, settings other than the checkpoint's (all but ``--epochs``) and an ``--epochs`` the
+checkpoint has reached.  (DeepSpeed's own ``engine.save_checkpoint`` is not used: its
 ``load_checkpoint`` unpickles with ``weights_only=False``.)
 """
 
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import signal
 import time
 from contextlib import contextmanager
@@ -47,6 +53,7 @@ from torch import nn
 
 from common import checkpoint as ckpt
 from common.env import require, torch_dtype
+from common.errors import UsageError
 from common.fmoe.expert_parallel import check_ep_size
 from common.launch import is_main, job_size, run_workers
 from common.models.attention import MultiHeadAttention
@@ -128,8 +135,9 @@ def _worker(ctx, a):
     )
     dtype = torch_dtype(a.dtype)
     model.to(dtype)  # the module's buffers too (DeepSpeed's bf16 casts only the parameters)
-    shard = os.path.join(a.ckpt_dir, f"rank{ctx.rank}")  # this rank's experts and optimizer partition
-    state = ckpt.load_checkpoint(shard, model) if a.resume else None  # weights before the engine copies them
+    state = None
+    if a.resume_epoch is not None:  # weights before the engine copies them
+        state = ckpt.load_checkpoint(shard_dir(a.ckpt_dir, a.resume_epoch, ctx.rank), model)
     groups = split_params_into_different_moe_groups_for_optimizer(
         {"params": list(model.parameters()), "name": "parameters"}
     )
@@ -171,8 +179,15 @@ def _worker(ctx, a):
         with signals_held():  # all ranks save this epoch, or none does
             torch.distributed.barrier()
             snapshot.load_state_dict(engine.module.state_dict())
-            ckpt.save_checkpoint(shard, snapshot, base_optimizer, len(epochs), extra={"epochs": epochs})
-            torch.distributed.barrier()
+            shard = shard_dir(
+                a.ckpt_dir, len(epochs), ctx.rank
+            )  # this rank's experts and optimizer partition
+            extra = {"epochs": epochs, "settings": run_settings(a, ctx.world_size)}
+            ckpt.save_checkpoint(shard, snapshot, base_optimizer, len(epochs), extra=extra)
+            torch.distributed.barrier()  # the new epoch is complete on every rank: the older shards may go
+            for old in saved_epochs(a.ckpt_dir):
+                if old != len(epochs):
+                    remove_shard(a.ckpt_dir, old, ctx.rank)
     return {
         "epochs": epochs,
         "groups": group_info,
@@ -182,15 +197,74 @@ def _worker(ctx, a):
     }
 
 
+SETTINGS = (
+    "zero_stage",
+    "layers",
+    "d_model",
+    "heads",
+    "experts",
+    "d_ff",
+    "capacity_factor",
+    "batch",
+    "seq",
+    "batches",
+    "lr",
+    "aux_coef",
+    "seed",
+    "dtype",
+)  # what a resumed run must share with its checkpoint (all but --epochs), with the world size
+
+
+def run_settings(args, world: int) -> dict:
+    return {"world_size": world, **{k: getattr(args, k) for k in SETTINGS}}
+
+
+def shard_dir(ckpt_dir: str, epoch: int, rank: int) -> str:
+    return os.path.join(ckpt_dir, f"epoch{epoch}", f"rank{rank}")
+
+
+def saved_epochs(ckpt_dir: str) -> list[int]:
+    """The epochs with a folder in ``ckpt_dir``, newest first (complete on every rank or not)."""
+    names = os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else []
+    return sorted((int(m.group(1)) for n in names if (m := re.fullmatch(r"epoch(\d+)", n))), reverse=True)
+
+
+def remove_shard(ckpt_dir: str, epoch: int, rank: int) -> None:
+    """Remove ``rank``'s shard of ``epoch``, and the epoch's folder once no rank's shard is left."""
+    shutil.rmtree(shard_dir(ckpt_dir, epoch, rank), ignore_errors=True)
+    try:
+        os.rmdir(os.path.join(ckpt_dir, f"epoch{epoch}"))
+    except OSError:  # another rank's shard is still there (or that rank removed the folder first)
+        pass
+
+
 def saved_epoch(ckpt_dir: str, world: int) -> int | None:
-    """The epoch that every rank's shard in ``ckpt_dir`` holds, or None where there is no such set."""
-    steps = set()
-    for r in range(world):
-        shard = os.path.join(ckpt_dir, f"rank{r}")
-        if not ckpt.has_checkpoint(shard):
-            return None
-        steps.add(ckpt.read_state(shard)["step"])
-    return steps.pop() if len(steps) == 1 else None
+    """The newest epoch that every rank's shard in ``ckpt_dir`` holds, or None where there is none."""
+    for epoch in saved_epochs(ckpt_dir):
+        if all(ckpt.has_checkpoint(shard_dir(ckpt_dir, epoch, r)) for r in range(world)):
+            return epoch
+    return None
+
+
+def check_resume(args, world: int) -> int:
+    """The epoch to resume from; a one-line UsageError where the checkpoint cannot continue this run."""
+    epoch = saved_epoch(args.ckpt_dir, world)
+    if epoch is None:
+        raise UsageError(f"--resume: no checkpoint of all {world} ranks at one epoch in {args.ckpt_dir}")
+    saved = (ckpt.read_state(shard_dir(args.ckpt_dir, epoch, 0)).get("extra") or {}).get("settings") or {}
+    for key, value in run_settings(args, world).items():
+        if saved.get(key) != value:
+            flag = "--nproc" if key == "world_size" else "--" + key.replace("_", "-")
+            raise UsageError(
+                f"--resume: the checkpoint in {args.ckpt_dir} was trained with {flag} {saved.get(key)!r}, "
+                f"this run asks for {value!r}; keep it, or use another --out"
+            )
+    if args.epochs <= epoch:
+        raise UsageError(
+            f"--resume: the checkpoint in {args.ckpt_dir} is at epoch {epoch}, so --epochs {args.epochs} "
+            f"leaves nothing to train; ask for more than {epoch}"
+        )
+    return epoch
 
 
 def main(argv=None) -> dict:
@@ -232,8 +306,7 @@ def main(argv=None) -> dict:
             raise ValueError(f"--d-model {args.d_model} must divide by --heads {args.heads}")
     except ValueError as e:
         parser.error(str(e))
-    if args.resume and saved_epoch(args.ckpt_dir, world) is None:
-        parser.error(f"--resume: no checkpoint of all {world} ranks at one epoch in {args.ckpt_dir}")
+    args.resume_epoch = check_resume(args, world) if args.resume else None
     require("deepspeed")  # or skip with the reason
     device = "cuda" if args.device == "cuda" else "cpu"
     try:

@@ -91,19 +91,49 @@ def test_s6_4_3_language_model_is_saved_on_a_signal_and_resumes(tmp_path, sig):
 @pytest.mark.slow
 def test_s6_4_4_two_workers_save_their_shards_and_resume_after_sigterm(tmp_path):
     pytest.importorskip("deepspeed")
+    from ch06_distributed_moe.s6_4_4_deepspeed_training import saved_epoch, shard_dir
+
     module = "ch06_distributed_moe.s6_4_4_deepspeed_training"
     out, figures = tmp_path / "out", tmp_path / "figures.json"
     flags = ["--quick", "--epochs", "100000", "--batches", "2", "--out", str(out), "--json", str(figures)]
     proc = _start(module, flags)
-    shards = [out / "checkpoint" / f"rank{r}" for r in range(2)]
-    _wait_for([s / "state.pt" for s in shards], proc)
+    first = [out / "checkpoint" / "epoch1" / f"rank{r}" / "state.pt" for r in range(2)]
+    _wait_for(first, proc)
     payload = _interrupted(proc, signal.SIGTERM, figures, module, flags)
     epoch = payload["step"]
     assert payload["checkpoint"] == str(out / "checkpoint")
-    states = [ckpt.read_state(s) for s in shards]
+    assert saved_epoch(str(out / "checkpoint"), 2) == epoch
+    states = [ckpt.read_state(shard_dir(str(out / "checkpoint"), epoch, r)) for r in range(2)]
     assert [s["step"] for s in states] == [epoch, epoch]  # one epoch on both ranks
     assert all(len(s["extra"]["epochs"]) == epoch for s in states)
+    for bad, message in (
+        (["--lr", "0.5"], "was trained with --lr 0.001, this run asks for 0.5"),
+        (["--seed", "7"], "was trained with --seed 0"),
+        (["--experts", "2"], "was trained with --experts 4"),
+        (["--nproc", "1"], "was trained with --nproc 2, this run asks for 1"),
+        (["--epochs", str(epoch)], f"is at epoch {epoch}, so --epochs {epoch} leaves nothing to train"),
+    ):
+        refused = subprocess.run(
+            [sys.executable, "-m", module, *flags, "--resume", *bad],
+            env=_env(),
+            capture_output=True,
+            text=True,
+        )
+        assert refused.returncode == 2 and message in refused.stderr.strip().splitlines()[-1], refused.stderr
     _resume(payload, ["--epochs", str(epoch + 1)])
     resumed = json.loads(figures.read_text())
     assert resumed["status"] == "PASS" and resumed["figures"]["resumed_from"] == epoch
-    assert [ckpt.read_state(s)["step"] for s in shards] == [epoch + 1, epoch + 1]
+    assert [p.name for p in (out / "checkpoint").iterdir()] == [f"epoch{epoch + 1}"]  # the older one went
+
+
+def test_s6_4_4_keeps_the_last_epoch_that_every_rank_saved(tmp_path):
+    """A machine that died between rank 0's and rank 1's save of epoch 3: epoch 2 is still whole."""
+    from ch06_distributed_moe.s6_4_4_deepspeed_training import remove_shard, saved_epoch, shard_dir
+
+    model = torch.nn.Linear(2, 2)
+    for epoch, ranks in ((2, (0, 1)), (3, (0,))):
+        for r in ranks:
+            ckpt.save_checkpoint(shard_dir(str(tmp_path), epoch, r), model, step=epoch)
+    assert saved_epoch(str(tmp_path), 2) == 2
+    remove_shard(str(tmp_path), 3, 0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch2"]
