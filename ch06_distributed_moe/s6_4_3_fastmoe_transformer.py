@@ -258,6 +258,49 @@ def epoch_means(losses, steps_per_epoch) -> list[float]:
     ]
 
 
+LM_SETTINGS = (
+    "layers",
+    "d_model",
+    "heads",
+    "experts",
+    "d_hidden",
+    "top_k",
+    "batch",
+    "context",
+    "lm_lr",
+    "seed",
+    "dtype",
+)
+
+
+def lm_settings(a) -> dict:
+    """What a resumed language model must share with its checkpoint (all but --lm-steps)."""
+    return {k: getattr(a, k) for k in LM_SETTINGS}
+
+
+def check_lm_resume(a) -> None:
+    """A one-line UsageError where the checkpoint in ``a.ckpt_dir`` cannot continue this run: none, other
+    settings, or an ``--lm-steps`` it has reached; checked before any part of the script runs."""
+    from common import checkpoint as ckpt
+    from common.errors import UsageError
+
+    if not ckpt.has_checkpoint(a.ckpt_dir):
+        raise UsageError(f"--resume: no checkpoint in {a.ckpt_dir}")
+    state = ckpt.read_state(a.ckpt_dir)
+    saved = (state.get("extra") or {}).get("settings") or {}
+    for key, value in lm_settings(a).items():
+        if saved.get(key) != value:
+            raise UsageError(
+                f"--resume: the language model in {a.ckpt_dir} was trained with --{key.replace('_', '-')} "
+                f"{saved.get(key)!r}, this run asks for {value!r}; keep it, or use another --out"
+            )
+    if a.lm_steps <= state["step"]:
+        raise UsageError(
+            f"--resume: the checkpoint in {a.ckpt_dir} is at step {state['step']}, so --lm-steps "
+            f"{a.lm_steps} leaves nothing to train; ask for more than {state['step']}"
+        )
+
+
 def train_lm(fm, a) -> dict:
     """AdamW on the corpus for ``a.lm_steps`` steps under autocast to ``a.dtype``, checkpointed to
     ``a.ckpt_dir`` every ``a.ckpt_every`` steps and on Ctrl-C/SIGTERM (the interruption then carries the
@@ -307,7 +350,8 @@ def train_lm(fm, a) -> dict:
     rng_at_step = ckpt.capture_rng_state({"sampler": g})
 
     def save() -> None:
-        ckpt.save_checkpoint(a.ckpt_dir, model, opt, step, rng_at_step, {"val_loss_before": before})
+        extra = {"val_loss_before": before, "settings": lm_settings(a)}
+        ckpt.save_checkpoint(a.ckpt_dir, model, opt, step, rng_at_step, extra)
 
     bar = progress(total=a.lm_steps, initial=step, desc="LM")
     try:
@@ -400,10 +444,8 @@ def main(argv=None) -> dict:
         parser.error(f"--experts {args.experts} and --batch {args.batch} must divide by {world} workers")
     if args.d_model % args.heads:
         parser.error(f"--d-model {args.d_model} must divide by --heads {args.heads}")
-    from common.checkpoint import has_checkpoint
-
-    if args.resume and not has_checkpoint(args.ckpt_dir):
-        parser.error(f"--resume: no checkpoint in {args.ckpt_dir}")
+    if args.resume:
+        check_lm_resume(args)
 
     fm, backend = fmoe_backend()
     main_process = is_main()

@@ -82,6 +82,15 @@ def test_s6_4_3_language_model_is_saved_on_a_signal_and_resumes(tmp_path, sig):
     ckpt.load_checkpoint(out / "checkpoint", model, torch.optim.AdamW(model.parameters()))  # strict
     if sig != signal.SIGTERM:
         return  # one resume proves the command
+    module_flags = [sys.executable, "-m", module, *flags, "--resume"]
+    for bad, message in (
+        (["--lm-lr", "0.5"], "was trained with --lm-lr 0.003, this run asks for 0.5"),
+        (["--seed", "7"], "was trained with --seed 0"),
+        (["--experts", "2"], "was trained with --experts 8"),
+        (["--lm-steps", str(step)], f"is at step {step}, so --lm-steps {step} leaves nothing to train"),
+    ):
+        refused = subprocess.run([*module_flags, *bad], env=_env(), capture_output=True, text=True)
+        assert refused.returncode == 2 and message in refused.stderr.strip().splitlines()[-1], refused.stderr
     _resume(payload, ["--lm-steps", str(step + 2)])
     resumed = json.loads(figures.read_text())
     assert resumed["status"] == "PASS" and resumed["figures"]["lm_resumed_from"] == step
