@@ -42,11 +42,14 @@ def test_bf16_is_measured_beside_fp32_where_the_cpu_has_it(
     """Forced both ways: oneDNN's answer decides whether the bf16 step/prefill/decode is measured."""
     import torch
 
+    really_native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
     monkeypatch.delenv("BOOK_DTYPE", raising=False)
     main = importlib.import_module(f"ch07_deployment.{module}").main
     figures = main(["--quick", "--device", "cpu", "--out", str(tmp_path)])
     assert (figure in figures) == (predicted in figures) == native
-    if native:  # bf16 against the estimator at the bf16 rate: faster than fp32's prediction
+    if native:
+        assert figures[predicted] > 0
+    if native and really_native:  # the estimator at the measured bf16 rate: faster than fp32's prediction
         fp32 = predicted.replace("bf16_", "fp32_" if "prefill" in predicted else "")
-        assert 0 < figures[predicted] < figures[fp32]
+        assert figures[predicted] < figures[fp32]  # (emulated bf16, forced here, is the slower one)

@@ -122,29 +122,29 @@ def test_a_checkpoint_in_the_awq_gemm_format_reads_back_as_our_weights_and_norms
             read_awq_checkpoint(tmp_path)
 
 
-def test_gptqmodel_quantises_the_trained_lm_to_our_codes(tmp_path):
+def _quick_with_gptqmodel(script: str, tmp_path) -> dict:
+    """A 7.4.1 script's quick figures, with GPTQModel run beside ours (skipped where it does not import)."""
+    import importlib
+
     pytest.importorskip(
         "gptqmodel",
         reason="GPTQModel is an optional anchor (requirements-anchors.txt); without it only ours runs",
     )
-    from ch07_deployment import s7_4_1_gptq
-
-    figures = s7_4_1_gptq.main(["--quick", "--out", str(tmp_path), "--json", str(tmp_path / "f.json")])
+    module = importlib.import_module(f"ch07_deployment.{script}")
+    figures = module.main(["--quick", "--out", str(tmp_path), "--json", str(tmp_path / "f.json")])
     assert figures["gptqmodel_status"] == "imports"
+    return figures
+
+
+def test_gptqmodel_quantises_the_trained_lm_to_our_codes(tmp_path):
+    figures = _quick_with_gptqmodel("s7_4_1_gptq", tmp_path)
     assert figures["gptqmodel_block0_codes_equal"] == 1.0  # the inputs both runs share exactly
     assert figures["gptqmodel_codes_equal"] > 0.99
     assert abs(figures["gptqmodel_ppl"] - figures["gptq4_g32_ppl"]) < 0.01 * figures["gptq4_g32_ppl"]
 
 
 def test_gptqmodels_awq_runs_beside_ours_and_reads_back(tmp_path):
-    pytest.importorskip(
-        "gptqmodel",
-        reason="GPTQModel is an optional anchor (requirements-anchors.txt); without it only ours runs",
-    )
-    from ch07_deployment import s7_4_1_awq
-
-    figures = s7_4_1_awq.main(["--quick", "--out", str(tmp_path), "--json", str(tmp_path / "f.json")])
-    assert figures["gptqmodel_status"] == "imports"
+    figures = _quick_with_gptqmodel("s7_4_1_awq", tmp_path)
     fp = figures["fp32_ppl"]
     # read back right, its AWQ loses less than round-to-nearest (quick: +0.20 against RTN's +0.49) and
     # shares most codes with ours (quick: 66%); a misread layout gives noise, a perplexity far above
