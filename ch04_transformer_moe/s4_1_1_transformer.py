@@ -41,7 +41,7 @@ from num2words import num2words
 from common.models.transformer import Seq2SeqTransformer
 from common.plotting import pyplot, save_figure
 from common.progress import progress
-from common.runner import add_dtype_flag, parse_args, positive_int, run_script, script_parser
+from common.runner import add_dtype_flag, parse_args, positive_float, positive_int, run_script, script_parser
 from common.training import autocast_for, lr_at
 
 LANGUAGES = {"de": "German", "fr": "French"}
@@ -167,7 +167,7 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--layers", type=positive_int, default=2, help="encoder and decoder layers each (quick: 1)"
     )
-    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate")
+    parser.add_argument("--lr", type=positive_float, default=1e-3, help="AdamW peak learning rate")
     parser.add_argument("--norm-first", action="store_true", help="Pre-LN instead of the paper's Post-LN")
     args = parse_args(parser, argv)
     languages = [lang.strip() for lang in args.languages.split(",") if lang.strip()]

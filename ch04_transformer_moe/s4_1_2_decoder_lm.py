@@ -31,7 +31,7 @@ from common.models.decoder import PRESETS, DecoderConfig, DecoderLM
 from common.models.generation import generate
 from common.models.hf_llama import decoder_to_hf
 from common.plotting import pyplot, save_figure
-from common.runner import add_dtype_flag, parse_args, run_script, script_parser
+from common.runner import add_dtype_flag, parse_args, positive_int, run_script, script_parser
 from common.training import TrainConfig, train
 
 VARIANTS = {
@@ -72,12 +72,16 @@ def main(argv=None) -> dict:
     add_dtype_flag(parser)
     parser.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary of the embedded corpus")
     parser.add_argument("--steps", type=int, default=600, help="training steps of the demo model (quick: 40)")
-    parser.add_argument("--d-model", type=int, default=192, help="width of the demo model (quick: 64)")
+    parser.add_argument(
+        "--d-model", type=positive_int, default=192, help="width of the demo model (quick: 64)"
+    )
     parser.add_argument("--layers", type=int, default=4, help="layers of the demo model (quick: 2)")
     parser.add_argument(
-        "--context", type=int, default=128, help="context length of the demo model (quick: 64)"
+        "--context", type=positive_int, default=128, help="context length of the demo model (quick: 64)"
     )
-    parser.add_argument("--new-tokens", type=int, default=48, help="tokens generated per prompt (quick: 16)")
+    parser.add_argument(
+        "--new-tokens", type=positive_int, default=48, help="tokens generated per prompt (quick: 16)"
+    )
     args = parse_args(parser, argv)
     if args.quick:
         args.steps, args.d_model, args.layers, args.context, args.new_tokens = 40, 64, 2, 64, 16

@@ -30,7 +30,7 @@ import torch
 
 from common.data import TokenData, get_tokenizer, load_corpus
 from common.plotting import pyplot, save_figure
-from common.runner import add_dtype_flag, parse_args, positive_int, run_script, script_parser
+from common.runner import add_dtype_flag, parse_args, positive_float, positive_int, run_script, script_parser
 from common.training import TrainConfig, train
 
 
@@ -98,7 +98,7 @@ def main(argv=None) -> dict:
         help="training steps for each model (default 300; quick 15)",
     )
     parser.add_argument(
-        "--lr", type=float, default=3e-3, help="AdamW learning rate, used from step 0 (no warm-up)"
+        "--lr", type=positive_float, default=3e-3, help="AdamW learning rate, used from step 0 (no warm-up)"
     )
     parser.add_argument(
         "--batch-size", type=positive_int, default=None, help="sequences per step (default 16; quick 8)"

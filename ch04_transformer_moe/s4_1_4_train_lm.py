@@ -43,6 +43,7 @@ from common.runner import (
     add_dtype_flag,
     non_negative_int,
     parse_args,
+    positive_float,
     positive_int,
     run_script,
     script_parser,
@@ -169,7 +170,7 @@ def main(argv=None) -> dict:
     )
     parser.add_argument(
         "--lr",
-        type=float,
+        type=positive_float,
         default=4e-3,
         help="AdamW learning rate (llama: every parameter; nanodeepseek: "
         "what is neither a matrix, the embedding nor the head)",

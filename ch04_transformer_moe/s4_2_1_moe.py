@@ -27,7 +27,7 @@ import torch
 
 from common.moe import TopKMoE
 from common.plotting import pyplot, save_figure
-from common.runner import parse_args, run_script, script_parser
+from common.runner import parse_args, positive_int, run_script, script_parser
 
 
 def plot_loads(path: str, counts: list[int], k: int) -> None:
@@ -47,7 +47,7 @@ def timed(fn):
 
 def main(argv=None) -> dict:
     parser = script_parser(__doc__)
-    parser.add_argument("--d-model", type=int, default=256, help="model width")
+    parser.add_argument("--d-model", type=positive_int, default=256, help="model width")
     parser.add_argument("--d-ff", type=int, default=512, help="width of each expert")
     parser.add_argument("--experts", type=int, default=8, help="number of experts E")
     parser.add_argument("--k", type=int, default=2, help="experts per token (top-k)")

@@ -25,7 +25,7 @@ import torch
 
 from common.moe import GShardMoE, expert_capacity
 from common.plotting import pyplot, save_figure
-from common.runner import parse_args, run_script, script_parser
+from common.runner import parse_args, positive_int, run_script, script_parser
 
 FACTORS = (0.5, 1.0, 2.0)
 
@@ -54,7 +54,7 @@ def plot(path: str, rows: list[dict]) -> None:
 
 def main(argv=None) -> dict:
     parser = script_parser(__doc__)
-    parser.add_argument("--d-model", type=int, default=256, help="model width")
+    parser.add_argument("--d-model", type=positive_int, default=256, help="model width")
     parser.add_argument("--d-ff", type=int, default=1024, help="width of each expert")
     parser.add_argument("--experts", type=int, default=16, help="number of experts")
     parser.add_argument("--tokens", type=int, default=4096, help="tokens in the batch")

@@ -35,7 +35,7 @@ import torch
 from common.moe import DeepSeekMoE
 from common.plotting import pyplot, save_figure
 from common.progress import progress
-from common.runner import add_dtype_flag, parse_args, run_script, script_parser
+from common.runner import add_dtype_flag, parse_args, positive_float, positive_int, run_script, script_parser
 from common.training import autocast_for
 
 
@@ -93,7 +93,7 @@ def train_run(args, gamma: float, x_all: torch.Tensor, teacher: torch.nn.Module,
 def main(argv=None) -> dict:
     parser = script_parser(__doc__)
     add_dtype_flag(parser)
-    parser.add_argument("--d-model", type=int, default=128, help="model width")
+    parser.add_argument("--d-model", type=positive_int, default=128, help="model width")
     parser.add_argument("--d-ff", type=int, default=512, help="width of one coarse expert before splitting")
     parser.add_argument("--experts", type=int, default=8, help="coarse experts N (m·N fine-grained experts)")
     parser.add_argument("--k", type=int, default=1, help="coarse top-k (m·k fine-grained experts per token)")
@@ -107,7 +107,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=300, help="training steps of each run")
     parser.add_argument("--batch", type=int, default=16, help="sequences per step")
     parser.add_argument("--seq", type=int, default=64, help="tokens per sequence")
-    parser.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
+    parser.add_argument("--lr", type=positive_float, default=3e-3, help="AdamW learning rate")
     args = parse_args(parser, argv)
     if args.quick:
         args.d_model, args.d_ff, args.steps, args.batch, args.seq = 32, 128, 60, 8, 32

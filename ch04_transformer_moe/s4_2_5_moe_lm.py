@@ -40,7 +40,7 @@ from torch import nn
 from common.data import TokenData, get_tokenizer, load_corpus
 from common.moe import DeepSeekMoE, MoELayer, merge_loads
 from common.plotting import pyplot, save_figure
-from common.runner import add_dtype_flag, parse_args, run_script, script_parser
+from common.runner import add_dtype_flag, parse_args, positive_float, positive_int, run_script, script_parser
 from common.training import TrainConfig, train
 
 TINY = dict(n_layer=4, d_model=128, n_head=4, n_kv_head=4)
@@ -132,9 +132,9 @@ def main(argv=None) -> dict:
     )
     parser.add_argument("--steps", type=int, default=300, help="training steps of each model")
     parser.add_argument("--batch-size", type=int, default=32, help="sequences per step")
-    parser.add_argument("--context", type=int, default=128, help="context length in tokens")
+    parser.add_argument("--context", type=positive_int, default=128, help="context length in tokens")
     parser.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary")
-    parser.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
+    parser.add_argument("--lr", type=positive_float, default=3e-3, help="AdamW learning rate")
     args = parse_args(parser, argv)
     if args.every < 1 or args.first_dense < 0:
         raise ValueError("--every must be >= 1 and --first-dense >= 0")

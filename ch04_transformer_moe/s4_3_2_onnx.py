@@ -32,7 +32,7 @@ import torch
 from common.lm_source import add_source_args, load_source
 from common.models.generation import generate
 from common.onnx_export import ORT_GEMM_OPS, OrtLM, dynamic_axes_of, export_decoder
-from common.runner import parse_args, run_script, script_parser
+from common.runner import parse_args, positive_int, run_script, script_parser
 from common.timing import gemm_share, paired_ratio, race
 
 PROMPTS = ["The return value of", "A class is"]
@@ -56,8 +56,10 @@ def tensorrt_status() -> tuple[bool, str]:
 def main(argv=None) -> dict:
     parser = script_parser(__doc__)
     add_source_args(parser)
-    parser.add_argument("--new-tokens", type=int, default=None, help="greedy tokens per prompt (quick: 8)")
-    parser.add_argument("--repeats", type=int, default=None, help="timing rounds (quick: 5)")
+    parser.add_argument(
+        "--new-tokens", type=positive_int, default=None, help="greedy tokens per prompt (quick: 8)"
+    )
+    parser.add_argument("--repeats", type=positive_int, default=None, help="timing rounds (quick: 5)")
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
     args = parse_args(parser, argv)
     new_tokens = args.new_tokens or (8 if args.quick else 24)

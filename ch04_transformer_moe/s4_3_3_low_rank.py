@@ -44,7 +44,7 @@ from common.lm_source import add_source_args, evaluate_lm, load_source
 from common.models.hf_llama import decoder_to_hf
 from common.plotting import pyplot, save_figure
 from common.prune import linear_weights
-from common.runner import add_dtype_flag, parse_args, run_script, script_parser
+from common.runner import add_dtype_flag, parse_args, positive_int, run_script, script_parser
 from common.training import TrainConfig, train
 
 # our fused matrices -> the transformers Llama projections they hold, stacked by rows
@@ -255,7 +255,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scale alpha (update x alpha/r)")
     parser.add_argument("--lora-steps", type=int, default=None, help="LoRA steps (default 100, quick: 30)")
     parser.add_argument("--lora-lr", type=float, default=3e-3, help="AdamW learning rate of the adapters")
-    parser.add_argument("--eval-batches", type=int, default=None, help="validation batches of 8 (quick: 4)")
+    parser.add_argument(
+        "--eval-batches", type=positive_int, default=None, help="validation batches of 8 (quick: 4)"
+    )
     args = parse_args(parser, argv)
     eval_batches = args.eval_batches or (4 if args.quick else 16)
     lora_steps = args.lora_steps or (30 if args.quick else 100)

@@ -43,7 +43,7 @@ from common.prune import (
     prune_model,
     zero_units,
 )
-from common.runner import add_dtype_flag, parse_args, run_script, script_parser
+from common.runner import add_dtype_flag, parse_args, positive_int, run_script, script_parser
 from common.timing import paired_ratio, race
 from common.training import TrainConfig, train
 
@@ -85,8 +85,10 @@ def main(argv=None) -> dict:
         default=None,
         help="fine-tune steps after pruning 50%% (quick: 5; 0: none)",
     )
-    parser.add_argument("--eval-batches", type=int, default=None, help="validation batches of 8 (quick: 4)")
-    parser.add_argument("--repeats", type=int, default=None, help="timing rounds (quick: 5)")
+    parser.add_argument(
+        "--eval-batches", type=positive_int, default=None, help="validation batches of 8 (quick: 4)"
+    )
+    parser.add_argument("--repeats", type=positive_int, default=None, help="timing rounds (quick: 5)")
     args = parse_args(parser, argv)
     args.ratios = args.ratios or ([0.25, 0.5] if args.quick else [0.25, 0.5, 0.75])
     for r in args.ratios:

@@ -42,7 +42,7 @@ from common.prune import (
     linear_weights,
     sparsity_of,
 )
-from common.runner import parse_args, run_script, script_parser
+from common.runner import parse_args, positive_int, run_script, script_parser
 from common.timing import paired_ratio, race
 
 SPEED_SPARSITIES = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)
@@ -147,8 +147,10 @@ def main(argv=None) -> dict:
         "--matrix", type=int, default=None, help="size n of the timed (n, n) matrix (quick: 512)"
     )
     parser.add_argument("--tokens", type=int, default=128, help="columns of the timed right-hand side")
-    parser.add_argument("--eval-batches", type=int, default=None, help="validation batches of 8 (quick: 4)")
-    parser.add_argument("--repeats", type=int, default=None, help="timing rounds (quick: 5)")
+    parser.add_argument(
+        "--eval-batches", type=positive_int, default=None, help="validation batches of 8 (quick: 4)"
+    )
+    parser.add_argument("--repeats", type=positive_int, default=None, help="timing rounds (quick: 5)")
     parser.add_argument(
         "--threads",
         type=int,

@@ -27,7 +27,7 @@ import torch
 
 from common.fmoe.backend import fmoe_backend
 from common.moe.dispatch import sort_by_expert
-from common.runner import parse_args, run_script, script_parser
+from common.runner import parse_args, positive_int, run_script, script_parser
 
 
 def per_token_loop(layer, x, idx, score) -> torch.Tensor:
@@ -43,10 +43,10 @@ def per_token_loop(layer, x, idx, score) -> torch.Tensor:
 def main(argv=None) -> dict:
     parser = script_parser(__doc__)
     parser.add_argument("--experts", type=int, default=4, help="number of experts")
-    parser.add_argument("--d-model", type=int, default=16, help="model width")
+    parser.add_argument("--d-model", type=positive_int, default=16, help="model width")
     parser.add_argument("--d-hidden", type=int, default=32, help="hidden width of each expert")
     parser.add_argument("--tokens", type=int, default=8, help="tokens in the batch")
-    parser.add_argument("--top-k", type=int, default=2, help="experts per token")
+    parser.add_argument("--top-k", type=positive_int, default=2, help="experts per token")
     args = parse_args(parser, argv)
     if args.quick:
         args.tokens = 6

@@ -43,7 +43,7 @@ from torch import nn
 from common.env import require
 from common.fmoe.expert_parallel import check_ep_size
 from common.launch import is_main, job_size, run_workers
-from common.runner import parse_args, run_script, script_parser
+from common.runner import parse_args, positive_int, run_script, script_parser
 
 DS_LAYER = "deepspeed/moe/layer.py"  # MoE.__init__/forward: use_residual, coefficient, softmax mix
 DS_PRMOE = "tests/unit/simple_model.py"  # SimplePRMoEModel: num_experts, then 2·num_experts, residual
@@ -231,7 +231,7 @@ def main(argv=None) -> dict:
     parser = script_parser(__doc__)
     parser.add_argument("--nproc", type=int, default=2, help="worker processes (= ep_size of part 6)")
     parser.add_argument("--experts", type=int, default=8, help="experts per MoE layer")
-    parser.add_argument("--d-model", type=int, default=64, help="model width")
+    parser.add_argument("--d-model", type=positive_int, default=64, help="model width")
     parser.add_argument("--d-ff", type=int, default=128, help="hidden width of each expert")
     parser.add_argument("--batch", type=int, default=8, help="sequences per rank")
     parser.add_argument("--seq", type=int, default=64, help="tokens per sequence")

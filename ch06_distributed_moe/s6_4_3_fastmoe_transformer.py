@@ -52,6 +52,7 @@ from common.runner import (
     add_dtype_flag,
     non_negative_int,
     parse_args,
+    positive_float,
     positive_int,
     run_script,
     script_parser,
@@ -405,22 +406,24 @@ def main(argv=None) -> dict:
     add_dtype_flag(parser)
     parser.add_argument("--nproc", type=int, default=2, help="worker processes for expert-parallel training")
     parser.add_argument("--layers", type=int, default=2, help="Transformer blocks of the trained models")
-    parser.add_argument("--d-model", type=int, default=256, help="model width of the trained models")
-    parser.add_argument("--heads", type=int, default=4, help="attention heads")
+    parser.add_argument("--d-model", type=positive_int, default=256, help="model width of the trained models")
+    parser.add_argument("--heads", type=positive_int, default=4, help="attention heads")
     parser.add_argument("--experts", type=int, default=8, help="experts per MoE layer (in total)")
     parser.add_argument("--d-hidden", type=int, default=512, help="hidden width of each expert")
-    parser.add_argument("--top-k", type=int, default=2, help="experts per token")
+    parser.add_argument("--top-k", type=positive_int, default=2, help="experts per token")
     parser.add_argument("--batch", type=int, default=32, help="sequences per batch")
     parser.add_argument("--seq", type=int, default=8, help="tokens per sequence (regression)")
     parser.add_argument("--batches", type=int, default=8, help="batches in the fixed random data set")
     parser.add_argument("--epochs", type=int, default=10, help="regression epochs")
-    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (regression)")
+    parser.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate (regression)")
     parser.add_argument("--aux-coef", type=float, default=0.0, help="weight of the gates' losses")
-    parser.add_argument("--context", type=int, default=64, help="language model context")
+    parser.add_argument("--context", type=positive_int, default=64, help="language model context")
     parser.add_argument(
         "--lm-steps", type=positive_int, default=None, help="language model steps (default 100; quick 20)"
     )
-    parser.add_argument("--lm-lr", type=float, default=3e-3, help="AdamW learning rate (language model)")
+    parser.add_argument(
+        "--lm-lr", type=positive_float, default=3e-3, help="AdamW learning rate (language model)"
+    )
     parser.add_argument(
         "--ckpt-every", type=non_negative_int, default=25, help="checkpoint the language model every N steps"
     )

@@ -57,7 +57,7 @@ from common.errors import UsageError
 from common.fmoe.expert_parallel import check_ep_size
 from common.launch import is_main, job_size, run_workers
 from common.models.attention import MultiHeadAttention
-from common.runner import add_dtype_flag, parse_args, positive_int, run_script, script_parser
+from common.runner import add_dtype_flag, parse_args, positive_float, positive_int, run_script, script_parser
 
 BOOK_LOSS = (1.784, 1.001)
 
@@ -273,8 +273,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--nproc", type=int, default=2, help="worker processes (ep_size)")
     parser.add_argument("--zero-stage", type=int, default=2, choices=[1, 2], help="ZeRO stage")
     parser.add_argument("--layers", type=int, default=2, help="Transformer blocks")
-    parser.add_argument("--d-model", type=int, default=512, help="model width (the book's input is 32x8x512)")
-    parser.add_argument("--heads", type=int, default=8, help="attention heads")
+    parser.add_argument(
+        "--d-model", type=positive_int, default=512, help="model width (the book's input is 32x8x512)"
+    )
+    parser.add_argument("--heads", type=positive_int, default=8, help="attention heads")
     parser.add_argument("--experts", type=int, default=4, help="experts per MoE layer (in total)")
     parser.add_argument("--d-ff", type=int, default=1024, help="hidden width of each expert")
     parser.add_argument("--capacity-factor", type=float, default=1.25, help="DeepSpeed's capacity factor")
@@ -284,7 +286,7 @@ def main(argv=None) -> dict:
         "--batches", type=positive_int, default=None, help="batches of random data (default 10; quick 4)"
     )
     parser.add_argument("--epochs", type=positive_int, default=None, help="epochs (default 5; quick 3)")
-    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    parser.add_argument("--lr", type=positive_float, default=1e-3, help="AdamW learning rate")
     parser.add_argument("--aux-coef", type=float, default=0.01, help="weight of the gates' l_aux")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     args = parse_args(parser, argv)

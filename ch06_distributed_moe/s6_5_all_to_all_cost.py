@@ -36,7 +36,7 @@ import torch.distributed as dist
 from common.fmoe.expert_parallel import all_to_all, exchange_counts, local_experts
 from common.launch import is_main, job_size, run_workers
 from common.plotting import pyplot, save_figure
-from common.runner import parse_args, run_script, script_parser
+from common.runner import parse_args, positive_int, run_script, script_parser
 
 
 def formula_bytes(tokens, experts, world, k, d, elem, capacity_factor=None) -> float:
@@ -122,16 +122,16 @@ def plot(path, rows, world):
 def main(argv=None) -> dict:
     parser = script_parser(__doc__)
     parser.add_argument("--nproc", type=int, default=2, help="worker processes")
-    parser.add_argument("--d-model", type=int, default=512, help="token width")
+    parser.add_argument("--d-model", type=positive_int, default=512, help="token width")
     parser.add_argument(
         "--tokens", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192], help="tokens per worker"
     )
     parser.add_argument("--experts", type=int, nargs="+", default=[8, 32], help="experts in total")
-    parser.add_argument("--top-k", type=int, nargs="+", default=[1, 2], help="experts per token")
+    parser.add_argument("--top-k", type=positive_int, nargs="+", default=[1, 2], help="experts per token")
     parser.add_argument(
         "--capacity-factor", type=float, nargs="+", default=[1.0, 1.25, 2.0], help="capacity factors"
     )
-    parser.add_argument("--repeats", type=int, default=5, help="timed exchanges per point (median)")
+    parser.add_argument("--repeats", type=positive_int, default=5, help="timed exchanges per point (median)")
     args = parse_args(parser, argv)
     if args.quick:
         args.tokens, args.experts, args.capacity_factor, args.repeats = [256, 1024], [8], [1.25], 3

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from common.env import require
 from common.machine import best_seconds, peak_memory
-from common.runner import SkipScript, parse_args, run_script, script_parser
+from common.runner import SkipScript, parse_args, positive_int, run_script, script_parser
 
 
 def _check_inputs(q, k, v, causal: bool, block_q: int, block_k: int) -> None:
@@ -360,7 +360,7 @@ def triton_part(device: str, quick: bool) -> dict:
 def main(argv=None) -> dict:
     parser = script_parser(__doc__)
     parser.add_argument("--lengths", default="512,1024,2048,4096", help="sequence lengths of the memory test")
-    parser.add_argument("--heads", type=int, default=8, help="heads in the memory test")
+    parser.add_argument("--heads", type=positive_int, default=8, help="heads in the memory test")
     args = parse_args(parser, argv)
     try:
         lengths = [int(x) for x in args.lengths.split(",")]

@@ -24,7 +24,7 @@ import torch
 from common.lm_source import add_source_args, evaluate_lm, load_source
 from common.model_files import onnx_bytes, save_safetensors
 from common.onnx_export import ORT_GEMM_OPS, OrtDecoder, OrtLM, export_decoder, quantize_dynamic_int8
-from common.runner import parse_args, run_script, script_parser
+from common.runner import parse_args, positive_int, run_script, script_parser
 from common.timing import gemm_share, paired_ratio, race
 
 
@@ -32,8 +32,10 @@ def main(argv=None) -> dict:
     parser = script_parser(__doc__)
     add_source_args(parser)
     parser.add_argument("--seq-len", type=int, default=None, help="tokens of the timed forward (context)")
-    parser.add_argument("--rounds", type=int, default=30, help="timed rounds (quick: 5)")
-    parser.add_argument("--eval-batches", type=int, default=None, help="validation batches of 16 (all)")
+    parser.add_argument("--rounds", type=positive_int, default=30, help="timed rounds (quick: 5)")
+    parser.add_argument(
+        "--eval-batches", type=positive_int, default=None, help="validation batches of 16 (all)"
+    )
     args = parse_args(parser, argv)
     if args.quick:
         args.rounds, args.eval_batches = min(args.rounds, 5), args.eval_batches or 4

@@ -43,7 +43,7 @@ from common.quant import (
     save_quantized,
 )
 from common.quant_runtime import summarize_paths, to_runtime
-from common.runner import add_dtype_flag, parse_args, run_script, script_parser
+from common.runner import add_dtype_flag, parse_args, positive_int, run_script, script_parser
 from common.timing import paired_ratio, race
 
 BOOK_GPU = "rtx-4060"
@@ -74,10 +74,14 @@ def main(argv=None) -> dict:
     add_source_args(parser)
     parser.add_argument("--preset", default="llama-2-70b", help="the model to plan for (common.estimate)")
     parser.add_argument("--group-size", type=int, default=128, help="GPTQ group size (quick: 32)")
-    parser.add_argument("--calib-samples", type=int, default=32, help="GPTQ calibration windows (quick: 8)")
-    parser.add_argument("--new-tokens", type=int, default=64, help="greedy tokens to generate and time")
     parser.add_argument(
-        "--repeats", type=int, default=3, help="interleaved timed rounds of every model (median)"
+        "--calib-samples", type=positive_int, default=32, help="GPTQ calibration windows (quick: 8)"
+    )
+    parser.add_argument(
+        "--new-tokens", type=positive_int, default=64, help="greedy tokens to generate and time"
+    )
+    parser.add_argument(
+        "--repeats", type=positive_int, default=3, help="interleaved timed rounds of every model (median)"
     )
     args = parse_args(parser, argv)
     if args.quick:

@@ -44,7 +44,7 @@ from common.quant import (
     save_quantized,
 )
 from common.quant_checkpoints import as_decoder_weights, read_gptq_checkpoint
-from common.runner import parse_args, run_script, script_parser
+from common.runner import parse_args, positive_int, run_script, script_parser
 
 # GPTQ paper, Table 3: OPT-125M, WikiText-2 perplexity, 4 bits per channel
 PAPER_OPT125M = {"fp16": 27.65, "rtn4": 37.28, "gptq4": 31.12}
@@ -92,13 +92,17 @@ def run_gptqmodel(source, model, windows, settings: dict, out: str, evaluate) ->
 def main(argv=None) -> dict:
     parser = script_parser(__doc__)
     add_source_args(parser)
-    parser.add_argument("--calib-samples", type=int, default=64, help="calibration windows (quick: 16)")
+    parser.add_argument(
+        "--calib-samples", type=positive_int, default=64, help="calibration windows (quick: 16)"
+    )
     parser.add_argument(
         "--group-size", type=int, default=128, help="columns per scale/zero group (quick: 32)"
     )
     parser.add_argument("--damp", type=float, default=0.01, help="dampening, a fraction of mean(diag H)")
     parser.add_argument("--act-order", action="store_true", help="quantise columns by decreasing H_ii")
-    parser.add_argument("--eval-batches", type=int, default=None, help="validation batches of 16 (all)")
+    parser.add_argument(
+        "--eval-batches", type=positive_int, default=None, help="validation batches of 16 (all)"
+    )
     args = parse_args(parser, argv)
     if args.quick:
         args.calib_samples, args.group_size = min(args.calib_samples, 16), min(args.group_size, 32)

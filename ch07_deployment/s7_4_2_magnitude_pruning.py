@@ -44,7 +44,7 @@ from common.prune import (
     sparsity_of,
     wanda_prune,
 )
-from common.runner import parse_args, run_script, script_parser
+from common.runner import parse_args, positive_int, run_script, script_parser
 
 # Wanda paper, Table 3: LLaMA-7B, WikiText-2 perplexity at 50% unstructured sparsity, and 2:4
 PAPER_LLAMA7B = {"dense": 5.68, "magnitude": 17.29, "wanda": 7.26, "magnitude_2:4": 42.13, "wanda_2:4": 11.53}
@@ -68,8 +68,12 @@ def main(argv=None) -> dict:
         default=[0.0, 0.3, 0.5, 0.7, 0.8, 0.9],
         help="fractions of each block linear's weights to prune, each in [0, 1) (quick: 0 0.5 0.9)",
     )
-    parser.add_argument("--calib-samples", type=int, default=32, help="calibration windows (quick: 8)")
-    parser.add_argument("--eval-batches", type=int, default=None, help="validation batches of 16 (all)")
+    parser.add_argument(
+        "--calib-samples", type=positive_int, default=32, help="calibration windows (quick: 8)"
+    )
+    parser.add_argument(
+        "--eval-batches", type=positive_int, default=None, help="validation batches of 16 (all)"
+    )
     args = parse_args(parser, argv)
     if args.quick:
         args.sparsities = [s for s in args.sparsities if s in (0.0, 0.5, 0.9)] or args.sparsities[:3]

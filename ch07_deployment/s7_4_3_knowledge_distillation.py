@@ -48,7 +48,7 @@ from common.distill import (
 )
 from common.errors import UsageError
 from common.lm_source import add_source_args, evaluate_lm, load_source
-from common.runner import add_dtype_flag, parse_args, run_script, script_parser
+from common.runner import add_dtype_flag, parse_args, positive_float, positive_int, run_script, script_parser
 
 
 def run_lm(args, source) -> dict:
@@ -217,12 +217,18 @@ def main(argv=None) -> dict:
     parser.add_argument("--task", choices=["lm", "digits"], default=None, help="default lm (quick: digits)")
     parser.add_argument("--steps", type=int, default=300, help="training steps of each student")
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per step (LM)")
-    parser.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate, linear decay to 0 (LM)")
-    parser.add_argument("--temperature", type=float, default=None, help="softmax temperature T (2; digits 4)")
+    parser.add_argument(
+        "--lr", type=positive_float, default=3e-3, help="AdamW learning rate, linear decay to 0 (LM)"
+    )
+    parser.add_argument(
+        "--temperature", type=positive_float, default=None, help="softmax temperature T (2; digits 4)"
+    )
     parser.add_argument("--alpha", type=float, default=None, help="weight of the soft term (0.5; digits 0.9)")
     parser.add_argument("--student-layers", type=int, default=2, help="student depth (LM)")
     parser.add_argument("--student-width", type=int, default=64, help="student d_model (LM)")
-    parser.add_argument("--eval-batches", type=int, default=None, help="validation batches of 16 (all)")
+    parser.add_argument(
+        "--eval-batches", type=positive_int, default=None, help="validation batches of 16 (all)"
+    )
     parser.add_argument(
         "--resume",
         action="store_true",

@@ -77,7 +77,7 @@ from common.plotting import pyplot, save_figure
 from common.prune import activation_scores, lowest_per_layer, prune_model
 from common.quant import pack_model, quantize_model, save_quantized
 from common.quant_runtime import summarize_paths, to_runtime
-from common.runner import add_dtype_flag, parse_args, run_script, script_parser
+from common.runner import add_dtype_flag, parse_args, positive_float, positive_int, run_script, script_parser
 from common.timing import paired_ratio, race
 
 VARIANTS = {
@@ -207,20 +207,26 @@ def main(argv=None) -> dict:
     add_dtype_flag(parser)
     add_source_args(parser)
     parser.add_argument("--group-size", type=int, default=128, help="4-bit group width (quick: 32)")
-    parser.add_argument("--calib-samples", type=int, default=64, help="calibration windows (quick: 16)")
+    parser.add_argument(
+        "--calib-samples", type=positive_int, default=64, help="calibration windows (quick: 16)"
+    )
     parser.add_argument("--prune", type=float, default=0.5, help="fraction of feed-forward neurons removed")
     parser.add_argument("--distil-steps", type=int, default=300, help="student training steps (quick: 40)")
     parser.add_argument(
         "--batch-size", type=int, default=16, help="sequences per distillation step (quick: 8)"
     )
-    parser.add_argument("--lr", type=float, default=3e-3, help="student AdamW learning rate, linear decay")
-    parser.add_argument("--temperature", type=float, default=2.0, help="distillation temperature T")
+    parser.add_argument(
+        "--lr", type=positive_float, default=3e-3, help="student AdamW learning rate, linear decay"
+    )
+    parser.add_argument("--temperature", type=positive_float, default=2.0, help="distillation temperature T")
     parser.add_argument("--alpha", type=float, default=0.5, help="weight of the soft (KL) term")
     parser.add_argument("--student-layers", type=int, default=None, help="student depth (half the teacher's)")
     parser.add_argument("--student-width", type=int, default=None, help="student d_model (the teacher's)")
     parser.add_argument("--seq-len", type=int, default=None, help="tokens of the timed forward (the context)")
-    parser.add_argument("--rounds", type=int, default=30, help="interleaved timed rounds (quick: 5)")
-    parser.add_argument("--eval-batches", type=int, default=None, help="validation batches of 16 (all)")
+    parser.add_argument("--rounds", type=positive_int, default=30, help="interleaved timed rounds (quick: 5)")
+    parser.add_argument(
+        "--eval-batches", type=positive_int, default=None, help="validation batches of 16 (all)"
+    )
     args = parse_args(parser, argv)
     if args.quick:
         args.group_size, args.calib_samples = min(args.group_size, 32), min(args.calib_samples, 16)

@@ -81,6 +81,18 @@ def _int_type(low: int, high: int | None = None, what: str = "") -> Callable[[st
     return parse
 
 
+def positive_float(text: str) -> float:
+    """argparse type: a finite number above 0 (a learning rate, a temperature); nan and inf are refused."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"the value must be a finite number above 0, got {text}")
+    return value
+
+
+positive_float.__name__ = "float"
 positive_int = _int_type(1, what="the value")
 non_negative_int = _int_type(0, what="the value")
 seed_int = _int_type(0, SEED_MAX, what="a seed")
