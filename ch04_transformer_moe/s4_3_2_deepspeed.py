@@ -18,9 +18,12 @@ batches, with torch's AdamW. It shows:
 2. each rank's optimizer-state bytes (Adam's two moments, plus the fp32 master partition DeepSpeed
    keeps) measured from the optimizer against the formula: in fp32 (the loss comparison) and in bf16
    mixed precision (the paper's case, K = 12: bf16 weights, fp32 master and moments);
-3. what cannot run here and why: fp16 is refused by DeepSpeed on a CPU (its message is printed), and
-   DeepSpeed's own Adam kernels (FusedAdam needs CUDA; DeepSpeedCPUAdam builds a C++ extension at
-   first use), so the optimizer is torch's AdamW handed to ``deepspeed.initialize``.
+3. fp16 ZeRO-1 where DeepSpeed accepts it (a GPU, or a CPU whose oneDNN has fp16 kernels:
+   ``torch.ops.mkldnn._is_mkldnn_fp16_supported()``, e.g. Sapphire Rapids): bytes per rank, final
+   loss and the steps its dynamic loss scaler skipped; where DeepSpeed refuses fp16 (most CPUs), its
+   message. What cannot run on a CPU and why: DeepSpeed's own Adam kernels (FusedAdam needs CUDA;
+   DeepSpeedCPUAdam builds a C++ extension at first use), so the optimizer is torch's AdamW handed
+   to ``deepspeed.initialize``.
 
     python -m ch04_transformer_moe.s4_3_2_deepspeed
     python -m ch04_transformer_moe.s4_3_2_deepspeed --nproc 2 --steps 60
@@ -29,9 +32,9 @@ batches, with torch's AdamW. It shows:
     python -m ch04_transformer_moe.s4_3_2_deepspeed --quick
 
 A reader sees a table of stage / max loss difference from DDP / bytes per rank / formula, the
-bf16 table, the fp16 refusal, and ``zero_loss_curves.png``.  The runs keep no checkpoint: each is a few
-dozen steps (seconds; the whole script under a minute on 2 CPU cores), so a stopped run is rerun, not
-resumed (chapter 6.4.4's DeepSpeed training is the one that resumes).
+bf16 table, the fp16 run or DeepSpeed's refusal, and ``zero_loss_curves.png``.  The runs keep no
+checkpoint: each is a few dozen steps (seconds; the whole script under a minute on 2 CPU cores), so a
+stopped run is rerun, not resumed (chapter 6.4.4's DeepSpeed training is the one that resumes).
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from common.runner import parse_args, positive_int, run_script, script_parser
 
 STAGES = (0, 1, 2, 3)
 LR = 3e-3
+HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _build(seed: int, context: int):
@@ -87,8 +91,8 @@ def _train(ctx, mode: str, stage: int, dtype: str, steps: int, micro: int, seed:
 
     model, data = _build(seed, context)
     model.to(ctx.device)
-    if dtype == "bf16":
-        model.to(torch.bfloat16)  # the module's buffers too (DeepSpeed's bf16 casts only the parameters)
+    if dtype in HALF:
+        model.to(HALF[dtype])  # the module's buffers too (DeepSpeed's bf16 and fp16 cast only the parameters)
     params = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
     if mode == "ddp":
@@ -129,7 +133,10 @@ def _train(ctx, mode: str, stage: int, dtype: str, steps: int, micro: int, seed:
         dist.all_reduce(global_loss, op=dist.ReduceOp.AVG)
         losses.append(global_loss.item())
     moments, master = optimizer_bytes(optimizer)
-    return {"losses": losses, "moments": moments, "master": master, "params": params}
+    out = {"losses": losses, "moments": moments, "master": master, "params": params}
+    if dtype == "fp16":  # DeepSpeed's dynamic loss scaler skips the steps whose gradients overflowed
+        out.update(skipped=engine.skipped_steps, loss_scale=float(optimizer.loss_scale))
+    return out
 
 
 def worker(ctx, runs: list[tuple[str, int, str]], steps: int, micro: int, seed: int, context: int) -> dict:
@@ -236,13 +243,31 @@ def main(argv=None) -> dict:
             {f"bf16_zero{stage}_rank0_opt_bytes": totals[0], f"bf16_zero{stage}_formula_bytes": expect}
         )
     fp16 = results[0]["zero-1-fp16"]
-    fp16_note = f"refused: {fp16['refused']}" if "refused" in fp16 else "ran"
-    print(f"\n3. fp16 ZeRO-1 on {args.device}: {fp16_note}")
+    if "refused" in fp16:  # DeepSpeed's accelerator says no fp16 here (most CPUs)
+        figures["fp16"] = f"refused: {fp16['refused']}"
+        print(f"\n3. fp16 ZeRO-1 on {args.device}: {figures['fp16']}")
+    else:  # a GPU, or a CPU whose oneDNN has fp16 kernels (avx512_fp16, AMX-FP16)
+        totals = [r["zero-1-fp16"]["moments"] + r["zero-1-fp16"]["master"] for r in results]
+        figures.update(
+            {
+                "fp16": "ran",
+                "fp16_zero1_rank0_opt_bytes": totals[0],
+                "fp16_final_loss": fp16["losses"][-1],
+                "fp16_skipped_steps": fp16["skipped"],
+                "fp16_loss_scale": fp16["loss_scale"],
+            }
+        )
+        print(
+            f"\n3. fp16 ZeRO-1 on {args.device}: DeepSpeed accepts fp16 here; "
+            f"{' / '.join(f'{t:,}' for t in totals)} bytes per rank "
+            f"(12Ψ/N = {formula(1, params, nproc, mixed=True):,}); "
+            f"final loss {fp16['losses'][-1]:.4f}; the dynamic loss scaler skipped {fp16['skipped']} of "
+            f"{steps} steps (overflow) and ended at scale {fp16['loss_scale']:g}"
+        )
     print(
         "   DeepSpeed's own Adam kernels were not used: FusedAdam needs CUDA, DeepSpeedCPUAdam compiles a "
         "C++ extension at first use; torch's AdamW ran inside ZeRO instead"
     )
-    figures["fp16"] = fp16_note
     figures["max_loss_diff_vs_ddp"] = worst
     plot(os.path.join(args.out, "zero_loss_curves.png"), curves)
     if worst > 1e-4:
