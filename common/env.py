@@ -128,6 +128,16 @@ def cpu_bf16_native() -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def cpu_half_kernels() -> str:
+    """Which 16-bit types oneDNN multiplies natively on this CPU ("bf16, fp16", "bf16" or "none"): bf16
+    with AVX512_BF16 or AMX, fp16 with AVX512_FP16 or AMX-FP16. DeepSpeed's CPU accelerator accepts fp16
+    only where oneDNN has it (``s4_3_2_deepspeed`` then trains in fp16); without, torch emulates both."""
+    import torch
+
+    native = {"bf16": cpu_bf16_native(), "fp16": bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())}
+    return ", ".join(name for name, yes in native.items() if yes) or "none"
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     try:
@@ -271,10 +281,12 @@ def cpu_model_and_flags() -> tuple[str, list[str]]:
                 "avx512f",
                 "avx512_bf16",
                 "avx512_vnni",
+                "avx512_fp16",
                 "avx_vnni",
                 "amx_bf16",
                 "amx_tile",
                 "amx_int8",
+                "amx_fp16",
                 "neon",
                 "asimd",
                 "sve",
@@ -303,6 +315,7 @@ def _torch_info() -> dict:
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_half": cpu_half_kernels(),
         "threads": torch.get_num_threads(),
         "gpus": [],
     }
@@ -485,7 +498,8 @@ def format_report(r: dict) -> str:
         f"  memory     {r['memory_gib']} GiB",
         f"  Python     {r['python']}",
         f"  torch      {t.get('version')}  (CUDA {t.get('cuda')}, cuDNN {t.get('cudnn')}, "
-        f"CPU kernels {t.get('cpu_capability')}, {t.get('threads')} threads)",
+        f"CPU kernels {t.get('cpu_capability')}, native 16-bit {t.get('cpu_half', '?')}, "
+        f"{t.get('threads')} threads)",
     ]
     for g in t.get("gpus", []):
         lines.append(f"  GPU        {g['name']}, {g['memory_gib']} GiB, compute capability {g['capability']}")
