@@ -315,7 +315,26 @@ def resume_command(argv: list[str]) -> str:
     return shlex.join(head + list(argv))
 
 
-def _raise_interrupted(signum, frame):
+def stop_signals() -> list[int]:
+    """The signals that stop a run cleanly besides Ctrl-C's SIGINT: SIGTERM (``kill``, a scheduler, the
+    harness's time limit on POSIX) and, on Windows, SIGBREAK (Ctrl-Break, and the harness's
+    ``CTRL_BREAK_EVENT``)."""
+    return [signal.SIGTERM] + ([signal.SIGBREAK] if hasattr(signal, "SIGBREAK") else [])
+
+
+def handle_stop_signals(handler) -> dict:
+    """Install ``handler`` for :func:`stop_signals`; returns the previous handlers for
+    :func:`restore_signals`."""
+    return {signum: signal.signal(signum, handler) for signum in stop_signals()}
+
+
+def restore_signals(previous: dict) -> None:
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
+
+
+def raise_interrupted(signum, frame):
+    """The stop signals' handler: the path Ctrl-C takes (:class:`Interrupted`, a ``KeyboardInterrupt``)."""
     signal.signal(signum, signal.SIG_DFL)  # a second SIGTERM ends the process at once
     raise Interrupted(signum)
 
@@ -334,7 +353,7 @@ def run_script(main: Callable[[list[str] | None], dict], argv: list[str] | None 
 
     warnings.showwarning = showwarning
     in_main_thread = threading.current_thread() is threading.main_thread()
-    original_sigterm = signal.signal(signal.SIGTERM, _raise_interrupted) if in_main_thread else None
+    original_handlers = handle_stop_signals(raise_interrupted) if in_main_thread else {}
     status, reason, figures, code, extra = "PASS", "", {}, 0, {}
     start = time.perf_counter()
     try:
@@ -372,8 +391,7 @@ def run_script(main: Callable[[list[str] | None], dict], argv: list[str] | None 
     finally:
         warnings.showwarning = original_showwarning
         release_all()
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, original_sigterm)
+        restore_signals(original_handlers)
     seconds = time.perf_counter() - start
     args = _current.get("args")
     if status == "PASS" and getattr(args, "dtype_reason", None):

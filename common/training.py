@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -230,6 +231,8 @@ def setup_distributed(device: str = "cpu") -> DistContext:
     """Join the process group torchrun set up (gloo on CPU, nccl on CUDA); a no-op for a single process."""
     import torch.distributed as dist
 
+    if sys.platform == "win32":  # torch's Windows builds have no libuv TCPStore, which torch >= 2.4 asks for
+        os.environ.setdefault("USE_LIBUV", "0")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return DistContext(device=device)

@@ -6,9 +6,12 @@
     python -m verify --quick --compare verify/reports/cpu-quick/report.json
 
 Each script ``ch*/s*.py`` runs as ``python -m package.module --json FIGURES [--quick] --device D`` in a
-fresh process group with a time limit (``--timeout 0``: none).  At the limit the script gets SIGTERM,
-which the runner turns into its Ctrl-C path (a training script saves its checkpoint), then, after a
-grace period, SIGKILL together with its children; the report says TIMEOUT.  The PNG plots a script
+fresh process group with a time limit (``--timeout 0``: none).  At the limit the script gets SIGTERM
+(CTRL_BREAK_EVENT on Windows: :mod:`verify.process_group`), which the runner turns into its Ctrl-C
+path (a training script saves its checkpoint), then, after a grace period, SIGKILL together with its
+children; the report says TIMEOUT.  SIGTERM to the harness itself takes the path of Ctrl-C: the
+running script is ended with its grace period and recorded, the report written, exit 128 + the
+signal's number.  The PNG plots a script
 wrote into its output folder (``runs/<script>/``) during the run are copied to
 ``<report>/plots/<script>/`` and listed in its entry (``python -m verify.samples`` shows them in the
 chapter READMEs).  ``report.json`` and ``report.md`` are rewritten atomically after every script, so
@@ -33,8 +36,16 @@ import sys
 import time
 from pathlib import Path
 
-from common.errors import Interrupted
-from common.runner import DTYPE_ENV, QUICK_ENV, SKIP_EXIT_CODE, write_json
+from common.runner import (
+    DTYPE_ENV,
+    QUICK_ENV,
+    SKIP_EXIT_CODE,
+    handle_stop_signals,
+    raise_interrupted,
+    restore_signals,
+    write_json,
+)
+from verify.process_group import ScriptProcess
 from verify.report import compare_reports, format_markdown, summarize
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -59,59 +70,6 @@ def discover(root: Path, patterns: list[str] | None = None) -> list[str]:
 def matches(path: str, patterns: list[str] | None) -> bool:
     """Whether ``path`` is selected by ``--only`` ``patterns`` (every path is, without patterns)."""
     return not patterns or any(pat in path or fnmatch.fnmatch(path, pat) for pat in patterns)
-
-
-def _raise_interrupted(signum, frame):
-    """SIGTERM takes the path Ctrl-C takes: the running script is ended with its grace period and
-    recorded, the report written, exit 128 + the signal's number."""
-    signal.signal(signum, signal.SIG_DFL)  # a second SIGTERM ends the harness at once
-    raise Interrupted(signum)
-
-
-def _reap(proc: subprocess.Popen):
-    """The script's resource usage once it has exited (its exit code set on ``proc``), else None."""
-    pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
-    if pid != proc.pid:
-        return None
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return rusage
-
-
-def _kill_group(proc: subprocess.Popen, grace: float = 5.0):
-    """End the script's process group and any descendant that left it: SIGTERM, then after ``grace``
-    seconds SIGKILL.  Returns the script's resource usage (None if it had been reaped already)."""
-    try:
-        import psutil
-
-        descendants = psutil.Process(proc.pid).children(recursive=True)
-    except Exception:  # noqa: BLE001 - psutil missing or the process already gone
-        descendants = []
-    rusage = None
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            pass
-        for child in descendants:
-            try:
-                child.send_signal(sig)
-            except Exception:  # noqa: BLE001
-                pass
-        deadline = time.monotonic() + (grace if sig == signal.SIGTERM else 5)
-        while time.monotonic() < deadline:
-            if proc.returncode is None:
-                rusage = _reap(proc)
-            if proc.returncode is not None and not any(_alive(c) for c in descendants):
-                return rusage
-            time.sleep(0.05)
-    return rusage
-
-
-def _alive(proc) -> bool:
-    try:
-        return proc.is_running() and proc.status() != "zombie"
-    except Exception:  # noqa: BLE001
-        return False
 
 
 def _tail_reason(log_path: Path) -> str:
@@ -200,38 +158,27 @@ def run_one(
     with open(log_path, "wb") as log:
         log.write(f"$ {' '.join(cmd)}\n".encode())
         log.flush()
-        proc = subprocess.Popen(
-            cmd,
-            cwd=root,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
+        proc = ScriptProcess(
+            cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
         )
-        timed_out, interrupted, rusage = False, None, None
+        timed_out, interrupted = False, None
         try:
-            while True:
-                rusage = _reap(proc)
-                if rusage is not None:
-                    break
+            while not proc.poll():
                 if timeout and time.monotonic() - start > timeout:
                     timed_out = True
-                    rusage = _kill_group(proc, grace)
+                    proc.stop(grace)
                     break
                 time.sleep(0.05)
         except KeyboardInterrupt as e:  # SIGINT, or SIGTERM (main's handler): the script's clean stop
             interrupted = signal.Signals(getattr(e, "signum", signal.SIGINT)).name
-            rusage = _kill_group(proc, grace)
+            proc.stop(grace)
         except BaseException:
-            _kill_group(proc)
+            proc.stop()
             raise
-        if proc.returncode is None:
-            proc.wait()
+        proc.wait()
     entry["seconds"] = round(time.monotonic() - start, 2)
     entry["exit_code"] = proc.returncode
-    if rusage is not None:
-        entry["peak_rss_mb"] = round(rusage.ru_maxrss / 1024, 1)  # Linux reports KiB
+    entry["peak_rss_mb"] = proc.peak_rss_mb
 
     payload, payload_error = {}, ""
     if fig_path.exists():
@@ -492,7 +439,7 @@ def main(argv=None) -> int:
     print(f"\nrunning {len(scripts)} scripts ({mode} mode, device {args.device}, {limit})", flush=True)
 
     interrupted = None
-    previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+    previous = handle_stop_signals(raise_interrupted)
     try:
         for i, rel in enumerate(scripts, 1):
             try:
@@ -514,7 +461,7 @@ def main(argv=None) -> int:
                 )
                 break
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        restore_signals(previous)
 
     s = report["summary"]
     print("\n" + "  ".join(f"{k} {s.get(k, 0)}" for k in STATUSES) + f"   report: {out_dir / 'report.md'}")
