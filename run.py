@@ -9,8 +9,11 @@
 
 Set-up installs into the Python that runs this file (use a virtual environment if you like), one
 numbered step at a time with pip's own progress: torch first, deliberately (only when torch is
-missing), then requirements.txt, then this repository in editable mode so that scripts also run by
-path. It is skipped when nothing changed since the last successful set-up.
+missing), then requirements.txt's core, then each of its optional groups (DeepSpeed, the ONNX stack,
+peft) in a pip call of its own, then this repository in editable mode so that scripts also run by
+path. A group that fails to install is named with the command that retries it; the sections that
+need it SKIP with the reason, the rest runs. It is skipped when nothing changed since the last
+successful set-up (a set-up with a failed group tries that group again next time).
 
 Which torch:
     --cpu                  the CPU-only build from PyTorch's CPU index (about 200 MB instead of the
@@ -60,17 +63,51 @@ def setup(cpu: bool = False) -> None:
     print(f"set-up: installing into {sys.executable}", flush=True)
     if subprocess.run([sys.executable, "-c", "import torch"], capture_output=True).returncode != 0:
         torch = torch_install_args(cpu)
-        print(f"[1/3] torch: pip install {shlex.join(torch)}", flush=True)
+        print(f"[1/4] torch: pip install {shlex.join(torch)}", flush=True)
         sh(*pip, *torch)
     else:
-        print("[1/3] torch: already installed", flush=True)
-    print("[2/3] the core packages of requirements.txt", flush=True)
-    sh(*pip, "-r", "requirements.txt")
-    print("[3/3] this repository, in editable mode", flush=True)
+        print("[1/4] torch: already installed", flush=True)
+    core, groups = requirement_groups((ROOT / "requirements.txt").read_text())
+    print("[2/4] the core packages of requirements.txt", flush=True)
+    sh(*pip, *core)
+    failed = []
+    for n, (group, requirements) in enumerate(groups.items(), 1):
+        print(f"[3/4] optional group {n}/{len(groups)}, {group}: {' '.join(requirements)}", flush=True)
+        try:
+            sh(*pip, *requirements)
+        except subprocess.CalledProcessError as e:
+            failed.append(group)
+            print(
+                f"set-up: the {group} group did not install (pip exit {e.returncode}); the sections that "
+                f"need it will SKIP with the reason, the rest runs. Retry: pip install "
+                f"{shlex.join(requirements)}",
+                flush=True,
+            )
+    print("[4/4] this repository, in editable mode", flush=True)
     sh(*pip, "--no-deps", "-e", ".")
+    if failed:  # no stamp: the next set-up tries the failed groups again
+        print(f"set-up done, without: {', '.join(failed)}", flush=True)
+        return
     STAMP.parent.mkdir(exist_ok=True)
     STAMP.write_text(digest)
     print("set-up done", flush=True)
+
+
+def requirement_groups(text: str) -> tuple[list[str], dict[str, list[str]]]:
+    """requirements.txt's core requirements, and its optional groups: a line whose comment starts with
+    ``[name]`` belongs to the group ``name``."""
+    core: list[str] = []
+    groups: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        requirement, _, comment = line.partition("#")
+        if not requirement.strip():
+            continue
+        tag = comment.strip()
+        if tag.startswith("[") and "]" in tag:
+            groups.setdefault(tag[1 : tag.index("]")], []).append(requirement.strip())
+        else:
+            core.append(requirement.strip())
+    return core, groups
 
 
 def main(argv: list[str]) -> int:

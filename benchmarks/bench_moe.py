@@ -234,6 +234,9 @@ def build_variants(c: Config) -> tuple[dict, dict]:
             warnings.simplefilter("ignore")
             from deepspeed.moe.layer import MoE
         _init_dist()
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")  # its comm layer (0.17 needs it; 0.19 makes it)
         for cf in c.ds_capacity:
             ds = MoE(
                 c.d_model,

@@ -29,6 +29,7 @@ import os
 import numpy as np
 import torch
 
+from common.env import require_onnx_stack
 from common.lm_source import add_source_args, load_source
 from common.models.generation import generate
 from common.onnx_export import ORT_GEMM_OPS, OrtLM, dynamic_axes_of, export_decoder
@@ -62,6 +63,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=positive_int, default=None, help="timing rounds (quick: 5)")
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
     args = parse_args(parser, argv)
+    require_onnx_stack()  # or SKIP with the reason and the install hint
     new_tokens = args.new_tokens or (8 if args.quick else 24)
     repeats = args.repeats or (5 if args.quick else 30)
     if new_tokens < 1 or repeats < 1:

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from common.data import TokenData, module_docstrings, split_text
+from common.env import require
 from common.lm_source import add_source_args, evaluate_lm, load_source
 from common.models.hf_llama import decoder_to_hf
 from common.plotting import pyplot, save_figure
@@ -259,6 +260,7 @@ def main(argv=None) -> dict:
         "--eval-batches", type=positive_int, default=None, help="validation batches of 8 (quick: 4)"
     )
     args = parse_args(parser, argv)
+    require("peft")  # or SKIP with the reason and the install hint
     eval_batches = args.eval_batches or (4 if args.quick else 16)
     lora_steps = args.lora_steps or (30 if args.quick else 100)
     if eval_batches < 1 or lora_steps < 1:

@@ -21,6 +21,7 @@ import statistics
 
 import torch
 
+from common.env import require_onnx_stack
 from common.lm_source import add_source_args, evaluate_lm, load_source
 from common.model_files import onnx_bytes, save_safetensors
 from common.onnx_export import ORT_GEMM_OPS, OrtDecoder, OrtLM, export_decoder, quantize_dynamic_int8
@@ -37,6 +38,7 @@ def main(argv=None) -> dict:
         "--eval-batches", type=positive_int, default=None, help="validation batches of 16 (all)"
     )
     args = parse_args(parser, argv)
+    require_onnx_stack()  # or SKIP with the reason and the install hint
     if args.quick:
         args.rounds, args.eval_batches = min(args.rounds, 5), args.eval_batches or 4
     if args.device != "cpu":

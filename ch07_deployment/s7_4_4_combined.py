@@ -70,6 +70,7 @@ from torch import nn
 
 from common.calibration import block_linears
 from common.distill import lm_batches, lm_logits, student_config, train_student
+from common.env import require_onnx_stack
 from common.lm_source import add_source_args, evaluate_lm, load_for_compression
 from common.model_files import onnx_bytes, path_bytes, save_safetensors, save_state_dict
 from common.onnx_export import OrtDecoder, OrtLM, export_decoder, quantize_dynamic_int8
@@ -228,6 +229,7 @@ def main(argv=None) -> dict:
         "--eval-batches", type=positive_int, default=None, help="validation batches of 16 (all)"
     )
     args = parse_args(parser, argv)
+    require_onnx_stack()  # or SKIP with the reason and the install hint
     if args.quick:
         args.group_size, args.calib_samples = min(args.group_size, 32), min(args.calib_samples, 16)
         args.distil_steps, args.batch_size = min(args.distil_steps, 40), min(args.batch_size, 8)

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from common.errors import SkipScript
+from common.tested_versions import range_warnings
 
 # import name -> distribution name on the package index
 PACKAGES = {
@@ -50,11 +51,19 @@ PACKAGES = {
     "matplotlib": "matplotlib",
 }
 
+ONNX_STACK = ("onnx", "onnxscript", "onnxruntime")  # what ONNX export and inference import
+
 # the loggers that packages write to while they are imported, and the messages that are no trouble
 IMPORT_LOGGERS = {"deepspeed": "DeepSpeed"}
 BENIGN_IMPORT_LOG = re.compile(r"Setting accelerator to CPU")
 
+_GROUP_HINT = (
+    "pip install {} (requirements.txt's [{}] group, with its lower bounds; python3 run.py setup retries it)"
+)
 INSTALL_HINTS = {
+    "deepspeed": _GROUP_HINT.format("deepspeed dm-tree", "deepspeed"),
+    **{name: _GROUP_HINT.format("onnx onnxscript onnxruntime", "onnx") for name in ONNX_STACK},
+    "peft": _GROUP_HINT.format("peft accelerate", "peft"),
     "fmoe": "fastmoe builds only against CUDA: see requirements-gpu.txt",
     "auto_gptq": "pip install auto-gptq (needs CUDA and transformers<5; see requirements-gpu.txt)",
     "awq": "pip install autoawq (deprecated; pinned to torch 2.6; see requirements-gpu.txt)",
@@ -138,6 +147,35 @@ def cpu_half_kernels() -> str:
     return ", ".join(name for name, yes in native.items() if yes) or "none"
 
 
+def onednn_isa() -> str | None:
+    """The instruction set oneDNN dispatches to, in its own words ("Intel AVX2", "Intel AVX10.1 and
+    Intel AMX with bfloat16 and 8-bit integer support"; ``ONEDNN_MAX_CPU_ISA`` holds it down): the
+    ``isa:`` line of its verbose output for one small convolution, read from this process's stdout;
+    None where torch has no oneDNN."""
+    import tempfile
+
+    import torch
+
+    if not torch.backends.mkldnn.is_available():
+        return None
+    with tempfile.TemporaryFile() as log:
+        sys.stdout.flush()
+        saved = os.dup(1)
+        os.dup2(log.fileno(), 1)  # oneDNN prints from C, to file descriptor 1
+        try:
+            with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+                torch.nn.functional.conv2d(torch.zeros(8, 16, 32, 32), torch.zeros(32, 16, 3, 3))
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+        log.seek(0)
+        text = log.read().decode("utf-8", "replace")
+    m = re.search(r"^onednn_verbose,.*?isa:(.+)$", text, re.M)  # printed at the first verbose call
+    if m is None:  # oneDNN spoke verbosely before in this process: the convolution's kernel says it
+        m = re.search(r"^onednn_verbose,.*?,convolution,(jit:[\w]+)", text, re.M)
+    return m.group(1).strip() if m else None
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     try:
@@ -209,6 +247,13 @@ def import_quietly(name: str, log: list[str] | None = None):
         return importlib.import_module(name)
     finally:
         logger.removeFilter(capture)
+
+
+def require_onnx_stack() -> None:
+    """:class:`SkipScript` with the reason and the install hint unless onnx, onnxscript and onnxruntime
+    all import (the ONNX sections need the three)."""
+    for name in ONNX_STACK:
+        require(name)
 
 
 def require(name: str, hint: str | None = None):
@@ -316,6 +361,7 @@ def _torch_info() -> dict:
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_half": cpu_half_kernels(),
+        "onednn_isa": onednn_isa(),
         "threads": torch.get_num_threads(),
         "gpus": [],
     }
@@ -481,6 +527,7 @@ def environment_report() -> dict:
         "error": None,
     }
     report["warnings"] = [inc.message(report) for inc in INCOMPATIBILITIES if inc.applies(report)]
+    report["warnings"] += range_warnings()  # outside the versions the book was run with
     report["warnings"] += [
         f"{p['name']} warned on import: {w}"
         for p in report["packages"].values()
@@ -500,6 +547,7 @@ def format_report(r: dict) -> str:
         f"  torch      {t.get('version')}  (CUDA {t.get('cuda')}, cuDNN {t.get('cudnn')}, "
         f"CPU kernels {t.get('cpu_capability')}, native 16-bit {t.get('cpu_half', '?')}, "
         f"{t.get('threads')} threads)",
+        f"  oneDNN     {t.get('onednn_isa') or 'not in this torch'}",
     ]
     for g in t.get("gpus", []):
         lines.append(f"  GPU        {g['name']}, {g['memory_gib']} GiB, compute capability {g['capability']}")

@@ -75,16 +75,24 @@ def export_decoder(model: nn.Module, path: str, opset: int | None = None, dynamo
                 dynamo = False
         if not dynamo:
             exporter = "torchscript"
-            torch.onnx.export(
-                graph,
-                (example,),
-                path,
-                input_names=["input_ids"],
-                output_names=["logits"],
-                dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "seq"}},
-                opset_version=opset or 17,
-                dynamo=False,
-            )
+            try:
+                torch.onnx.export(
+                    graph,
+                    (example,),
+                    path,
+                    input_names=["input_ids"],
+                    output_names=["logits"],
+                    dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "seq"}},
+                    opset_version=opset or 17,
+                    dynamo=False,
+                )
+            except Exception as e:
+                if fallback_reason is None:  # the TorchScript exporter was asked for
+                    raise
+                raise RuntimeError(  # the first failure is the one to fix (e.g. an onnxscript too old)
+                    f"torch's dynamo exporter failed ({fallback_reason}), and so did its TorchScript "
+                    f"fallback ({type(e).__name__}: {str(e).strip().splitlines()[0][:300]})"
+                ) from e
     proto = onnx.load(path)
     onnx.checker.check_model(proto, full_check=True)
     return {

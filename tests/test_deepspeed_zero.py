@@ -55,7 +55,7 @@ def test_half_precision_both_ways(supported):
         for dtype in ("fp16", "bf16"):
             run = results[rank][f"zero-1-{dtype}"]
             if not supported:
-                assert run == {"refused": f"Type {dtype} is not supported on your device."}
+                assert run["refused"].startswith(f"Type {dtype} is not supported")  # wording: by version
                 continue
             assert run["losses"] == pytest.approx(ddp["losses"], abs=0.05)
             assert run["moments"] + run["master"] == formula(1, ddp["params"], 2, mixed=True)
@@ -76,5 +76,5 @@ def test_script_reports_fp16_both_ways(monkeypatch, tmp_path, supported):
         assert figures["fp16_zero1_rank0_opt_bytes"] == figures["bf16_zero1_rank0_opt_bytes"]
         assert figures["fp16_final_loss"] == pytest.approx(figures["ddp_final_loss"], abs=0.05)
     else:
-        assert figures["fp16"] == "refused: Type fp16 is not supported on your device."
+        assert figures["fp16"].startswith("refused: Type fp16 is not supported")
         assert "fp16_final_loss" not in figures

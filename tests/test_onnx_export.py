@@ -109,3 +109,35 @@ def test_the_int8_quantiser_reduces_the_range_only_where_the_kernels_saturate(mo
     settings = onnx_export.quantize_dynamic_int8("fp.onnx", "q.onnx")
     assert seen["reduce_range"] is saturates
     assert f"reduce_range={saturates}" in settings["onnxruntime_quantize"]
+
+
+def _failing_dynamo(real_export, fallback_fails: bool):
+    """torch.onnx.export whose dynamo exporter fails as with onnxscript < 0.6 beside torch 2.13."""
+
+    def export(*args, dynamo=True, **kwargs):
+        if dynamo:
+            raise ModuleNotFoundError("No module named 'onnxscript._framework_apis.torch_2_11'")
+        if fallback_fails:
+            raise RuntimeError(
+                "Exporting the operator 'aten::rms_norm' to ONNX opset version 17 is not supported"
+            )
+        return real_export(*args, dynamo=False, **kwargs)
+
+    return export
+
+
+@pytest.mark.parametrize("fallback_fails", [False, True], ids=["fallback-exports", "both-fail"])
+def test_a_failing_dynamo_exporter_falls_back_and_is_named(monkeypatch, tmp_path, fallback_fails):
+    """The dynamo exporter failing (an onnxscript too old for torch): the TorchScript fallback, with the
+    reason recorded; both failing, one error that names the first failure, the one to fix."""
+    model = tiny(norm="layernorm", pos="learned", ffn="gelu", bias=True, n_kv_head=4)
+    monkeypatch.setattr(torch.onnx, "export", _failing_dynamo(torch.onnx.export, fallback_fails))
+    path = str(tmp_path / "lm.onnx")
+    if fallback_fails:
+        with pytest.raises(
+            RuntimeError, match=r"dynamo exporter failed \(ModuleNotFoundError.*torch_2_11'\)"
+        ):
+            export_decoder(model, path)
+        return
+    info = export_decoder(model, path)
+    assert info["exporter"] == "torchscript" and "torch_2_11" in info["fallback_reason"]

@@ -31,6 +31,9 @@ CPU instruction sets
 - int8 saturation in onnxruntime without VNNI (``common.onnx_export.int8_saturates``, ``reduce_range``):
   tests/test_onnx_export.py::test_int8_saturation_is_judged_from_the_cpu (five CPUs forced),
   tests/test_onnx_export.py::test_the_int8_quantiser_reduces_the_range_only_where_the_kernels_saturate.
+- oneDNN's instruction set (``common.env.onednn_isa``, held down by ``ONEDNN_MAX_CPU_ISA``): this module,
+  test_cpu_capability_held_to_avx2_is_reported; CI's AVX2 pass (.ci/run) runs the equivalence tests
+  with both held to AVX2 and checks that they took effect: this module, test_the_held_cpu_took_effect.
 - The CPU's name and flags where there is no /proc/cpuinfo (macOS, Windows) or an ARM one
   (``common.env.cpu_model_and_flags``): this module, test_cpu_flags_without_or_with_an_arm_cpuinfo.
 
@@ -39,9 +42,11 @@ Cores
   ``--nproc 2``): ``common.launch.run_workers``: this module, test_worker_threads_follow_the_cores.
 
 Optional packages
-- DeepSpeed missing: the three DeepSpeed sections SKIP with the install hint before any work
-  (``common.env.require``): this module, test_deepspeed_sections_skip_without_deepspeed; present: every
-  DeepSpeed test.
+- An optional group of requirements.txt missing (DeepSpeed, the ONNX stack, peft): its sections SKIP
+  with the install hint before any work (``common.env.require``, ``require_onnx_stack``): this module,
+  test_sections_skip_without_their_optional_group; present: every other test of those sections. The
+  set-up that installs each group on its own and names one that fails (``run.py``):
+  tests/test_run_py.py::test_a_group_that_fails_to_install_is_named_and_the_rest_installs.
 - fastmoe's real ``fmoe`` or ``common.fmoe`` (``common.fmoe.backend.fmoe_backend``): this module,
   test_fmoe_backend_real_or_ours.
 - TensorRT usable, importing without a GPU, or missing (``s4_3_2_onnx.tensorrt_status``): this module,
@@ -52,6 +57,12 @@ Optional packages
   GPTQModel imports (tests/test_quant_checkpoints.py::test_gptqmodel_quantises_the_trained_lm_to_our_codes,
   tests/test_quant_checkpoints.py::test_gptqmodels_awq_runs_beside_ours_and_reads_back; skipped with
   the install hint elsewhere).
+- An onnxscript too old for torch's dynamo exporter: the TorchScript fallback, or one error naming both
+  failures (``common.onnx_export.export_decoder``):
+  tests/test_onnx_export.py::test_a_failing_dynamo_exporter_falls_back_and_is_named; dynamo:
+  tests/test_onnx_export.py::test_export_matches_pytorch.
+- Installed versions outside the tested range (``common.tested_versions``, requirements-floor.txt):
+  tests/test_tested_versions.py::test_warnings_below_the_floor_and_above_the_newest.
 - Triton under its CPU interpreter or refused (``s7_2_2_gpu_shared_memory_attention.load_triton``):
   tests/test_tiled_attention.py::test_triton_kernel_equals_sdpa (the interpreter; the module skips
   with the hint where triton is missing).
@@ -156,11 +167,12 @@ def test_int4_rules_by_device():
 
 
 def test_cpu_capability_held_to_avx2_is_reported():
-    """ATEN_CPU_CAPABILITY=avx2 takes effect, and the environment report says which kernels ran."""
+    """ATEN_CPU_CAPABILITY=avx2 and ONEDNN_MAX_CPU_ISA=AVX2 take effect, and the environment report says
+    which kernels ran."""
     code = "import json; from common.env import environment_report as r; print(json.dumps(r()['torch']))"
     out = subprocess.run(
         [sys.executable, "-c", code],
-        env={**os.environ, "ATEN_CPU_CAPABILITY": "avx2"},
+        env={**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
         capture_output=True,
         text=True,
         check=True,
@@ -170,7 +182,21 @@ def test_cpu_capability_held_to_avx2_is_reported():
 
     held = json.loads(out.stdout.strip().splitlines()[-1])
     assert held["cpu_capability"] == "AVX2"
+    assert held["onednn_isa"] == "Intel AVX2" and held["cpu_half"] == "none"  # no bf16 kernels below AVX-512
     assert env.environment_report()["torch"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+
+
+@pytest.mark.skipif(
+    not {"ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA"} & set(os.environ),
+    reason="runs where CI holds the CPU down (.ci/run: ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2)",
+)
+def test_the_held_cpu_took_effect():
+    """Under CI's AVX2 pass: torch's and oneDNN's kernels are the ones asked for, so that pass tests them."""
+    if "ATEN_CPU_CAPABILITY" in os.environ:
+        assert torch.backends.cpu.get_cpu_capability() == os.environ["ATEN_CPU_CAPABILITY"].upper()
+    if "ONEDNN_MAX_CPU_ISA" in os.environ:
+        isa = env.onednn_isa()
+        assert isa and os.environ["ONEDNN_MAX_CPU_ISA"].replace("_", " ").lower() in isa.lower(), isa
 
 
 def test_cpu_flags_without_or_with_an_arm_cpuinfo(monkeypatch, tmp_path):
@@ -206,21 +232,27 @@ def test_worker_threads_follow_the_cores(monkeypatch, cores, each):
 
 
 @pytest.mark.parametrize(
-    "module",
+    "module,missing,group",
     [
-        "ch04_transformer_moe.s4_3_2_deepspeed",
-        "ch06_distributed_moe.s6_4_2_deepspeed_moe_core",
-        "ch06_distributed_moe.s6_4_4_deepspeed_training",
+        ("ch04_transformer_moe.s4_3_2_deepspeed", "deepspeed", "deepspeed"),
+        ("ch06_distributed_moe.s6_4_2_deepspeed_moe_core", "deepspeed", "deepspeed"),
+        ("ch06_distributed_moe.s6_4_4_deepspeed_training", "deepspeed", "deepspeed"),
+        ("ch04_transformer_moe.s4_3_2_onnx", "onnxruntime", "onnx"),
+        ("ch07_deployment.s7_3_3_edge_deployment", "onnxscript", "onnx"),
+        ("ch07_deployment.s7_4_4_combined", "onnx", "onnx"),
+        ("ch04_transformer_moe.s4_3_3_low_rank", "peft", "peft"),
     ],
 )
-def test_deepspeed_sections_skip_without_deepspeed(monkeypatch, tmp_path, module):
+def test_sections_skip_without_their_optional_group(monkeypatch, tmp_path, module, missing, group):
+    """A group of requirements.txt that failed to install (run.py names it) costs only its sections:
+    each SKIPs before any work, with the reason and the hint that installs the group."""
     import importlib
 
     script = importlib.import_module(module)
-    monkeypatch.setitem(sys.modules, "deepspeed", None)  # import deepspeed raises ImportError
-    with pytest.raises(env.SkipScript, match="deepspeed") as e:
+    monkeypatch.setitem(sys.modules, missing, None)  # import <missing> raises ImportError
+    with pytest.raises(env.SkipScript, match=f"optional package '{missing}' is not usable") as e:
         script.main(["--quick", "--out", str(tmp_path / "out")])
-    assert e.value.hint
+    assert f"requirements.txt's [{group}] group" in e.value.hint
 
 
 def test_fmoe_backend_real_or_ours(monkeypatch):

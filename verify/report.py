@@ -43,7 +43,8 @@ def format_markdown(report: dict) -> str:
         f"- OS: {env.get('os')}; CPU: {env.get('cpu')} ({env.get('cores')} cores; "
         f"{', '.join(env.get('cpu_flags', [])) or 'SIMD unknown'}); memory {env.get('memory_gib')} GiB",
         f"- Python {env.get('python')}; torch {t.get('version')} "
-        f"(CPU kernels {t.get('cpu_capability')}, native 16-bit {t.get('cpu_half', '?')}, "
+        f"(CPU kernels {t.get('cpu_capability')}, oneDNN {t.get('onednn_isa', '?')}, "
+        f"native 16-bit {t.get('cpu_half', '?')}, "
         f"CUDA {t.get('cuda')}, cuDNN {t.get('cudnn')}); "
         f"GPU: {gpus}",
         "- Packages: "
