@@ -1,5 +1,7 @@
 #!/usr/bin/env python3
-"""Set up and run the book on a fresh machine; needs only Python 3.10+ (standard library).
+"""Set up and run the book on a fresh machine; needs only Python 3.10+ (standard library). Start it
+as ``python3 run.py``, ``python run.py`` or, on Windows, ``py run.py``: it installs into and runs with
+the Python that started it.
 
     python3 run.py book [VERIFY FLAGS]   # set up, then run every section script in quick mode
     python3 run.py book --full --device cuda    # the book's full sizes, on the GPU
@@ -52,6 +54,21 @@ def torch_install_args(cpu: bool) -> list[str]:
     return args
 
 
+def torch_platform_note() -> str | None:
+    """What the package index's torch is on this platform, where it is not what Linux gets: on Windows
+    and macOS plain ``pip install torch`` is the CPU build (macOS: with MPS), so ``--cpu`` changes
+    nothing there, and CUDA torch on Windows comes from PyPI's CUDA index instead."""
+    if sys.platform == "win32":
+        return (
+            "on Windows the package index's torch is the CPU build; for an NVIDIA GPU: set "
+            "TORCH_INDEX=https://download.pytorch.org/whl/cu128 (see pytorch.org for your CUDA) and "
+            "run py run.py setup again after pip uninstall torch"
+        )
+    if sys.platform == "darwin":
+        return "on macOS the package index's torch is the CPU build with Apple's MPS (--device mps)"
+    return None
+
+
 def setup(cpu: bool = False) -> None:
     digest = hashlib.sha256(
         b"".join((ROOT / f).read_bytes() for f in ("requirements.txt", "pyproject.toml"))
@@ -64,6 +81,9 @@ def setup(cpu: bool = False) -> None:
     if subprocess.run([sys.executable, "-c", "import torch"], capture_output=True).returncode != 0:
         torch = torch_install_args(cpu)
         print(f"[1/4] torch: pip install {shlex.join(torch)}", flush=True)
+        note = torch_platform_note()
+        if note:
+            print(f"      {note}", flush=True)
         sh(*pip, *torch)
     else:
         print("[1/4] torch: already installed", flush=True)

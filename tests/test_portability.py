@@ -71,6 +71,9 @@ Platform
 - The ``--out`` lock: ``flock`` on POSIX, ``msvcrt.locking`` on Windows (``common.folder_lock``): this
   module, test_folder_lock_on_windows_simulated; POSIX:
   tests/test_folder_lock.py::test_a_folder_held_by_another_process_is_refused_until_that_process_dies.
+- The package index's torch on Windows and macOS (the CPU build; CUDA torch on Windows from PyTorch's
+  index), which ``run.py``'s torch step says:
+  tests/test_run_py.py::test_the_torch_step_says_what_the_index_gives_on_each_platform.
 - The pretrained model's training lock without ``fcntl`` (Windows): this module,
   test_pretrained_lm_trains_without_fcntl.
 - glibc's malloc thresholds, a no-op elsewhere (``common.env.keep_freed_memory``): this module,

@@ -115,3 +115,14 @@ def test_a_group_that_fails_to_install_is_named_and_the_rest_installs(monkeypatc
     assert "Retry: pip install no-such-package-xyz==0.0.1" in out
     assert installed == [["numpy>=1.26"], ["onnx>=1.17"], ["--no-deps", "-e", "."]]
     assert "set-up done, without: deepspeed" in out and not run.STAMP.exists()
+
+
+@pytest.mark.parametrize(
+    "platform, says",
+    [("win32", "TORCH_INDEX=https://download.pytorch.org/whl/cu128"), ("darwin", "MPS"), ("linux", None)],
+)
+def test_the_torch_step_says_what_the_index_gives_on_each_platform(monkeypatch, platform, says):
+    """Windows and macOS get the CPU build from the package index (simulated here); Linux needs no note."""
+    monkeypatch.setattr(run.sys, "platform", platform)
+    note = run.torch_platform_note()
+    assert note is None if says is None else says in note
