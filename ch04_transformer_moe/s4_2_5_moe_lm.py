@@ -131,7 +131,7 @@ def main(argv=None) -> dict:
         help="multiplies the routed output (DeepSeek's routed_scaling_factor; default k, 1 = Mixtral)",
     )
     parser.add_argument("--steps", type=int, default=300, help="training steps of each model")
-    parser.add_argument("--batch-size", type=int, default=32, help="sequences per step")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="sequences per step")
     parser.add_argument("--context", type=positive_int, default=128, help="context length in tokens")
     parser.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary")
     parser.add_argument("--lr", type=positive_float, default=3e-3, help="AdamW learning rate")

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from common.launch import is_main, run_workers
 from common.plotting import pyplot, save_figure
-from common.runner import parse_args, positive_int, run_script, script_parser
+from common.runner import parse_args, positive_float, positive_int, run_script, script_parser
 
 STAGES = (0, 1, 2, 3)
 LR = 3e-3
@@ -177,7 +177,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=None, help="training steps per run (quick: 6)")
     parser.add_argument("--micro-batch", type=int, default=8, help="sequences per rank and step")
     parser.add_argument("--context", type=positive_int, default=None, help="tokens per sequence (quick: 32)")
-    parser.add_argument("--timeout", type=float, default=900.0, help="seconds before the workers are ended")
+    parser.add_argument(
+        "--timeout", type=positive_float, default=900.0, help="seconds before the workers are ended"
+    )
     parser.add_argument(
         "--local_rank", type=int, default=None, help=argparse.SUPPRESS
     )  # deepspeed's launcher

@@ -64,6 +64,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
     args = parse_args(parser, argv)
     require_onnx_stack()  # or SKIP with the reason and the install hint
+    if args.opset is not None:
+        import onnx
+
+        newest = onnx.defs.onnx_opset_version()
+        if not 7 <= args.opset <= newest:
+            parser.error(f"argument --opset: onnx {onnx.__version__} has opsets 7-{newest}, got {args.opset}")
     new_tokens = args.new_tokens or (8 if args.quick else 24)
     repeats = args.repeats or (5 if args.quick else 30)
     if new_tokens < 1 or repeats < 1:

@@ -25,7 +25,7 @@ from common.env import require_onnx_stack
 from common.lm_source import add_source_args, evaluate_lm, load_source
 from common.model_files import onnx_bytes, save_safetensors
 from common.onnx_export import ORT_GEMM_OPS, OrtDecoder, OrtLM, export_decoder, quantize_dynamic_int8
-from common.runner import parse_args, positive_int, run_script, script_parser
+from common.runner import parse_args, positive_int, quick_or_full, run_script, script_parser
 from common.timing import gemm_share, paired_ratio, race
 
 
@@ -33,14 +33,15 @@ def main(argv=None) -> dict:
     parser = script_parser(__doc__)
     add_source_args(parser)
     parser.add_argument("--seq-len", type=int, default=None, help="tokens of the timed forward (context)")
-    parser.add_argument("--rounds", type=positive_int, default=30, help="timed rounds (quick: 5)")
+    parser.add_argument("--rounds", type=positive_int, default=None, help="timed rounds (30; quick: 5)")
     parser.add_argument(
         "--eval-batches", type=positive_int, default=None, help="validation batches of 16 (all)"
     )
     args = parse_args(parser, argv)
     require_onnx_stack()  # or SKIP with the reason and the install hint
+    quick_or_full(args, rounds=(5, 30))
     if args.quick:
-        args.rounds, args.eval_batches = min(args.rounds, 5), args.eval_batches or 4
+        args.eval_batches = args.eval_batches or 4
     if args.device != "cpu":
         print(f"device {args.device} asked; the edge path runs on the CPU")
         args.device = "cpu"

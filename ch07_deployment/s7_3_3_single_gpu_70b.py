@@ -43,7 +43,15 @@ from common.quant import (
     save_quantized,
 )
 from common.quant_runtime import summarize_paths, to_runtime
-from common.runner import add_dtype_flag, parse_args, positive_int, run_script, script_parser
+from common.runner import (
+    add_dtype_flag,
+    group_size_int,
+    parse_args,
+    positive_int,
+    quick_or_full,
+    run_script,
+    script_parser,
+)
 from common.timing import paired_ratio, race
 
 BOOK_GPU = "rtx-4060"
@@ -73,20 +81,29 @@ def main(argv=None) -> dict:
     add_dtype_flag(parser)
     add_source_args(parser)
     parser.add_argument("--preset", default="llama-2-70b", help="the model to plan for (common.estimate)")
-    parser.add_argument("--group-size", type=int, default=128, help="GPTQ group size (quick: 32)")
     parser.add_argument(
-        "--calib-samples", type=positive_int, default=32, help="GPTQ calibration windows (quick: 8)"
+        "--group-size",
+        type=group_size_int,
+        default=None,
+        help="GPTQ group size, -1: per row (128; quick: 32)",
     )
     parser.add_argument(
-        "--new-tokens", type=positive_int, default=64, help="greedy tokens to generate and time"
+        "--calib-samples", type=positive_int, default=None, help="GPTQ calibration windows (32; quick: 8)"
     )
     parser.add_argument(
-        "--repeats", type=positive_int, default=3, help="interleaved timed rounds of every model (median)"
+        "--new-tokens",
+        type=positive_int,
+        default=None,
+        help="greedy tokens to generate and time (64; quick: 16)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=positive_int,
+        default=None,
+        help="interleaved timed rounds of every model, median (3; quick: 1)",
     )
     args = parse_args(parser, argv)
-    if args.quick:
-        args.group_size, args.calib_samples = min(args.group_size, 32), min(args.calib_samples, 8)
-        args.new_tokens, args.repeats = min(args.new_tokens, 16), 1
+    quick_or_full(args, group_size=(32, 128), calib_samples=(8, 32), new_tokens=(16, 64), repeats=(1, 3))
     try:
         estimate.preset_config(args.preset)
     except (ValueError, KeyError) as e:

@@ -37,7 +37,15 @@ from common.gptqmodel_anchor import code_agreement, library_status, quantize_wit
 from common.lm_source import add_source_args, evaluate_lm, load_for_compression
 from common.quant import pack_model, quantize_model
 from common.quant_checkpoints import as_decoder_norms, as_decoder_weights, read_awq_checkpoint
-from common.runner import parse_args, positive_int, run_script, script_parser
+from common.runner import (
+    group_size_int,
+    int_between,
+    parse_args,
+    positive_int,
+    quick_or_full,
+    run_script,
+    script_parser,
+)
 
 # AWQ paper, Table 4: Llama-2-7B, WikiText-2 perplexity, INT4 g128
 PAPER_LLAMA2_7B = {"fp16": 5.47, "rtn": 5.73, "gptq": 5.69, "awq": 5.60}
@@ -80,18 +88,23 @@ def main(argv=None) -> dict:
     parser = script_parser(__doc__)
     add_source_args(parser)
     parser.add_argument(
-        "--calib-samples", type=positive_int, default=64, help="calibration windows (quick: 16)"
+        "--calib-samples", type=positive_int, default=None, help="calibration windows (64; quick: 16)"
     )
     parser.add_argument(
-        "--group-size", type=int, default=128, help="columns per scale/zero group (quick: 32)"
+        "--group-size",
+        type=group_size_int,
+        default=None,
+        help="columns per scale/zero group, -1: per row (128; quick: 32)",
     )
-    parser.add_argument("--grid", type=int, default=20, help="points of the α grid and the clipping grid")
+    parser.add_argument(
+        "--grid", type=int_between(2, 200), default=20, help="points of the α grid and the clipping grid"
+    )
     parser.add_argument(
         "--eval-batches", type=positive_int, default=None, help="validation batches of 16 (all)"
     )
     args = parse_args(parser, argv)
+    quick_or_full(args, calib_samples=(16, 64), group_size=(32, 128))
     if args.quick:
-        args.calib_samples, args.group_size = min(args.calib_samples, 16), min(args.group_size, 32)
         args.eval_batches = args.eval_batches or 4
     if args.grid < 2:
         parser.error(f"--grid must be at least 2, got {args.grid}")

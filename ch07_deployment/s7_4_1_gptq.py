@@ -44,7 +44,7 @@ from common.quant import (
     save_quantized,
 )
 from common.quant_checkpoints import as_decoder_weights, read_gptq_checkpoint
-from common.runner import parse_args, positive_int, run_script, script_parser
+from common.runner import group_size_int, parse_args, positive_int, quick_or_full, run_script, script_parser
 
 # GPTQ paper, Table 3: OPT-125M, WikiText-2 perplexity, 4 bits per channel
 PAPER_OPT125M = {"fp16": 27.65, "rtn4": 37.28, "gptq4": 31.12}
@@ -93,10 +93,13 @@ def main(argv=None) -> dict:
     parser = script_parser(__doc__)
     add_source_args(parser)
     parser.add_argument(
-        "--calib-samples", type=positive_int, default=64, help="calibration windows (quick: 16)"
+        "--calib-samples", type=positive_int, default=None, help="calibration windows (64; quick: 16)"
     )
     parser.add_argument(
-        "--group-size", type=int, default=128, help="columns per scale/zero group (quick: 32)"
+        "--group-size",
+        type=group_size_int,
+        default=None,
+        help="columns per scale/zero group, -1: per row (128; quick: 32)",
     )
     parser.add_argument("--damp", type=float, default=0.01, help="dampening, a fraction of mean(diag H)")
     parser.add_argument("--act-order", action="store_true", help="quantise columns by decreasing H_ii")
@@ -104,8 +107,8 @@ def main(argv=None) -> dict:
         "--eval-batches", type=positive_int, default=None, help="validation batches of 16 (all)"
     )
     args = parse_args(parser, argv)
+    quick_or_full(args, calib_samples=(16, 64), group_size=(32, 128))
     if args.quick:
-        args.calib_samples, args.group_size = min(args.calib_samples, 16), min(args.group_size, 32)
         args.eval_batches = args.eval_batches or 4
     if args.damp <= 0:
         parser.error(f"--damp must be positive, got {args.damp}")

@@ -216,7 +216,7 @@ def main(argv=None) -> dict:
     add_source_args(parser)
     parser.add_argument("--task", choices=["lm", "digits"], default=None, help="default lm (quick: digits)")
     parser.add_argument("--steps", type=int, default=300, help="training steps of each student")
-    parser.add_argument("--batch-size", type=int, default=16, help="sequences per step (LM)")
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="sequences per step (LM)")
     parser.add_argument(
         "--lr", type=positive_float, default=3e-3, help="AdamW learning rate, linear decay to 0 (LM)"
     )

@@ -78,7 +78,16 @@ from common.plotting import pyplot, save_figure
 from common.prune import activation_scores, lowest_per_layer, prune_model
 from common.quant import pack_model, quantize_model, save_quantized
 from common.quant_runtime import summarize_paths, to_runtime
-from common.runner import add_dtype_flag, parse_args, positive_float, positive_int, run_script, script_parser
+from common.runner import (
+    add_dtype_flag,
+    group_size_int,
+    parse_args,
+    positive_float,
+    positive_int,
+    quick_or_full,
+    run_script,
+    script_parser,
+)
 from common.timing import paired_ratio, race
 
 VARIANTS = {
@@ -207,14 +216,21 @@ def main(argv=None) -> dict:
     parser = script_parser(__doc__)
     add_dtype_flag(parser)
     add_source_args(parser)
-    parser.add_argument("--group-size", type=int, default=128, help="4-bit group width (quick: 32)")
     parser.add_argument(
-        "--calib-samples", type=positive_int, default=64, help="calibration windows (quick: 16)"
+        "--group-size",
+        type=group_size_int,
+        default=None,
+        help="4-bit group width, -1: per row (128; quick: 32)",
+    )
+    parser.add_argument(
+        "--calib-samples", type=positive_int, default=None, help="calibration windows (64; quick: 16)"
     )
     parser.add_argument("--prune", type=float, default=0.5, help="fraction of feed-forward neurons removed")
-    parser.add_argument("--distil-steps", type=int, default=300, help="student training steps (quick: 40)")
     parser.add_argument(
-        "--batch-size", type=int, default=16, help="sequences per distillation step (quick: 8)"
+        "--distil-steps", type=positive_int, default=None, help="student training steps (300; quick: 40)"
+    )
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=None, help="sequences per distillation step (16; quick: 8)"
     )
     parser.add_argument(
         "--lr", type=positive_float, default=3e-3, help="student AdamW learning rate, linear decay"
@@ -224,16 +240,24 @@ def main(argv=None) -> dict:
     parser.add_argument("--student-layers", type=int, default=None, help="student depth (half the teacher's)")
     parser.add_argument("--student-width", type=int, default=None, help="student d_model (the teacher's)")
     parser.add_argument("--seq-len", type=int, default=None, help="tokens of the timed forward (the context)")
-    parser.add_argument("--rounds", type=positive_int, default=30, help="interleaved timed rounds (quick: 5)")
+    parser.add_argument(
+        "--rounds", type=positive_int, default=None, help="interleaved timed rounds (30; quick: 5)"
+    )
     parser.add_argument(
         "--eval-batches", type=positive_int, default=None, help="validation batches of 16 (all)"
     )
     args = parse_args(parser, argv)
     require_onnx_stack()  # or SKIP with the reason and the install hint
+    quick_or_full(
+        args,
+        group_size=(32, 128),
+        calib_samples=(16, 64),
+        distil_steps=(40, 300),
+        batch_size=(8, 16),
+        rounds=(5, 30),
+    )
     if args.quick:
-        args.group_size, args.calib_samples = min(args.group_size, 32), min(args.calib_samples, 16)
-        args.distil_steps, args.batch_size = min(args.distil_steps, 40), min(args.batch_size, 8)
-        args.rounds, args.eval_batches = min(args.rounds, 5), args.eval_batches or 4
+        args.eval_batches = args.eval_batches or 4
     if not 0 < args.prune < 1:
         parser.error(f"--prune must be in (0, 1), got {args.prune}")
     if min(args.distil_steps, args.batch_size, args.rounds, args.calib_samples) < 1 or args.lr <= 0:

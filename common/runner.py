@@ -93,6 +93,32 @@ def positive_float(text: str) -> float:
 
 
 positive_float.__name__ = "float"
+
+
+def group_size_int(text: str) -> int:
+    """argparse type: a quantisation group width, a positive integer or -1 (one group per row)."""
+    value = _int_type(-1, what="the group size")(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("the group size must be -1 (one group per row) or at least 1, got 0")
+    return value
+
+
+group_size_int.__name__ = "int"
+
+
+def int_between(low: int, high: int):
+    """argparse type factory: an integer from ``low`` to ``high`` (a grid, an opset)."""
+    return _int_type(low, high, what="the value")
+
+
+def quick_or_full(args: argparse.Namespace, **defaults: tuple) -> None:
+    """Give each flag the user left unset (``None``) its default, ``(quick, full)`` by ``--quick``:
+    ``quick_or_full(args, group_size=(32, 128))``.  A value the user gave is kept, in quick mode too."""
+    for name, (quick, full) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
+
+
 positive_int = _int_type(1, what="the value")
 non_negative_int = _int_type(0, what="the value")
 seed_int = _int_type(0, SEED_MAX, what="a seed")

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from common.runner import positive_float
+from common.runner import group_size_int, int_between, positive_float, quick_or_full
 from tests.conftest import REPO_ROOT
 
 POSITIVE_INTS = ("--eval-batches", "--repeats", "--rounds", "--new-tokens", "--max-new-tokens", "--heads")
-POSITIVE_INTS += ("--d-model", "--context", "--calib-samples", "--top-k")
-POSITIVE_FLOATS = ("--lr", "--lm-lr", "--temperature")
+POSITIVE_INTS += ("--d-model", "--context", "--calib-samples", "--top-k", "--distil-steps", "--batch-size")
+POSITIVE_FLOATS = ("--lr", "--lm-lr", "--temperature", "--timeout")
 SCRIPTS = sorted(str(p.relative_to(REPO_ROOT))[:-3].replace("/", ".") for p in REPO_ROOT.glob("ch0*/s*.py"))
 
 
@@ -50,3 +50,54 @@ def test_counts_and_rates_are_refused_before_any_work(module, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert f"argument {flag}" in err, (flag, value, err)
     assert not (Path(tmp_path) / "out").exists()  # refused before the --out folder was made
+
+
+def test_group_sizes_grids_and_quick_defaults():
+    assert [group_size_int(t) for t in ("-1", "1", "128")] == [-1, 1, 128]
+    for bad in ("0", "-2", "x"):
+        with pytest.raises(Exception, match="group size|not an integer"):
+            group_size_int(bad)
+    with pytest.raises(Exception, match="from 2 to 200, got 100000"):
+        int_between(2, 200)("100000")
+    import argparse
+
+    given = argparse.Namespace(quick=True, group_size=100000, calib_samples=None)
+    quick_or_full(given, group_size=(32, 128), calib_samples=(16, 64))
+    assert (given.group_size, given.calib_samples) == (100000, 16)  # the user's value is kept in quick mode
+    full = argparse.Namespace(quick=False, group_size=None)
+    quick_or_full(full, group_size=(32, 128))
+    assert full.group_size == 128
+
+
+@pytest.mark.parametrize(
+    "module,argv,says",
+    [
+        (
+            "ch07_deployment.s7_4_1_gptq",
+            ["--group-size", "100000"],
+            "group_size=100000 must be -1 or a positive",
+        ),
+        (
+            "ch07_deployment.s7_4_1_awq",
+            ["--group-size", "100000"],
+            "group_size=100000 must be -1 or a positive",
+        ),
+        ("ch07_deployment.s7_4_1_gptq", ["--calib-samples", "100000"], "100000 samples of"),
+        (
+            "ch07_deployment.s7_4_1_awq",
+            ["--grid", "100000"],
+            "argument --grid: the value must be from 2 to 200",
+        ),
+        ("ch04_transformer_moe.s4_3_2_onnx", ["--opset", "999"], "argument --opset: onnx"),
+    ],
+)
+def test_quick_mode_keeps_the_value_given_and_refuses_it_before_the_work(
+    module, argv, says, tmp_path, capsys
+):
+    """Quick mode no longer caps --group-size or --calib-samples behind the user's back: the value given
+    is checked against the model and the data, a one-line error before the work."""
+    main = importlib.import_module(module).main
+    with pytest.raises(SystemExit) as e:
+        main(["--quick", *argv, "--out", str(tmp_path / "out"), "--device", "cpu"])
+    assert e.value.code == 2
+    assert says in capsys.readouterr().err.strip().splitlines()[-1]
