@@ -57,7 +57,7 @@ def torch_install_args(cpu: bool) -> list[str]:
 def torch_platform_note() -> str | None:
     """What the package index's torch is on this platform, where it is not what Linux gets: on Windows
     and macOS plain ``pip install torch`` is the CPU build (macOS: with MPS), so ``--cpu`` changes
-    nothing there, and CUDA torch on Windows comes from PyPI's CUDA index instead."""
+    nothing there, and CUDA torch on Windows comes from PyTorch's own CUDA index instead."""
     if sys.platform == "win32":
         return (
             "on Windows the package index's torch is the CPU build; for an NVIDIA GPU: set "

@@ -39,9 +39,7 @@ def main(argv=None) -> dict:
     )
     args = parse_args(parser, argv)
     require_onnx_stack()  # or SKIP with the reason and the install hint
-    quick_or_full(args, rounds=(5, 30))
-    if args.quick:
-        args.eval_batches = args.eval_batches or 4
+    quick_or_full(args, rounds=(5, 30), eval_batches=(4, None))  # full: every batch
     if args.device != "cpu":
         print(f"device {args.device} asked; the edge path runs on the CPU")
         args.device = "cpu"

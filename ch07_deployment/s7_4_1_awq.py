@@ -103,11 +103,9 @@ def main(argv=None) -> dict:
         "--eval-batches", type=positive_int, default=None, help="validation batches of 16 (all)"
     )
     args = parse_args(parser, argv)
-    quick_or_full(args, calib_samples=(16, 64), group_size=(32, 128))
-    if args.quick:
-        args.eval_batches = args.eval_batches or 4
-    if args.grid < 2:
-        parser.error(f"--grid must be at least 2, got {args.grid}")
+    quick_or_full(
+        args, calib_samples=(16, 64), group_size=(32, 128), eval_batches=(4, None)
+    )  # full: every batch
     source, model, windows = load_for_compression(parser, args, "AWQ", bits=(4, 3))
 
     def evaluate(m) -> dict:

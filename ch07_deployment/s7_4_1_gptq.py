@@ -107,9 +107,9 @@ def main(argv=None) -> dict:
         "--eval-batches", type=positive_int, default=None, help="validation batches of 16 (all)"
     )
     args = parse_args(parser, argv)
-    quick_or_full(args, calib_samples=(16, 64), group_size=(32, 128))
-    if args.quick:
-        args.eval_batches = args.eval_batches or 4
+    quick_or_full(
+        args, calib_samples=(16, 64), group_size=(32, 128), eval_batches=(4, None)
+    )  # full: every batch
     if args.damp <= 0:
         parser.error(f"--damp must be positive, got {args.damp}")
     source, model, windows = load_for_compression(parser, args, "GPTQ", bits=(4, 3))

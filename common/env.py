@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
-import importlib.metadata as metadata
 import json
 import logging
 import os
@@ -28,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from common.errors import SkipScript
-from common.tested_versions import range_warnings
+from common.tested_versions import installed_version, range_warnings, release
 
 # import name -> distribution name on the package index
 PACKAGES = {
@@ -270,17 +269,10 @@ def require(name: str, hint: str | None = None):
 # ----------------------------------------------------------------------------- the report
 
 
-def _version(dist: str) -> str | None:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
-
-
 def package_status(import_name: str) -> dict:
     """Installed version and whether the package actually imports (with the error if not)."""
     dist = PACKAGES.get(import_name, import_name)
-    version = _version(dist)
+    version = installed_version(dist)
     info = {"name": dist, "import": import_name, "version": version, "imports": False, "error": None}
     if version is None:
         info["error"] = "not installed"
@@ -378,13 +370,6 @@ def _torch_info() -> dict:
     return info
 
 
-def _parse(v: str | None) -> tuple[int, ...]:
-    """'2.13.0+cpu' -> (2, 13, 0); None -> ()."""
-    if not v:
-        return ()
-    return tuple(int(x) for x in re.findall(r"\d+", v.split("+")[0])[:3])
-
-
 @dataclass
 class Incompatibility:
     """One known trouble: ``applies(report)`` says whether it bites in this environment."""
@@ -394,7 +379,7 @@ class Incompatibility:
 
 
 def _v(r: dict, name: str) -> tuple[int, ...]:
-    return _parse(r["packages"].get(name, {}).get("version"))
+    return release(r["packages"].get(name, {}).get("version"))
 
 
 def _imports(r: dict, name: str) -> bool:

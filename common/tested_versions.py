@@ -4,7 +4,7 @@
 book passed with (``verify/reports/cpu-quick-floor/``) and names, on the same line, the newest version
 they passed with (``verify/reports/cpu-quick/`` and the other reports of record)::
 
-    transformers==4.51.0     # newest tested: 5.25.0
+    transformers==5.20.1     # newest tested: 5.25.0
 
 :func:`range_warnings` compares what is installed with both; ``python -m common.env`` and ``python -m
 verify`` show them with the environment's other version warnings.
@@ -34,8 +34,10 @@ def tested_ranges(path: Path = FLOOR_FILE) -> dict[str, tuple[str, str | None]]:
     return ranges
 
 
-def _release(version: str) -> tuple[int, ...]:
-    """'2.13.0+cpu' -> (2, 13, 0); '1.26.0rc1' -> (1, 26, 0)."""
+def release(version: str | None) -> tuple[int, ...]:
+    """'2.13.0+cpu' -> (2, 13, 0); '1.26.0rc1' -> (1, 26, 0); None -> ()."""
+    if not version:
+        return ()
     return tuple(int(x) for x in re.findall(r"\d+", version.split("+")[0])[:3])
 
 
@@ -53,12 +55,12 @@ def range_warnings(installed=installed_version, path: Path = FLOOR_FILE) -> list
         have = installed(name)
         if have is None:
             continue
-        if _release(have) < _release(low):
+        if release(have) < release(low):
             out.append(
                 f"{name} {have} is older than the oldest version tested, {low} ({path.name}; the newest "
                 f"tested is {high or low}): pip install '{name}>={low}'"
             )
-        elif high is not None and _release(have) > _release(high):
+        elif high is not None and release(have) > release(high):
             out.append(
                 f"{name} {have} is newer than the newest version tested, {high} (the oldest tested is "
                 f"{low}, {path.name}); if a section fails, pip install '{name}=={high}'"

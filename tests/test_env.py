@@ -166,7 +166,7 @@ def test_import_warnings_are_captured_and_real_ones_reported(tmp_path, monkeypat
     module.logger.warning("later messages are the package's own")
     assert "later messages" in capfd.readouterr().err
     monkeypatch.setitem(env.PACKAGES, "fakelib", "fakelib")
-    monkeypatch.setattr(env, "_version", lambda dist: "1.0")
+    monkeypatch.setattr(env, "installed_version", lambda dist: "1.0")
     sys.modules.pop("fakelib")
     assert env.package_status("fakelib")["import_warnings"] == [
         "the fused kernels were built for another torch"

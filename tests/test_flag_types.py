@@ -88,7 +88,7 @@ def test_group_sizes_grids_and_quick_defaults():
             ["--grid", "100000"],
             "argument --grid: the value must be from 2 to 200",
         ),
-        ("ch04_transformer_moe.s4_3_2_onnx", ["--opset", "999"], "argument --opset: onnx"),
+        ("ch04_transformer_moe.s4_3_2_onnx", ["--opset", "999"], "argument --opset: from 7 to onnx"),
     ],
 )
 def test_quick_mode_keeps_the_value_given_and_refuses_it_before_the_work(

@@ -32,7 +32,8 @@ CPU instruction sets
   tests/test_onnx_export.py::test_int8_saturation_is_judged_from_the_cpu (five CPUs forced),
   tests/test_onnx_export.py::test_the_int8_quantiser_reduces_the_range_only_where_the_kernels_saturate.
 - oneDNN's instruction set (``common.env.onednn_isa``, held down by ``ONEDNN_MAX_CPU_ISA``): this module,
-  test_cpu_capability_held_to_avx2_is_reported; CI's AVX2 pass (.ci/run) runs the equivalence tests
+  test_cpu_capability_held_to_avx2_is_reported and, once oneDNN has spoken verbosely in the process,
+  test_onednn_isa_after_oneDNN_spoke_verbosely_before; CI's AVX2 pass (.ci/run) runs the equivalence tests
   with both held to AVX2 and checks that they took effect: this module, test_the_held_cpu_took_effect.
 - The CPU's name and flags where there is no /proc/cpuinfo (macOS, Windows) or an ARM one
   (``common.env.cpu_model_and_flags``): this module, test_cpu_flags_without_or_with_an_arm_cpuinfo.
@@ -44,7 +45,8 @@ Cores
 Optional packages
 - An optional group of requirements.txt missing (DeepSpeed, the ONNX stack, peft): its sections SKIP
   with the install hint before any work (``common.env.require``, ``require_onnx_stack``): this module,
-  test_sections_skip_without_their_optional_group; present: every other test of those sections. The
+  test_sections_skip_without_their_optional_group (its hints match requirements.txt's groups:
+  test_install_hints_name_each_group_of_requirements_txt); present: every other test of those sections. The
   set-up that installs each group on its own and names one that fails (``run.py``):
   tests/test_run_py.py::test_a_group_that_fails_to_install_is_named_and_the_rest_installs.
 - fastmoe's real ``fmoe`` or ``common.fmoe`` (``common.fmoe.backend.fmoe_backend``): this module,
@@ -79,6 +81,8 @@ Platform
 - glibc's malloc thresholds, a no-op elsewhere (``common.env.keep_freed_memory``): this module,
   test_keep_freed_memory_is_a_no_op_off_glibc; glibc:
   tests/test_env.py::test_keep_freed_memory_stops_page_faults_on_reuse.
+- The harness's peak memory unit, ``ru_maxrss`` in KiB (Linux) or bytes (macOS): this module,
+  test_script_process_peak_memory_unit_by_platform.
 - The harness's process group: ``start_new_session``/``killpg``/SIGKILL/``wait4`` on POSIX,
   ``CREATE_NEW_PROCESS_GROUP``/``CTRL_BREAK_EVENT``/``kill``/psutil on Windows (``verify.process_group``):
   this module, test_script_process_on_windows_simulated and test_script_process_options_by_platform;
@@ -202,6 +206,25 @@ def test_the_held_cpu_took_effect():
         assert isa and os.environ["ONEDNN_MAX_CPU_ISA"].replace("_", " ").lower() in isa.lower(), isa
 
 
+def test_onednn_isa_after_oneDNN_spoke_verbosely_before():
+    """oneDNN prints its isa: line once per process; a later call names the convolution's kernel."""
+    env.onednn_isa()
+    later = env.onednn_isa()
+    assert later is not None and later.startswith("jit:"), later
+
+
+def test_install_hints_name_each_group_of_requirements_txt():
+    """The SKIP hints of the optional groups install what requirements.txt's groups hold."""
+    import run
+
+    _, groups = run.requirement_groups((REPO_ROOT / "requirements.txt").read_text())
+    for group, names in (("deepspeed", ["deepspeed"]), ("onnx", list(env.ONNX_STACK)), ("peft", ["peft"])):
+        wanted = [re.split(r"[<>=!~ ]", r)[0] for r in groups[group]]
+        for name in names:
+            hint = env.INSTALL_HINTS[name]
+            assert f"pip install {' '.join(wanted)} (requirements.txt's [{group}] group" in hint, hint
+
+
 def test_cpu_flags_without_or_with_an_arm_cpuinfo(monkeypatch, tmp_path):
     def no_cpuinfo(*args, **kwargs):
         raise FileNotFoundError("/proc/cpuinfo")
@@ -278,7 +301,8 @@ def test_tensorrt_status_each_way(monkeypatch):
 
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
     monkeypatch.setitem(sys.modules, "tensorrt", None)
-    assert tensorrt_status() == (False, tensorrt_status()[1]) and "does not import" in tensorrt_status()[1]
+    usable, why = tensorrt_status()
+    assert usable is False and "does not import" in why
     monkeypatch.setitem(sys.modules, "tensorrt", types.ModuleType("tensorrt"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert tensorrt_status() == (False, "tensorrt imports but there is no CUDA GPU to build an engine on")
@@ -392,6 +416,23 @@ def test_script_process_on_windows_simulated(monkeypatch, tmp_path, behaviour, c
     proc.stop(grace=1.0)
     assert proc.returncode == code
     assert proc.peak_rss_mb > 64
+
+
+@pytest.mark.parametrize("platform,scale", [("linux", 1024), ("darwin", 1)])
+def test_script_process_peak_memory_unit_by_platform(monkeypatch, platform, scale):
+    """``ru_maxrss`` is KiB on Linux and bytes on macOS (forced here over a real child's exit)."""
+    from verify.process_group import ScriptProcess
+
+    real_wait4 = os.wait4
+
+    def wait4(pid, options):  # the child's real status, a ru_maxrss of 96 MiB in the platform's unit
+        got, status, _ = real_wait4(pid, options)
+        return got, status, types.SimpleNamespace(ru_maxrss=96 * 2**20 // scale)
+
+    proc = ScriptProcess([sys.executable, "-c", "pass"])
+    monkeypatch.setattr(sys, "platform", platform)
+    monkeypatch.setattr(os, "wait4", wait4)
+    assert proc.wait() == 0 and proc.peak_rss_mb == 96.0
 
 
 def test_sigbreak_stops_a_script_as_sigterm_does(monkeypatch, tmp_path):

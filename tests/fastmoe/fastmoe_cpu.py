@@ -7,7 +7,7 @@ of the run is killed and the test fails with their output.  A worker leaves its 
 the interpreter ends (fastmoe's workers just exit), then ends at once with the exit code its test
 earned: torch's threads still running during the interpreter's own teardown (gloo's, the TCPStore's)
 otherwise end the process now and then with ``terminate called without an active exception``
-(SIGABRT, seen on rank 0, the store's host, about one run in forty) after its test passed.
+(SIGABRT, seen twice, each time on rank 0, the store's host) after its test passed.
 """
 
 from __future__ import annotations
