@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 
 from common.env import choose_dtype, environment_report, format_report
-from common.runner import parse_args, run_script, script_parser
+from common.runner import checks_done, int_between, parse_args, quick_or_full, run_script, script_parser
 
 
 def matmul_check(device: str, size: int) -> dict:
@@ -45,9 +45,16 @@ def matmul_check(device: str, size: int) -> dict:
 
 def main(argv=None) -> dict:
     parser = script_parser(__doc__)
-    parser.add_argument("--size", type=int, default=2048, help="matrix size of the matmul check")
+    parser.add_argument(
+        "--size",
+        type=int_between(1, 16384),
+        default=None,
+        help="matrix size of the matmul check (quick: 256)",
+    )
     args = parse_args(parser, argv)
-    size = 256 if args.quick else args.size
+    quick_or_full(args, size=(256, 2048))
+    size = args.size
+    checks_done(args)
 
     report = environment_report()
     print(format_report(report))

@@ -41,12 +41,25 @@ from num2words import num2words
 from common.models.transformer import Seq2SeqTransformer
 from common.plotting import pyplot, save_figure
 from common.progress import progress
-from common.runner import add_dtype_flag, parse_args, positive_float, positive_int, run_script, script_parser
+from common.runner import (
+    add_dtype_flag,
+    checks_done,
+    count_int,
+    int_between,
+    parse_args,
+    positive_float,
+    positive_int,
+    quick_or_full,
+    run_script,
+    script_parser,
+    width_int,
+)
 from common.training import autocast_for, lr_at
 
 LANGUAGES = {"de": "German", "fr": "French"}
 BLEU_TOKENIZE = {"de": "char", "fr": "13a"}  # German numbers are one word: BLEU over characters
 PAD, BOS, EOS = 0, 1, 2
+HEADS = 4
 SPECIALS = 3  # PAD, BOS, EOS come before the language tags and the characters
 
 
@@ -147,25 +160,29 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--languages", default="de,fr", help="target languages, comma-separated, of: de, fr (default both)"
     )
-    parser.add_argument("--steps", type=positive_int, default=800, help="training steps (quick: 150)")
     parser.add_argument(
-        "--batch-size", type=positive_int, default=64, help="sentence pairs per batch (quick: 32)"
+        "--steps", type=positive_int, default=None, help="training steps (default 800, quick: 150)"
+    )
+    parser.add_argument(
+        "--batch-size", type=count_int, default=None, help="sentence pairs per batch (default 64, quick: 32)"
     )
     parser.add_argument(
         "--max-number",
-        type=positive_int,
-        default=10_000,
-        help="numbers are drawn from 0..max-1 (quick: 1000)",
+        type=int_between(2, 10**7),  # every number's words in every language are held in memory
+        default=None,
+        help="numbers are drawn from 0..max-1 (default 10000, quick: 1000)",
     )
     parser.add_argument(
         "--n-test",
         type=positive_int,
-        default=500,
-        help="held-out numbers, each scored in every language (quick: 50)",
+        default=None,
+        help="held-out numbers, each scored in every language (default 500, quick: 50)",
     )
-    parser.add_argument("--d-model", type=positive_int, default=128, help="model width (quick: 64)")
     parser.add_argument(
-        "--layers", type=positive_int, default=2, help="encoder and decoder layers each (quick: 1)"
+        "--d-model", type=width_int, default=None, help="model width (default 128, quick: 64)"
+    )
+    parser.add_argument(
+        "--layers", type=count_int, default=None, help="encoder and decoder layers each (default 2, quick: 1)"
     )
     parser.add_argument("--lr", type=positive_float, default=1e-3, help="AdamW peak learning rate")
     parser.add_argument("--norm-first", action="store_true", help="Pre-LN instead of the paper's Post-LN")
@@ -175,17 +192,13 @@ def main(argv=None) -> dict:
         parser.error(
             f"--languages takes a comma-separated list of {', '.join(LANGUAGES)}, got {args.languages!r}"
         )
-    if args.quick:
-        args.steps, args.batch_size, args.max_number, args.n_test, args.d_model, args.layers = (
-            150,
-            32,
-            1000,
-            50,
-            64,
-            1,
-        )
+    quick_or_full(args, steps=(150, 800), batch_size=(32, 64), max_number=(1000, 10_000), n_test=(50, 500))
+    quick_or_full(args, d_model=(64, 128), layers=(1, 2))
     if not 0 < args.n_test < args.max_number:
         parser.error(f"--n-test must lie in (0, --max-number={args.max_number}), got {args.n_test}")
+    if args.d_model % HEADS:
+        parser.error(f"--d-model {args.d_model} must divide by the {HEADS} attention heads")
+    checks_done(args)
     device = args.device
 
     train_numbers, test_numbers = make_split(args.max_number, args.n_test, args.seed)
@@ -207,7 +220,7 @@ def main(argv=None) -> dict:
         len(src_vocab),
         len(tgt_vocab),
         d_model=args.d_model,
-        n_head=4,
+        n_head=HEADS,
         num_encoder_layers=args.layers,
         num_decoder_layers=args.layers,
         d_ff=4 * args.d_model,

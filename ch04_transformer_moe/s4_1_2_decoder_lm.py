@@ -28,10 +28,21 @@ import torch
 
 from common.data import EOT, TokenData, get_tokenizer, load_corpus
 from common.models.decoder import PRESETS, DecoderConfig, DecoderLM
-from common.models.generation import generate
+from common.models.generation import decode_room_problem, generate
 from common.models.hf_llama import decoder_to_hf
 from common.plotting import pyplot, save_figure
-from common.runner import add_dtype_flag, parse_args, positive_int, run_script, script_parser
+from common.runner import (
+    add_dtype_flag,
+    checks_done,
+    count_int,
+    int_between,
+    parse_args,
+    positive_int,
+    quick_or_full,
+    run_script,
+    script_parser,
+    width_int,
+)
 from common.training import TrainConfig, train
 
 VARIANTS = {
@@ -57,6 +68,10 @@ def count_params(config: DecoderConfig) -> tuple[int, int]:
     return model.num_params(), model.num_params(non_embedding=True)
 
 
+PROMPTS = ["The function returns", "In Python, a", "An exception is raised when the"]
+VOCAB = int_between(257, 65536)  # the 256 bytes and <|endoftext|>, up to what a 16-bit id holds
+
+
 def hf_check(config: DecoderConfig, device: str, seed: int) -> float:
     """Max |logit difference| between our model and its LlamaForCausalLM conversion on random tokens."""
     torch.manual_seed(seed)
@@ -70,21 +85,47 @@ def hf_check(config: DecoderConfig, device: str, seed: int) -> float:
 def main(argv=None) -> dict:
     parser = script_parser(__doc__)
     add_dtype_flag(parser)
-    parser.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary of the embedded corpus")
-    parser.add_argument("--steps", type=int, default=600, help="training steps of the demo model (quick: 40)")
     parser.add_argument(
-        "--d-model", type=positive_int, default=192, help="width of the demo model (quick: 64)"
-    )
-    parser.add_argument("--layers", type=int, default=4, help="layers of the demo model (quick: 2)")
-    parser.add_argument(
-        "--context", type=positive_int, default=128, help="context length of the demo model (quick: 64)"
+        "--vocab-size", type=VOCAB, default=2048, help="BPE vocabulary of the embedded corpus"
     )
     parser.add_argument(
-        "--new-tokens", type=positive_int, default=48, help="tokens generated per prompt (quick: 16)"
+        "--steps",
+        type=positive_int,
+        default=None,
+        help="training steps of the demo model (default 600, quick: 40)",
+    )
+    parser.add_argument(
+        "--d-model", type=width_int, default=None, help="width of the demo model (default 192, quick: 64)"
+    )
+    parser.add_argument(
+        "--layers", type=count_int, default=None, help="layers of the demo model (default 4, quick: 2)"
+    )
+    parser.add_argument(
+        "--context",
+        type=count_int,
+        default=None,
+        help="context length of the demo model (default 128, quick: 64)",
+    )
+    parser.add_argument(
+        "--new-tokens",
+        type=positive_int,
+        default=None,
+        help="tokens generated per prompt (default 48, quick: 16)",
     )
     args = parse_args(parser, argv)
-    if args.quick:
-        args.steps, args.d_model, args.layers, args.context, args.new_tokens = 40, 64, 2, 64, 16
+    quick_or_full(
+        args, steps=(40, 600), d_model=(64, 192), layers=(2, 4), context=(64, 128), new_tokens=(16, 48)
+    )
+    if args.d_model % 4:
+        parser.error(f"--d-model {args.d_model} must divide by the demo model's 4 heads")
+    text = load_corpus()
+    tokenizer = get_tokenizer(vocab_size=args.vocab_size, text=text)
+    data = TokenData.from_text(text, tokenizer, context_length=args.context)  # a context too long: UsageError
+    prompts = [tokenizer.encode(p).ids for p in PROMPTS]
+    problem = decode_room_problem(prompts, args.new_tokens, args.context)
+    if problem:
+        parser.error(f"--new-tokens {args.new_tokens}: {problem} (--context)")
+    checks_done(args)
     device = args.device
     figures: dict = {}
 
@@ -126,9 +167,6 @@ def main(argv=None) -> dict:
     )
 
     # 4. train a small model on the embedded corpus ---------------------------------------------------
-    text = load_corpus()
-    tokenizer = get_tokenizer(vocab_size=args.vocab_size, text=text)
-    data = TokenData.from_text(text, tokenizer, context_length=args.context)
     cfg = DecoderConfig(
         vocab_size=tokenizer.get_vocab_size(),
         context_length=args.context,
@@ -172,8 +210,7 @@ def main(argv=None) -> dict:
     )
 
     # 5. generation with the KV cache -----------------------------------------------------------------
-    prompts_text = ["The function returns", "In Python, a", "An exception is raised when the"]
-    prompts = [tokenizer.encode(p).ids for p in prompts_text]
+    prompts_text = PROMPTS
     n = args.new_tokens
     eot = tokenizer.token_to_id(EOT)
     period = tokenizer.token_to_id(".")

@@ -30,7 +30,17 @@ import torch
 
 from common.data import TokenData, get_tokenizer, load_corpus
 from common.plotting import pyplot, save_figure
-from common.runner import add_dtype_flag, parse_args, positive_float, positive_int, run_script, script_parser
+from common.runner import (
+    add_dtype_flag,
+    checks_done,
+    count_int,
+    parse_args,
+    positive_float,
+    positive_int,
+    run_script,
+    script_parser,
+    width_int,
+)
 from common.training import TrainConfig, train
 
 
@@ -85,12 +95,8 @@ def main(argv=None) -> dict:
 
     parser = script_parser(__doc__)
     add_dtype_flag(parser)
-    parser.add_argument(
-        "--layers", type=positive_int, default=None, help="decoder layers (default 8; quick 3)"
-    )
-    parser.add_argument(
-        "--d-model", type=positive_int, default=None, help="model width (default 128; quick 64)"
-    )
+    parser.add_argument("--layers", type=count_int, default=None, help="decoder layers (default 8; quick 3)")
+    parser.add_argument("--d-model", type=width_int, default=None, help="model width (default 128; quick 64)")
     parser.add_argument(
         "--steps",
         type=positive_int,
@@ -101,7 +107,7 @@ def main(argv=None) -> dict:
         "--lr", type=positive_float, default=3e-3, help="AdamW learning rate, used from step 0 (no warm-up)"
     )
     parser.add_argument(
-        "--batch-size", type=positive_int, default=None, help="sequences per step (default 16; quick 8)"
+        "--batch-size", type=count_int, default=None, help="sequences per step (default 16; quick 8)"
     )
     parser.add_argument(
         "--init",
@@ -126,18 +132,22 @@ def main(argv=None) -> dict:
     tokenizer = get_tokenizer(vocab, text=text)
     data = TokenData.from_text(text, tokenizer, context_length=context)
     # the 2017 recipe: LayerNorm, learned positions, GELU; only norm_placement differs
-    base = DecoderConfig(
-        vocab_size=vocab,
-        context_length=context,
-        n_layer=layers,
-        d_model=d_model,
-        n_head=4,
-        n_kv_head=4,
-        norm="layernorm",
-        pos="learned",
-        ffn="gelu",
-        bias=True,
-    )
+    try:
+        base = DecoderConfig(
+            vocab_size=vocab,
+            context_length=context,
+            n_layer=layers,
+            d_model=d_model,
+            n_head=4,
+            n_kv_head=4,
+            norm="layernorm",
+            pos="learned",
+            ffn="gelu",
+            bias=True,
+        )
+    except ValueError as e:
+        parser.error(f"--d-model {d_model}: {e}")
+    checks_done(args)
     print(
         f"two {layers}-layer decoders, {args.init} initialisation, d_model {d_model}, "
         f"on {len(data.train):,} training tokens "

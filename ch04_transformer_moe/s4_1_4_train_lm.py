@@ -41,12 +41,18 @@ from common.errors import UsageError
 from common.plotting import pyplot, save_figure
 from common.runner import (
     add_dtype_flag,
+    checks_done,
+    count_int,
+    int_between,
+    non_negative_float,
     non_negative_int,
     parse_args,
     positive_float,
     positive_int,
+    quick_or_full,
     run_script,
     script_parser,
+    unit_float,
 )
 from common.training import (
     TrainConfig,
@@ -135,7 +141,7 @@ def plot_losses(path: str, results: dict) -> None:
 
 def main(argv=None) -> dict:
     from common.models.decoder import DecoderConfig, DecoderLM
-    from common.models.generation import generate
+    from common.models.generation import decode_room_problem, generate
 
     parser = script_parser(__doc__)
     parser.add_argument(
@@ -148,19 +154,22 @@ def main(argv=None) -> dict:
         "--corpus", default=None, help="train on this UTF-8 text file instead of the embedded corpus"
     )
     parser.add_argument(
-        "--vocab-size", type=positive_int, default=None, help="BPE vocabulary (default 2048; quick 512)"
+        "--vocab-size",
+        type=int_between(257, 65536),  # the 256 bytes and <|endoftext|>, up to 16-bit ids
+        default=None,
+        help="BPE vocabulary (default 2048; quick 512)",
     )
     parser.add_argument(
-        "--context", type=positive_int, default=None, help="context length in tokens (default 128; quick 64)"
+        "--context", type=count_int, default=None, help="context length in tokens (default 128; quick 64)"
     )
     parser.add_argument(
         "--steps", type=positive_int, default=None, help="optimizer steps (default 160; quick 12)"
     )
     parser.add_argument(
         "--batch-size",
-        type=positive_int,
+        type=count_int,
         default=None,
-        help="sequences per micro-batch per process (default 32; quick 8)",
+        help="sequences per micro-batch per process (default 16; quick 8)",
     )
     parser.add_argument(
         "--grad-accum", type=positive_int, default=1, help="micro-batches accumulated per optimizer step"
@@ -175,18 +184,30 @@ def main(argv=None) -> dict:
         help="AdamW learning rate (llama: every parameter; nanodeepseek: "
         "what is neither a matrix, the embedding nor the head)",
     )
-    parser.add_argument("--muon-lr", type=float, default=0.02, help="nanodeepseek: Muon's rate (matrices)")
     parser.add_argument(
-        "--embedding-lr", type=float, default=0.02, help="nanodeepseek: AdamW rate of the embedding"
+        "--muon-lr", type=positive_float, default=0.02, help="nanodeepseek: Muon's rate (matrices)"
     )
     parser.add_argument(
-        "--head-lr", type=float, default=0.004, help="nanodeepseek: AdamW rate of the unembedding (head)"
+        "--embedding-lr", type=positive_float, default=0.02, help="nanodeepseek: AdamW rate of the embedding"
     )
-    parser.add_argument("--warmup", type=non_negative_int, default=10, help="warm-up steps")
     parser.add_argument(
-        "--warmdown-frac", type=float, default=0.4, help="nanodeepseek: share of steps in the final decay"
+        "--head-lr",
+        type=positive_float,
+        default=0.004,
+        help="nanodeepseek: AdamW rate of the unembedding (head)",
     )
-    parser.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0: off)")
+    parser.add_argument(
+        "--warmup", type=non_negative_int, default=None, help="warm-up steps (default 10; quick 3)"
+    )
+    parser.add_argument(
+        "--warmdown-frac",
+        type=unit_float,
+        default=0.4,
+        help="nanodeepseek: share of steps in the final decay",
+    )
+    parser.add_argument(
+        "--grad-clip", type=non_negative_float, default=1.0, help="clip the global gradient norm (0: off)"
+    )
     parser.add_argument(
         "--eval-every",
         type=non_negative_int,
@@ -207,13 +228,17 @@ def main(argv=None) -> dict:
     )
     add_dtype_flag(parser, fp16=True)
     parser.add_argument(
-        "--samples", type=non_negative_int, default=3, help="continuations to generate at the end"
+        "--samples",
+        type=int_between(0, len(PROMPTS)),
+        default=3,
+        help="continuations to generate at the end, one per prompt",
     )
     parser.add_argument(
         "--max-new-tokens", type=positive_int, default=40, help="tokens per generated continuation"
     )
     args = parse_args(parser, argv)
     q = args.quick
+    quick_or_full(args, warmup=(3, 10))
     dist = setup_distributed(args.device)
     say = print if dist.is_main else (lambda *a, **k: None)
     recipes = RECIPES if args.recipe == "both" else (args.recipe,)
@@ -242,7 +267,7 @@ def main(argv=None) -> dict:
                 steps=args.steps or (12 if q else 160),
                 batch_size=args.batch_size or (8 if q else 16),
                 grad_accum=args.grad_accum,
-                warmup_steps=min(args.warmup, 3) if q else args.warmup,
+                warmup_steps=args.warmup,
                 grad_clip=args.grad_clip,
                 eval_every=(6 if q else 40) if args.eval_every is None else args.eval_every,
                 eval_batches=4 if q else 16,
@@ -256,6 +281,11 @@ def main(argv=None) -> dict:
             runs[recipe] = (cfg, resume_plan(model, cfg) if args.resume else "start")
         if args.resume and all(plan == "start" for _, plan in runs.values()):
             raise UsageError(f"resume: no checkpoint of any recipe in {args.out} to resume from")
+        prompts = [tokenizer.encode(p).ids for p in PROMPTS[: args.samples]]
+        problem = decode_room_problem(prompts, args.max_new_tokens, context)
+        if problem:
+            raise UsageError(f"--max-new-tokens {args.max_new_tokens}: {problem} (--context)")
+        checks_done(args)
         for recipe, (cfg, plan) in runs.items():
             model, config = models[recipe], models[recipe].config
             cfg.resume = plan == "resume"  # a recipe that never began starts; a finished one is kept
@@ -314,7 +344,6 @@ def main(argv=None) -> dict:
             f"steps each, {figures['llama_params']:,} vs {figures['nanodeepseek_params']:,} parameters"
         )
 
-    prompts = [tokenizer.encode(p).ids for p in PROMPTS[: args.samples]]
     if prompts:  # --samples 0 generates nothing
         for recipe, model in models.items():
             model.eval()

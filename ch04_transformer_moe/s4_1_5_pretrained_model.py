@@ -22,10 +22,19 @@ import math
 
 import torch
 
+from common.data import get_tokenizer
 from common.env import torch_dtype
-from common.models.generation import generate
+from common.models.generation import decode_room_problem, generate
 from common.pretrained import SPECS, pretrained_lm
-from common.runner import add_dtype_flag, parse_args, positive_int, run_script, script_parser
+from common.runner import (
+    add_dtype_flag,
+    checks_done,
+    parse_args,
+    positive_int,
+    quick_or_full,
+    run_script,
+    script_parser,
+)
 
 PROMPTS = ["The return value of", "A class is"]
 
@@ -38,11 +47,22 @@ def main(argv=None) -> dict:
     )
     parser.add_argument("--retrain", action="store_true", help="ignore the cache and train the model now")
     parser.add_argument(
-        "--new-tokens", type=positive_int, default=None, help="tokens per continuation (quick: 12)"
+        "--new-tokens",
+        type=positive_int,
+        default=None,
+        help="tokens per continuation (default 40, quick: 12)",
     )
     args = parse_args(parser, argv)
-    name = args.name or ("test" if args.quick else "tiny")
-    new_tokens = args.new_tokens or (12 if args.quick else 40)
+    quick_or_full(args, name=("test", "tiny"), new_tokens=(12, 40))
+    name, new_tokens = args.name, args.new_tokens
+    spec = SPECS[name]  # the prompts and the new tokens must fit in its context
+    tokenizer = get_tokenizer(spec["vocab_size"])
+    problem = decode_room_problem(
+        [tokenizer.encode(p).ids for p in PROMPTS], new_tokens, spec["model"]["context_length"]
+    )
+    if problem:
+        parser.error(f"--new-tokens {new_tokens}: {problem}")
+    checks_done(args)
 
     model, tokenizer, info = pretrained_lm(name, device=args.device, retrain=args.retrain)
     cfg = info["config"]

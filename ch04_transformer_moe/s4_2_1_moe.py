@@ -27,7 +27,15 @@ import torch
 
 from common.moe import TopKMoE
 from common.plotting import pyplot, save_figure
-from common.runner import parse_args, positive_int, run_script, script_parser
+from common.runner import (
+    checks_done,
+    int_between,
+    parse_args,
+    quick_or_full,
+    run_script,
+    script_parser,
+    width_int,
+)
 
 
 def plot_loads(path: str, counts: list[int], k: int) -> None:
@@ -47,14 +55,27 @@ def timed(fn):
 
 def main(argv=None) -> dict:
     parser = script_parser(__doc__)
-    parser.add_argument("--d-model", type=positive_int, default=256, help="model width")
-    parser.add_argument("--d-ff", type=int, default=512, help="width of each expert")
-    parser.add_argument("--experts", type=int, default=8, help="number of experts E")
-    parser.add_argument("--k", type=int, default=2, help="experts per token (top-k)")
-    parser.add_argument("--tokens", type=int, default=2048, help="tokens in the batch (8 sequences)")
+    parser.add_argument("--d-model", type=width_int, default=None, help="model width (default 256, quick 64)")
+    parser.add_argument(
+        "--d-ff", type=width_int, default=None, help="width of each expert (default 512, quick 128)"
+    )
+    parser.add_argument("--experts", type=int_between(1, 4096), default=8, help="number of experts E")
+    parser.add_argument(
+        "--k", type=int_between(1, 4096), default=2, help="experts per token (top-k), at most E"
+    )
+    parser.add_argument(
+        "--tokens",
+        type=int_between(8, 1 << 20),
+        default=None,
+        help="tokens in the batch, 8 sequences: a multiple of 8 (default 2048, quick 256)",
+    )
     args = parse_args(parser, argv)
-    if args.quick:
-        args.d_model, args.d_ff, args.tokens = 64, 128, 256
+    quick_or_full(args, d_model=(64, 256), d_ff=(128, 512), tokens=(256, 2048))
+    if args.k > args.experts:
+        parser.error(f"--k {args.k} must be at most --experts {args.experts}")
+    if args.tokens % 8:
+        parser.error(f"--tokens {args.tokens} must be a multiple of the 8 sequences")
+    checks_done(args)
 
     layer = TopKMoE(args.d_model, args.d_ff, args.experts, args.k, balance_coef=0.01, z_coef=0.001).to(
         args.device

@@ -28,7 +28,17 @@ import torch
 
 from common.moe import SwitchMoE, expert_capacity
 from common.plotting import pyplot, save_figure
-from common.runner import parse_args, positive_int, run_script, script_parser
+from common.runner import (
+    checks_done,
+    fraction,
+    int_between,
+    non_negative_float,
+    parse_args,
+    quick_or_full,
+    run_script,
+    script_parser,
+    width_int,
+)
 
 FACTORS = (1.0, 1.25, 2.0)
 
@@ -42,22 +52,34 @@ def plot(path: str, rows: list[dict]) -> None:
 
 def main(argv=None) -> dict:
     parser = script_parser(__doc__)
-    parser.add_argument("--d-model", type=positive_int, default=256, help="model width")
-    parser.add_argument("--d-ff", type=int, default=1024, help="width of each expert")
-    parser.add_argument("--experts", type=int, default=16, help="number of experts")
-    parser.add_argument("--tokens", type=int, default=4096, help="tokens in the batch (8 sequences)")
+    parser.add_argument("--d-model", type=width_int, default=None, help="model width (default 256, quick 64)")
     parser.add_argument(
-        "--skew", type=float, default=0.5, help="how strongly the router favours a few experts"
+        "--d-ff", type=width_int, default=None, help="width of each expert (default 1024, quick 128)"
+    )
+    parser.add_argument("--experts", type=int_between(1, 4096), default=16, help="number of experts")
+    parser.add_argument(
+        "--tokens",
+        type=int_between(8, 1 << 20),
+        default=None,
+        help="tokens in the batch, 8 sequences: a multiple of 8 (default 4096, quick 512)",
     )
     parser.add_argument(
-        "--jitter", type=float, default=0.01, help="multiplicative jitter epsilon (training only)"
+        "--skew", type=non_negative_float, default=0.5, help="how strongly the router favours a few experts"
+    )
+    parser.add_argument(
+        "--jitter",
+        type=fraction,
+        default=0.01,
+        help="multiplicative jitter epsilon: inputs scaled by U(1-eps, 1+eps) (training only)",
     )
     parser.add_argument(
         "--dropped", choices=["zero", "passthrough"], default="zero", help="what a dropped token outputs"
     )
     args = parse_args(parser, argv)
-    if args.quick:
-        args.d_model, args.d_ff, args.tokens = 64, 128, 512
+    quick_or_full(args, d_model=(64, 256), d_ff=(128, 1024), tokens=(512, 4096))
+    if args.tokens % 8:
+        parser.error(f"--tokens {args.tokens} must be a multiple of the 8 sequences")
+    checks_done(args)
 
     x = torch.randn(8, args.tokens // 8, args.d_model, device=args.device)
     base = SwitchMoE(args.d_model, args.d_ff, args.experts, jitter=args.jitter, dropped=args.dropped).to(

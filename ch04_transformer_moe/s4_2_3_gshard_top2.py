@@ -25,7 +25,15 @@ import torch
 
 from common.moe import GShardMoE, expert_capacity
 from common.plotting import pyplot, save_figure
-from common.runner import parse_args, positive_int, run_script, script_parser
+from common.runner import (
+    checks_done,
+    int_between,
+    parse_args,
+    quick_or_full,
+    run_script,
+    script_parser,
+    width_int,
+)
 
 FACTORS = (0.5, 1.0, 2.0)
 
@@ -54,13 +62,22 @@ def plot(path: str, rows: list[dict]) -> None:
 
 def main(argv=None) -> dict:
     parser = script_parser(__doc__)
-    parser.add_argument("--d-model", type=positive_int, default=256, help="model width")
-    parser.add_argument("--d-ff", type=int, default=1024, help="width of each expert")
-    parser.add_argument("--experts", type=int, default=16, help="number of experts")
-    parser.add_argument("--tokens", type=int, default=4096, help="tokens in the batch")
+    parser.add_argument("--d-model", type=width_int, default=None, help="model width (default 256, quick 64)")
+    parser.add_argument(
+        "--d-ff", type=width_int, default=None, help="width of each expert (default 1024, quick 128)"
+    )
+    parser.add_argument(
+        "--experts", type=int_between(2, 4096), default=16, help="number of experts (top-2 needs two)"
+    )
+    parser.add_argument(
+        "--tokens",
+        type=int_between(1, 1 << 20),
+        default=None,
+        help="tokens in the batch (default 4096, quick 512)",
+    )
     args = parse_args(parser, argv)
-    if args.quick:
-        args.d_model, args.d_ff, args.tokens = 64, 128, 512
+    quick_or_full(args, d_model=(64, 256), d_ff=(128, 1024), tokens=(512, 4096))
+    checks_done(args)
 
     x = (
         torch.randn(1, args.tokens, args.d_model, device=args.device) + 0.2

@@ -35,7 +35,20 @@ import torch
 from common.moe import DeepSeekMoE
 from common.plotting import pyplot, save_figure
 from common.progress import progress
-from common.runner import add_dtype_flag, parse_args, positive_float, positive_int, run_script, script_parser
+from common.runner import (
+    add_dtype_flag,
+    checks_done,
+    count_int,
+    int_between,
+    non_negative_float,
+    parse_args,
+    positive_float,
+    positive_int,
+    quick_or_full,
+    run_script,
+    script_parser,
+    width_int,
+)
 from common.training import autocast_for
 
 
@@ -93,26 +106,51 @@ def train_run(args, gamma: float, x_all: torch.Tensor, teacher: torch.nn.Module,
 def main(argv=None) -> dict:
     parser = script_parser(__doc__)
     add_dtype_flag(parser)
-    parser.add_argument("--d-model", type=positive_int, default=128, help="model width")
-    parser.add_argument("--d-ff", type=int, default=512, help="width of one coarse expert before splitting")
-    parser.add_argument("--experts", type=int, default=8, help="coarse experts N (m·N fine-grained experts)")
-    parser.add_argument("--k", type=int, default=1, help="coarse top-k (m·k fine-grained experts per token)")
+    parser.add_argument("--d-model", type=width_int, default=None, help="model width (default 128, quick 32)")
     parser.add_argument(
-        "--m", type=int, default=4, help="fine-grained split: each expert becomes m of width d_ff/m"
+        "--d-ff",
+        type=width_int,
+        default=None,
+        help="width of one coarse expert before splitting (default 512, quick 128)",
     )
-    parser.add_argument("--shared", type=int, default=1, help="shared experts (of the fine-grained width)")
-    parser.add_argument("--n-group", type=int, default=4, help="expert groups")
-    parser.add_argument("--topk-group", type=int, default=2, help="groups each token may use")
-    parser.add_argument("--gamma", type=float, default=1e-2, help="bias update speed γ")
-    parser.add_argument("--steps", type=int, default=300, help="training steps of each run")
-    parser.add_argument("--batch", type=int, default=16, help="sequences per step")
-    parser.add_argument("--seq", type=int, default=64, help="tokens per sequence")
+    experts = int_between(1, 4096)
+    parser.add_argument(
+        "--experts", type=experts, default=8, help="coarse experts N (m·N fine-grained experts)"
+    )
+    parser.add_argument(
+        "--k", type=experts, default=1, help="coarse top-k (m·k fine-grained experts per token)"
+    )
+    parser.add_argument(
+        "--m",
+        type=int_between(1, 256),
+        default=4,
+        help="fine-grained split: each expert becomes m of width d_ff/m",
+    )
+    parser.add_argument(
+        "--shared", type=int_between(0, 4096), default=1, help="shared experts (of the fine-grained width)"
+    )
+    parser.add_argument("--n-group", type=experts, default=4, help="expert groups")
+    parser.add_argument("--topk-group", type=experts, default=2, help="groups each token may use")
+    parser.add_argument(
+        "--gamma", type=non_negative_float, default=1e-2, help="bias update speed γ (0: no bias)"
+    )
+    parser.add_argument(
+        "--steps", type=positive_int, default=None, help="training steps of each run (default 300, quick 60)"
+    )
+    parser.add_argument(
+        "--batch", type=count_int, default=None, help="sequences per step (default 16, quick 8)"
+    )
+    parser.add_argument(
+        "--seq", type=int_between(1, 1 << 16), default=None, help="tokens per sequence (default 64, quick 32)"
+    )
     parser.add_argument("--lr", type=positive_float, default=3e-3, help="AdamW learning rate")
     args = parse_args(parser, argv)
-    if args.quick:
-        args.d_model, args.d_ff, args.steps, args.batch, args.seq = 32, 128, 60, 8, 32
-
-    layer = build(args, args.gamma)
+    quick_or_full(args, d_model=(32, 128), d_ff=(128, 512), steps=(60, 300), batch=(8, 16), seq=(32, 64))
+    try:
+        layer = build(args, args.gamma)
+    except ValueError as e:
+        parser.error(str(e))
+    checks_done(args)
     n_fine, k_fine, d_fine = args.experts * args.m, args.k * args.m, args.d_ff // args.m
     routed = layer.experts.gate_up.numel() + layer.experts.down.numel()
     shared = sum(p.numel() for p in layer.shared.parameters()) if layer.shared is not None else 0

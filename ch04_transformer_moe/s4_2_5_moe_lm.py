@@ -40,7 +40,21 @@ from torch import nn
 from common.data import TokenData, get_tokenizer, load_corpus
 from common.moe import DeepSeekMoE, MoELayer, merge_loads
 from common.plotting import pyplot, save_figure
-from common.runner import add_dtype_flag, parse_args, positive_float, positive_int, run_script, script_parser
+from common.runner import (
+    add_dtype_flag,
+    checks_done,
+    count_int,
+    int_between,
+    non_negative_float,
+    non_negative_int,
+    parse_args,
+    positive_float,
+    positive_int,
+    quick_or_full,
+    run_script,
+    script_parser,
+    width_int,
+)
 from common.training import TrainConfig, train
 
 TINY = dict(n_layer=4, d_model=128, n_head=4, n_kv_head=4)
@@ -114,55 +128,73 @@ def main(argv=None) -> dict:
 
     parser = script_parser(__doc__)
     add_dtype_flag(parser)
-    parser.add_argument("--experts", type=int, default=8, help="experts per MoE layer")
-    parser.add_argument("--k", type=int, default=2, help="experts per token")
     parser.add_argument(
-        "--d-expert", type=int, default=192, help="width of one expert (dense width = k·d_expert)"
+        "--experts",
+        type=int_between(1, 4096),
+        default=None,
+        help="experts per MoE layer (default 8, quick 4)",
+    )
+    parser.add_argument("--k", type=int_between(1, 4096), default=2, help="experts per token")
+    parser.add_argument(
+        "--d-expert",
+        type=width_int,
+        default=None,
+        help="width of one expert (dense width = k·d_expert; default 192, quick 64)",
     )
     parser.add_argument(
-        "--every", type=int, default=1, help="MoE in every n-th layer (1: all, 2: every other)"
+        "--every", type=positive_int, default=1, help="MoE in every n-th layer (1: all, 2: every other)"
     )
-    parser.add_argument("--first-dense", type=int, default=0, help="keep the first n layers dense")
-    parser.add_argument("--balance-coef", type=float, default=0.01, help="coefficient of the balance loss")
+    parser.add_argument(
+        "--first-dense", type=non_negative_int, default=0, help="keep the first n layers dense"
+    )
+    parser.add_argument(
+        "--balance-coef", type=non_negative_float, default=0.01, help="coefficient of the balance loss"
+    )
     parser.add_argument(
         "--routed-scale",
-        type=float,
+        type=positive_float,
         default=None,
         help="multiplies the routed output (DeepSeek's routed_scaling_factor; default k, 1 = Mixtral)",
     )
-    parser.add_argument("--steps", type=int, default=300, help="training steps of each model")
-    parser.add_argument("--batch-size", type=positive_int, default=32, help="sequences per step")
-    parser.add_argument("--context", type=positive_int, default=128, help="context length in tokens")
-    parser.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary")
+    parser.add_argument(
+        "--steps",
+        type=positive_int,
+        default=None,
+        help="training steps of each model (default 300, quick 12)",
+    )
+    parser.add_argument(
+        "--batch-size", type=count_int, default=None, help="sequences per step (default 32, quick 8)"
+    )
+    parser.add_argument(
+        "--context", type=count_int, default=None, help="context length in tokens (default 128, quick 64)"
+    )
+    parser.add_argument(
+        "--vocab-size",
+        type=int_between(257, 65536),
+        default=None,
+        help="BPE vocabulary (default 2048, quick 512)",
+    )
     parser.add_argument("--lr", type=positive_float, default=3e-3, help="AdamW learning rate")
     args = parse_args(parser, argv)
-    if args.every < 1 or args.first_dense < 0:
-        raise ValueError("--every must be >= 1 and --first-dense >= 0")
-    if args.routed_scale is not None and args.routed_scale <= 0:
-        parser.error(f"--routed-scale must be positive, got {args.routed_scale}")
-    sizes = TINY
-    if args.quick:
-        sizes = QUICK
-        args.experts, args.d_expert, args.steps, args.batch_size, args.context, args.vocab_size = (
-            4,
-            64,
-            12,
-            8,
-            64,
-            512,
-        )
+    sizes = QUICK if args.quick else TINY
+    quick_or_full(args, experts=(4, 8), d_expert=(64, 192), steps=(12, 300), batch_size=(8, 32))
+    quick_or_full(args, context=(64, 128), vocab_size=(512, 2048))
 
     text = load_corpus()
     tokenizer = get_tokenizer(args.vocab_size, text=text)
     data = TokenData.from_text(text, tokenizer, context_length=args.context)
     base = dict(vocab_size=args.vocab_size, context_length=args.context, **sizes)
     if args.first_dense >= base["n_layer"]:
-        raise ValueError(f"--first-dense {args.first_dense} leaves no MoE layer in {base['n_layer']} layers")
-    config = DecoderConfig(**base, d_ff=args.k * args.d_expert)  # also the MoE LM's dense layers
-    torch.manual_seed(args.seed)
-    dense = DecoderLM(config)
-    torch.manual_seed(args.seed)
-    moe = DecoderLM(config, ffn_factory=moe_factory(args, base["n_layer"]))
+        parser.error(f"--first-dense {args.first_dense} leaves no MoE layer in {base['n_layer']} layers")
+    try:
+        config = DecoderConfig(**base, d_ff=args.k * args.d_expert)  # also the MoE LM's dense layers
+        torch.manual_seed(args.seed)
+        dense = DecoderLM(config)
+        torch.manual_seed(args.seed)
+        moe = DecoderLM(config, ffn_factory=moe_factory(args, base["n_layer"]))
+    except ValueError as e:
+        parser.error(str(e))
+    checks_done(args)
     moe_layers = [m for m in moe.modules() if isinstance(m, MoELayer)]
     routed_scale = moe_layers[0].router.routed_scaling_factor
     print(

@@ -35,7 +35,15 @@ from common.estimate import PRESETS, count_params, flops_per_token, model_shape,
 from common.models.decoder import PRESETS as DECODER_PRESETS
 from common.models.decoder import DecoderConfig, DecoderLM
 from common.plotting import pyplot, save_figure
-from common.runner import add_dtype_flag, parse_args, run_script, script_parser
+from common.runner import (
+    add_dtype_flag,
+    checks_done,
+    int_between,
+    parse_args,
+    quick_or_full,
+    run_script,
+    script_parser,
+)
 
 PUBLISHED = [
     "gpt2",
@@ -230,6 +238,7 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--models",
         nargs="+",
+        metavar="NAME_OR_PATH",
         default=None,
         help="presets ("
         + ", ".join([*PRESETS, *(f"decoder-{p}" for p in DECODER_PRESETS)])
@@ -237,7 +246,7 @@ def main(argv=None) -> dict:
     )
     parser.add_argument(
         "--tokens",
-        type=int,
+        type=int_between(1024, 1 << 30),  # at least one batch
         default=None,
         help="training tokens per ladder model (default 300000; quick: 10000)",
     )
@@ -249,9 +258,9 @@ def main(argv=None) -> dict:
             model_shape(_config(name)[0])
         except ValueError as e:
             parser.error(f"--models {name}: {str(e).splitlines()[0]}")
-    tokens = args.tokens or (10_000 if args.quick else 300_000)
-    if tokens < 1024:
-        parser.error("--tokens must be at least 1024 (one batch)")
+    quick_or_full(args, tokens=(10_000, 300_000))
+    tokens = args.tokens
+    checks_done(args)
 
     print(
         f"1. parameters, FLOPs per token (a token attending to min({FLOPS_SEQ}, context) keys) and fp16 "

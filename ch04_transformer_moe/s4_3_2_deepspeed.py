@@ -47,7 +47,18 @@ import torch.nn.functional as F
 
 from common.launch import is_main, run_workers
 from common.plotting import pyplot, save_figure
-from common.runner import parse_args, positive_float, positive_int, run_script, script_parser
+from common.runner import (
+    checks_done,
+    count_int,
+    int_between,
+    parse_args,
+    positive_float,
+    positive_int,
+    process_count,
+    quick_or_full,
+    run_script,
+    script_parser,
+)
 
 STAGES = (0, 1, 2, 3)
 LR = 3e-3
@@ -172,11 +183,18 @@ def plot(path: str, curves: dict) -> None:
 def main(argv=None) -> dict:
     parser = script_parser(__doc__)
     parser.add_argument(
-        "--nproc", type=int, default=2, help="processes when run plainly (a launcher decides)"
+        "--nproc", type=process_count, default=2, help="processes when run plainly (a launcher decides)"
     )
-    parser.add_argument("--steps", type=int, default=None, help="training steps per run (quick: 6)")
-    parser.add_argument("--micro-batch", type=int, default=8, help="sequences per rank and step")
-    parser.add_argument("--context", type=positive_int, default=None, help="tokens per sequence (quick: 32)")
+    parser.add_argument(
+        "--steps", type=positive_int, default=None, help="training steps per run (default 40, quick: 6)"
+    )
+    parser.add_argument("--micro-batch", type=count_int, default=8, help="sequences per rank and step")
+    parser.add_argument(
+        "--context",
+        type=int_between(2, 1 << 20),
+        default=None,
+        help="tokens per sequence (default 64, quick: 32)",
+    )
     parser.add_argument(
         "--timeout", type=positive_float, default=900.0, help="seconds before the workers are ended"
     )
@@ -184,13 +202,13 @@ def main(argv=None) -> dict:
         "--local_rank", type=int, default=None, help=argparse.SUPPRESS
     )  # deepspeed's launcher
     args = parse_args(parser, argv)
-    steps = args.steps or (6 if args.quick else 40)
-    context = args.context or (32 if args.quick else 64)
-    if steps < 1 or args.micro_batch < 1 or args.nproc < 1 or context < 2:
-        parser.error("--steps, --micro-batch and --nproc must be >= 1, --context >= 2")
+    quick_or_full(args, steps=(6, 40), context=(32, 64))
+    steps, context = args.steps, args.context
     from common.env import require
 
     require("deepspeed")
+    _build(args.seed, context)  # the data at this context (a UsageError if the text is too short)
+    checks_done(args)
     runs = [("ddp", 0, "fp32")] + [("zero", s, "fp32") for s in STAGES]
     runs += [("zero", 1, "bf16"), ("zero", 2, "bf16"), ("zero", 1, "fp16")]
     results = run_workers(

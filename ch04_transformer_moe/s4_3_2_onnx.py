@@ -30,10 +30,18 @@ import numpy as np
 import torch
 
 from common.env import require_onnx_stack
-from common.lm_source import add_source_args, load_source
-from common.models.generation import generate
-from common.onnx_export import ORT_GEMM_OPS, OrtLM, dynamic_axes_of, export_decoder
-from common.runner import parse_args, positive_int, run_script, script_parser
+from common.lm_source import add_source_args, load_decoder
+from common.models.generation import decode_room_problem, generate
+from common.onnx_export import ORT_GEMM_OPS, OrtLM, dynamic_axes_of, export_decoder, writable_opsets
+from common.runner import (
+    checks_done,
+    int_between,
+    parse_args,
+    positive_int,
+    quick_or_full,
+    run_script,
+    script_parser,
+)
 from common.timing import gemm_share, paired_ratio, race
 
 PROMPTS = ["The return value of", "A class is"]
@@ -58,27 +66,35 @@ def main(argv=None) -> dict:
     parser = script_parser(__doc__)
     add_source_args(parser)
     parser.add_argument(
-        "--new-tokens", type=positive_int, default=None, help="greedy tokens per prompt (quick: 8)"
+        "--new-tokens",
+        type=positive_int,
+        default=None,
+        help="greedy tokens per prompt (default 24, quick: 8)",
     )
-    parser.add_argument("--repeats", type=positive_int, default=None, help="timing rounds (quick: 5)")
-    parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    parser.add_argument(
+        "--repeats", type=positive_int, default=None, help="timing rounds (default 30, quick: 5)"
+    )
+    parser.add_argument(
+        "--opset",
+        type=int_between(7, 1000),
+        default=None,
+        help="ONNX opset, up to the newest the installed onnx and onnxscript write (default: the exporter's)",
+    )
     args = parse_args(parser, argv)
     require_onnx_stack()  # or SKIP with the reason and the install hint
     if args.opset is not None:
-        import onnx
-
-        lowest, newest = 7, onnx.defs.onnx_opset_version()  # torch's exporters start at 7 (raised to 18)
+        lowest, newest, why = writable_opsets()
         if not lowest <= args.opset <= newest:
-            parser.error(
-                f"argument --opset: from {lowest} to onnx {onnx.__version__}'s {newest}, got {args.opset}"
-            )
-    new_tokens = args.new_tokens or (8 if args.quick else 24)
-    repeats = args.repeats or (5 if args.quick else 30)
-    if new_tokens < 1 or repeats < 1:
-        parser.error("--new-tokens and --repeats must be >= 1")
-    source = load_source(parser, args)
-    model = source.decoder("ONNX export").cpu().eval()  # both sides of the comparison run on the CPU
+            parser.error(f"argument --opset: from {lowest} to {newest} ({why}), got {args.opset}")
+    quick_or_full(args, new_tokens=(8, 24), repeats=(5, 30))
+    new_tokens, repeats = args.new_tokens, args.repeats
+    source, model = load_decoder(parser, args, "ONNX export")
+    model = model.cpu().eval()  # both sides of the comparison run on the CPU
     ctx = model.config.context_length
+    problem = decode_room_problem([source.encode(p) for p in PROMPTS], new_tokens, ctx)
+    if problem:
+        parser.error(f"--new-tokens {new_tokens}: {problem}")
+    checks_done(args)
     print(f"model: {source.describe()}")
 
     path = os.path.join(args.out, "lm.onnx")

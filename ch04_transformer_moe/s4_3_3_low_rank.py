@@ -41,11 +41,21 @@ from torch import nn
 
 from common.data import TokenData, module_docstrings, split_text
 from common.env import require
-from common.lm_source import add_source_args, evaluate_lm, load_source
+from common.lm_source import add_source_args, evaluate_lm, load_decoder
 from common.models.hf_llama import decoder_to_hf
 from common.plotting import pyplot, save_figure
 from common.prune import linear_weights
-from common.runner import add_dtype_flag, parse_args, positive_int, run_script, script_parser
+from common.runner import (
+    add_dtype_flag,
+    checks_done,
+    parse_args,
+    positive_float,
+    positive_int,
+    quick_or_full,
+    run_script,
+    script_parser,
+    width_int,
+)
 from common.training import TrainConfig, train
 
 # our fused matrices -> the transformers Llama projections they hold, stacked by rows
@@ -247,26 +257,32 @@ def main(argv=None) -> dict:
     add_source_args(parser)
     parser.add_argument(
         "--ranks",
-        type=int,
+        type=width_int,
         nargs="+",
         default=None,
         help="ranks of the SVD sweep (default: full, 3/4, 1/2, 1/4, 1/8 of d_model)",
     )
-    parser.add_argument("--lora-rank", type=int, default=8, help="rank r of every LoRA adapter")
-    parser.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scale alpha (update x alpha/r)")
-    parser.add_argument("--lora-steps", type=int, default=None, help="LoRA steps (default 100, quick: 30)")
-    parser.add_argument("--lora-lr", type=float, default=3e-3, help="AdamW learning rate of the adapters")
+    parser.add_argument("--lora-rank", type=width_int, default=8, help="rank r of every LoRA adapter")
     parser.add_argument(
-        "--eval-batches", type=positive_int, default=None, help="validation batches of 8 (quick: 4)"
+        "--lora-alpha", type=positive_float, default=16.0, help="LoRA scale alpha (update x alpha/r)"
+    )
+    parser.add_argument(
+        "--lora-steps", type=positive_int, default=None, help="LoRA steps (default 100, quick: 30)"
+    )
+    parser.add_argument(
+        "--lora-lr", type=positive_float, default=3e-3, help="AdamW learning rate of the adapters"
+    )
+    parser.add_argument(
+        "--eval-batches",
+        type=positive_int,
+        default=None,
+        help="validation batches of 8 (default 16, quick: 4)",
     )
     args = parse_args(parser, argv)
     require("peft")  # or SKIP with the reason and the install hint
-    eval_batches = args.eval_batches or (4 if args.quick else 16)
-    lora_steps = args.lora_steps or (30 if args.quick else 100)
-    if eval_batches < 1 or lora_steps < 1:
-        parser.error("--eval-batches and --lora-steps must be >= 1")
-    source = load_source(parser, args)
-    model = source.decoder("low-rank factorisation and LoRA")
+    quick_or_full(args, eval_batches=(4, 16), lora_steps=(30, 100))
+    eval_batches, lora_steps = args.eval_batches, args.lora_steps
+    source, model = load_decoder(parser, args, "low-rank factorisation and LoRA")
     device = next(model.parameters()).device
     d = model.config.d_model
     smallest = min(min(w.shape) for w in linear_weights(model).values())
@@ -277,6 +293,7 @@ def main(argv=None) -> dict:
                 f"rank {r} is larger than the matrices allow: must be in [1, {smallest}] "
                 f"(the smallest side of a targeted matrix)"
             )
+    checks_done(args)
     print(f"model: {source.describe()}")
 
     # (a) truncated SVD

@@ -31,11 +31,10 @@ import os
 
 import torch
 
-from common.lm_source import add_source_args, evaluate_lm, load_source
+from common.lm_source import add_source_args, evaluate_lm, load_decoder
 from common.plotting import pyplot, save_figure
 from common.prune import (
     activation_scores,
-    check_sparsity,
     head_scores,
     lowest_per_layer,
     n_head_units,
@@ -43,7 +42,17 @@ from common.prune import (
     prune_model,
     zero_units,
 )
-from common.runner import add_dtype_flag, parse_args, positive_int, run_script, script_parser
+from common.runner import (
+    add_dtype_flag,
+    checks_done,
+    fraction,
+    non_negative_int,
+    parse_args,
+    positive_int,
+    quick_or_full,
+    run_script,
+    script_parser,
+)
 from common.timing import paired_ratio, race
 from common.training import TrainConfig, train
 
@@ -73,7 +82,7 @@ def main(argv=None) -> dict:
     add_source_args(parser)
     parser.add_argument(
         "--ratios",
-        type=float,
+        type=fraction,
         nargs="+",
         default=None,
         help="fractions of heads and of neurons removed from every layer (default 0.25 0.5 0.75; "
@@ -81,34 +90,34 @@ def main(argv=None) -> dict:
     )
     parser.add_argument(
         "--recover-steps",
-        type=int,
+        type=non_negative_int,
         default=None,
-        help="fine-tune steps after pruning 50%% (quick: 5; 0: none)",
+        help="fine-tune steps after pruning 50%% (default 60, quick: 5; 0: none)",
     )
     parser.add_argument(
-        "--eval-batches", type=positive_int, default=None, help="validation batches of 8 (quick: 4)"
+        "--eval-batches",
+        type=positive_int,
+        default=None,
+        help="validation batches of 8 (default 16, quick: 4)",
     )
-    parser.add_argument("--repeats", type=positive_int, default=None, help="timing rounds (quick: 5)")
+    parser.add_argument(
+        "--repeats", type=positive_int, default=None, help="timing rounds (default 20, quick: 5)"
+    )
     args = parse_args(parser, argv)
-    args.ratios = args.ratios or ([0.25, 0.5] if args.quick else [0.25, 0.5, 0.75])
-    for r in args.ratios:
-        try:
-            check_sparsity(r)
-        except ValueError as e:
-            parser.error(f"--ratios: {e}")
-    eval_batches = args.eval_batches or (4 if args.quick else 16)
-    repeats = args.repeats or (5 if args.quick else 20)
-    recover_steps = args.recover_steps if args.recover_steps is not None else (5 if args.quick else 60)
-    if eval_batches < 1 or repeats < 1 or recover_steps < 0:
-        parser.error("--eval-batches and --repeats must be >= 1, --recover-steps >= 0")
-    source = load_source(parser, args)
-    model = source.decoder("structured pruning")
+    quick_or_full(args, ratios=([0.25, 0.5], [0.25, 0.5, 0.75]), eval_batches=(4, 16), repeats=(5, 20))
+    quick_or_full(args, recover_steps=(5, 60))
+    eval_batches, repeats, recover_steps = args.eval_batches, args.repeats, args.recover_steps
+    source, model = load_decoder(parser, args, "structured pruning")
     units = [n_head_units(b.attn) for b in model.blocks]
     for r in args.ratios:
         if any(round(r * u) >= u for u in units):
             parser.error(
                 f"--ratios {r}: removing {round(r * min(units))} of {min(units)} heads leaves no heads"
             )
+        neurons = model.config.ffn_dim
+        if round(r * neurons) >= neurons:
+            parser.error(f"--ratios {r}: removing {round(r * neurons)} of {neurons} neurons leaves none")
+    checks_done(args)
     device = next(model.parameters()).device
     print(f"model: {source.describe()}")
 

@@ -36,13 +36,21 @@ from torch.nn.utils import prune as torch_prune
 from common.lm_source import add_source_args, evaluate_lm, load_source
 from common.plotting import pyplot, save_figure
 from common.prune import (
-    check_sparsity,
     global_magnitude_masks,
     layer_magnitude_masks,
     linear_weights,
     sparsity_of,
 )
-from common.runner import parse_args, positive_int, run_script, script_parser
+from common.runner import (
+    checks_done,
+    fraction,
+    int_between,
+    parse_args,
+    positive_int,
+    quick_or_full,
+    run_script,
+    script_parser,
+)
 from common.timing import paired_ratio, race
 
 SPEED_SPARSITIES = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)
@@ -138,39 +146,42 @@ def main(argv=None) -> dict:
     add_source_args(parser)
     parser.add_argument(
         "--sparsities",
-        type=float,
+        type=fraction,
         nargs="+",
         default=None,
         help="fractions of weights removed, each in [0, 1) (default 0, 0.1, ..., 0.9)",
     )
     parser.add_argument(
-        "--matrix", type=int, default=None, help="size n of the timed (n, n) matrix (quick: 512)"
+        "--matrix",
+        type=int_between(1, 16384),
+        default=None,
+        help="size n of the timed (n, n) matrix (default 2048, quick: 512)",
     )
-    parser.add_argument("--tokens", type=int, default=128, help="columns of the timed right-hand side")
     parser.add_argument(
-        "--eval-batches", type=positive_int, default=None, help="validation batches of 8 (quick: 4)"
+        "--tokens", type=int_between(1, 16384), default=128, help="columns of the timed right-hand side"
     )
-    parser.add_argument("--repeats", type=positive_int, default=None, help="timing rounds (quick: 5)")
+    parser.add_argument(
+        "--eval-batches",
+        type=positive_int,
+        default=None,
+        help="validation batches of 8 (default 16, quick: 4)",
+    )
+    parser.add_argument(
+        "--repeats", type=positive_int, default=None, help="timing rounds (default 15, quick: 5)"
+    )
     parser.add_argument(
         "--threads",
-        type=int,
+        type=int_between(1, 1024),
         default=1,
         help="threads of the timed products (default 1: a per-core comparison; on a busy machine the "
         "threaded sparse kernel spins waiting for a core and its time says nothing about its work)",
     )
     args = parse_args(parser, argv)
-    sparsities = args.sparsities or ([0.0, 0.5, 0.9] if args.quick else [i / 10 for i in range(10)])
-    for s in sparsities:
-        try:
-            check_sparsity(s)
-        except ValueError as e:
-            parser.error(f"--sparsities: {e}")
-    n = args.matrix or (512 if args.quick else 2048)
-    eval_batches = args.eval_batches or (4 if args.quick else 16)
-    repeats = args.repeats or (5 if args.quick else 15)
-    if n < 1 or args.tokens < 1 or eval_batches < 1 or repeats < 1 or args.threads < 1:
-        parser.error("--matrix, --tokens, --eval-batches, --repeats and --threads must be >= 1")
+    quick_or_full(args, sparsities=([0.0, 0.5, 0.9], [i / 10 for i in range(10)]), matrix=(512, 2048))
+    quick_or_full(args, eval_batches=(4, 16), repeats=(5, 15))
+    sparsities, n, eval_batches, repeats = args.sparsities, args.matrix, args.eval_batches, args.repeats
     source = load_source(parser, args)
+    checks_done(args)
     print(f"model: {source.describe()}")
 
     print("\n1-2. global magnitude pruning of every linear layer (the output head kept)")

@@ -27,7 +27,15 @@ import torch
 
 from common.fmoe.backend import fmoe_backend
 from common.moe.dispatch import sort_by_expert
-from common.runner import parse_args, positive_int, run_script, script_parser
+from common.runner import (
+    checks_done,
+    int_between,
+    parse_args,
+    quick_or_full,
+    run_script,
+    script_parser,
+    width_int,
+)
 
 
 def per_token_loop(layer, x, idx, score) -> torch.Tensor:
@@ -42,16 +50,21 @@ def per_token_loop(layer, x, idx, score) -> torch.Tensor:
 
 def main(argv=None) -> dict:
     parser = script_parser(__doc__)
-    parser.add_argument("--experts", type=int, default=4, help="number of experts")
-    parser.add_argument("--d-model", type=positive_int, default=16, help="model width")
-    parser.add_argument("--d-hidden", type=int, default=32, help="hidden width of each expert")
-    parser.add_argument("--tokens", type=int, default=8, help="tokens in the batch")
-    parser.add_argument("--top-k", type=positive_int, default=2, help="experts per token")
+    parser.add_argument("--experts", type=int_between(1, 4096), default=4, help="number of experts")
+    parser.add_argument("--d-model", type=width_int, default=16, help="model width")
+    parser.add_argument("--d-hidden", type=width_int, default=32, help="hidden width of each expert")
+    parser.add_argument(
+        "--tokens",
+        type=int_between(1, 4096),  # each one printed, and checked against a per-token loop
+        default=None,
+        help="tokens in the batch (default 8, quick 6)",
+    )
+    parser.add_argument("--top-k", type=int_between(1, 4096), default=2, help="experts per token")
     args = parse_args(parser, argv)
-    if args.quick:
-        args.tokens = 6
+    quick_or_full(args, tokens=(6, 8))
     if not 1 <= args.top_k <= args.experts:
         parser.error(f"--top-k must be between 1 and --experts ({args.experts}), got {args.top_k}")
+    checks_done(args)
 
     fm, backend = fmoe_backend()
     print(f"fastmoe backend: {backend}")

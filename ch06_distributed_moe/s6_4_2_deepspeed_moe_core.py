@@ -43,7 +43,17 @@ from torch import nn
 from common.env import require
 from common.fmoe.expert_parallel import check_ep_size
 from common.launch import is_main, job_size, run_workers
-from common.runner import parse_args, positive_int, run_script, script_parser
+from common.runner import (
+    checks_done,
+    count_int,
+    int_between,
+    parse_args,
+    process_count,
+    quick_or_full,
+    run_script,
+    script_parser,
+    width_int,
+)
 
 DS_LAYER = "deepspeed/moe/layer.py"  # MoE.__init__/forward: use_residual, coefficient, softmax mix
 DS_PRMOE = "tests/unit/simple_model.py"  # SimplePRMoEModel: num_experts, then 2·num_experts, residual
@@ -229,16 +239,24 @@ def _worker(ctx, a):
 
 def main(argv=None) -> dict:
     parser = script_parser(__doc__)
-    parser.add_argument("--nproc", type=int, default=2, help="worker processes (= ep_size of part 6)")
-    parser.add_argument("--experts", type=int, default=8, help="experts per MoE layer")
-    parser.add_argument("--d-model", type=positive_int, default=64, help="model width")
-    parser.add_argument("--d-ff", type=int, default=128, help="hidden width of each expert")
-    parser.add_argument("--batch", type=int, default=8, help="sequences per rank")
-    parser.add_argument("--seq", type=int, default=64, help="tokens per sequence")
-    parser.add_argument("--pr-layers", type=int, default=4, help="layers of the PR-MoE model")
+    parser.add_argument(
+        "--nproc", type=process_count, default=2, help="worker processes (= ep_size of part 6)"
+    )
+    parser.add_argument("--experts", type=int_between(1, 4096), default=8, help="experts per MoE layer")
+    parser.add_argument("--d-model", type=width_int, default=64, help="model width")
+    parser.add_argument("--d-ff", type=width_int, default=128, help="hidden width of each expert")
+    parser.add_argument("--batch", type=count_int, default=8, help="sequences per rank")
+    parser.add_argument(
+        "--seq", type=int_between(1, 1 << 16), default=None, help="tokens per sequence (default 64, quick 16)"
+    )
+    parser.add_argument(
+        "--pr-layers",
+        type=int_between(1, 256),
+        default=4,
+        help="layers of the PR-MoE model (the second half with twice the experts)",
+    )
     args = parse_args(parser, argv)
-    if args.quick:
-        args.seq = 16
+    quick_or_full(args, seq=(16, 64))
     world = job_size(args.nproc)
     try:
         check_ep_size(world, world)
@@ -247,6 +265,7 @@ def main(argv=None) -> dict:
     except ValueError as e:
         parser.error(str(e))
     require("deepspeed")  # or skip with the reason
+    checks_done(args)
     device = "cuda" if args.device == "cuda" else "cpu"
     results = run_workers(_worker, args.nproc, (args,), device=device, timeout=600)
     if not is_main():

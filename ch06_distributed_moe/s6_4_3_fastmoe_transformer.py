@@ -50,12 +50,19 @@ from common.models.attention import MultiHeadAttention
 from common.progress import progress
 from common.runner import (
     add_dtype_flag,
+    checks_done,
+    count_int,
+    int_between,
+    non_negative_float,
     non_negative_int,
     parse_args,
     positive_float,
     positive_int,
+    process_count,
+    quick_or_full,
     run_script,
     script_parser,
+    width_int,
 )
 from common.training import autocast_for
 
@@ -302,16 +309,21 @@ def check_lm_resume(a) -> None:
         )
 
 
+def lm_data(a):
+    """The corpus as the language model reads it (a UsageError where ``a.context`` is too long for it)."""
+    from common.data import TokenData, get_tokenizer, load_corpus
+
+    return TokenData.from_text(load_corpus(), get_tokenizer(2048), a.context)
+
+
 def train_lm(fm, a) -> dict:
     """AdamW on the corpus for ``a.lm_steps`` steps under autocast to ``a.dtype``, checkpointed to
     ``a.ckpt_dir`` every ``a.ckpt_every`` steps and on Ctrl-C/SIGTERM (the interruption then carries the
     folder and step to the runner); ``a.resume`` continues from that checkpoint."""
     from common import checkpoint as ckpt
-    from common.data import TokenData, get_tokenizer, load_corpus
     from common.errors import UsageError
 
-    tok = get_tokenizer(2048)
-    data = TokenData.from_text(load_corpus(), tok, a.context)
+    data = lm_data(a)
     torch.manual_seed(a.seed)
     model = MoETransformer(
         fm,
@@ -404,20 +416,47 @@ def intra_op_threads(n: int):
 def main(argv=None) -> dict:
     parser = script_parser(__doc__)
     add_dtype_flag(parser)
-    parser.add_argument("--nproc", type=int, default=2, help="worker processes for expert-parallel training")
-    parser.add_argument("--layers", type=int, default=2, help="Transformer blocks of the trained models")
-    parser.add_argument("--d-model", type=positive_int, default=256, help="model width of the trained models")
-    parser.add_argument("--heads", type=positive_int, default=4, help="attention heads")
-    parser.add_argument("--experts", type=int, default=8, help="experts per MoE layer (in total)")
-    parser.add_argument("--d-hidden", type=int, default=512, help="hidden width of each expert")
-    parser.add_argument("--top-k", type=positive_int, default=2, help="experts per token")
-    parser.add_argument("--batch", type=int, default=32, help="sequences per batch")
-    parser.add_argument("--seq", type=int, default=8, help="tokens per sequence (regression)")
-    parser.add_argument("--batches", type=int, default=8, help="batches in the fixed random data set")
-    parser.add_argument("--epochs", type=int, default=10, help="regression epochs")
+    parser.add_argument(
+        "--nproc", type=process_count, default=2, help="worker processes for expert-parallel training"
+    )
+    parser.add_argument(
+        "--layers", type=int_between(1, 1024), default=2, help="Transformer blocks of the trained models"
+    )
+    parser.add_argument(
+        "--d-model",
+        type=width_int,
+        default=None,
+        help="model width of the trained models (default 256, quick 64)",
+    )
+    parser.add_argument("--heads", type=int_between(1, 4096), default=4, help="attention heads")
+    parser.add_argument(
+        "--experts", type=int_between(1, 4096), default=8, help="experts per MoE layer (in total)"
+    )
+    parser.add_argument(
+        "--d-hidden",
+        type=width_int,
+        default=None,
+        help="hidden width of each expert (default 512, quick 128)",
+    )
+    parser.add_argument("--top-k", type=int_between(1, 4096), default=2, help="experts per token")
+    parser.add_argument("--batch", type=count_int, default=32, help="sequences per batch")
+    parser.add_argument(
+        "--seq", type=int_between(1, 1 << 16), default=8, help="tokens per sequence (regression)"
+    )
+    parser.add_argument(
+        "--batches",
+        type=int_between(1, 1 << 16),
+        default=None,
+        help="batches in the fixed random data set (default 8, quick 4)",
+    )
+    parser.add_argument(
+        "--epochs", type=positive_int, default=None, help="regression epochs (default 10, quick 4)"
+    )
     parser.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate (regression)")
-    parser.add_argument("--aux-coef", type=float, default=0.0, help="weight of the gates' losses")
-    parser.add_argument("--context", type=positive_int, default=64, help="language model context")
+    parser.add_argument(
+        "--aux-coef", type=non_negative_float, default=0.0, help="weight of the gates' losses"
+    )
+    parser.add_argument("--context", type=count_int, default=64, help="language model context")
     parser.add_argument(
         "--lm-steps", type=positive_int, default=None, help="language model steps (default 100; quick 20)"
     )
@@ -431,24 +470,23 @@ def main(argv=None) -> dict:
         "--resume", action="store_true", help="continue the language model from the checkpoint in --out"
     )
     parser.add_argument(
-        "--threads", type=positive_int, default=1, help="intra-op threads of the one-process runs"
+        "--threads", type=int_between(1, 1024), default=1, help="intra-op threads of the one-process runs"
     )
     args = parse_args(parser, argv)
     args.ckpt_dir = os.path.join(args.out, "checkpoint")
-    if args.quick:
-        args.d_model, args.d_hidden, args.batches, args.epochs = 64, 128, 4, 4
-    if args.lm_steps is None:
-        args.lm_steps = 20 if args.quick else 100
-    for name in ("nproc", "layers", "d_model", "experts", "d_hidden", "batch", "batches", "epochs"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    quick_or_full(args, d_model=(64, 256), d_hidden=(128, 512), batches=(4, 8), epochs=(4, 10))
+    quick_or_full(args, lm_steps=(20, 100))
     world = job_size(args.nproc)
     if args.experts % world or args.batch % world:
         parser.error(f"--experts {args.experts} and --batch {args.batch} must divide by {world} workers")
     if args.d_model % args.heads:
         parser.error(f"--d-model {args.d_model} must divide by --heads {args.heads}")
+    if args.top_k > args.experts:
+        parser.error(f"--top-k {args.top_k} must be at most --experts {args.experts}")
+    lm_data(args)  # a --context the corpus cannot fill is a UsageError now, not after the regression
     if args.resume:
         check_lm_resume(args)
+    checks_done(args)
 
     fm, backend = fmoe_backend()
     main_process = is_main()

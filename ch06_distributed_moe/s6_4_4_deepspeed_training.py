@@ -57,7 +57,22 @@ from common.errors import UsageError
 from common.fmoe.expert_parallel import check_ep_size
 from common.launch import is_main, job_size, run_workers
 from common.models.attention import MultiHeadAttention
-from common.runner import add_dtype_flag, parse_args, positive_float, positive_int, run_script, script_parser
+from common.runner import (
+    add_dtype_flag,
+    checks_done,
+    count_int,
+    float_between,
+    int_between,
+    non_negative_float,
+    parse_args,
+    positive_float,
+    positive_int,
+    process_count,
+    quick_or_full,
+    run_script,
+    script_parser,
+    width_int,
+)
 
 BOOK_LOSS = (1.784, 1.001)
 
@@ -270,29 +285,47 @@ def check_resume(args, world: int) -> int:
 def main(argv=None) -> dict:
     parser = script_parser(__doc__)
     add_dtype_flag(parser)
-    parser.add_argument("--nproc", type=int, default=2, help="worker processes (ep_size)")
+    parser.add_argument("--nproc", type=process_count, default=2, help="worker processes (ep_size)")
     parser.add_argument("--zero-stage", type=int, default=2, choices=[1, 2], help="ZeRO stage")
-    parser.add_argument("--layers", type=int, default=2, help="Transformer blocks")
+    parser.add_argument("--layers", type=int_between(1, 1024), default=2, help="Transformer blocks")
     parser.add_argument(
-        "--d-model", type=positive_int, default=512, help="model width (the book's input is 32x8x512)"
+        "--d-model",
+        type=width_int,
+        default=None,
+        help="model width (the book's input is 32x8x512; default 512, quick 64)",
     )
-    parser.add_argument("--heads", type=positive_int, default=8, help="attention heads")
-    parser.add_argument("--experts", type=int, default=4, help="experts per MoE layer (in total)")
-    parser.add_argument("--d-ff", type=int, default=1024, help="hidden width of each expert")
-    parser.add_argument("--capacity-factor", type=float, default=1.25, help="DeepSpeed's capacity factor")
-    parser.add_argument("--batch", type=int, default=32, help="global batch (sequences)")
-    parser.add_argument("--seq", type=int, default=8, help="tokens per sequence")
     parser.add_argument(
-        "--batches", type=positive_int, default=None, help="batches of random data (default 10; quick 4)"
+        "--heads", type=int_between(1, 4096), default=None, help="attention heads (default 8, quick 4)"
+    )
+    parser.add_argument(
+        "--experts", type=int_between(1, 4096), default=4, help="experts per MoE layer (in total)"
+    )
+    parser.add_argument(
+        "--d-ff", type=width_int, default=None, help="hidden width of each expert (default 1024, quick 128)"
+    )
+    parser.add_argument(
+        "--capacity-factor",
+        type=float_between(0, 1024, low_open=True),
+        default=1.25,
+        help="DeepSpeed's capacity factor",
+    )
+    parser.add_argument("--batch", type=count_int, default=32, help="global batch (sequences)")
+    parser.add_argument("--seq", type=int_between(1, 1 << 16), default=8, help="tokens per sequence")
+    parser.add_argument(
+        "--batches",
+        type=int_between(1, 1 << 16),
+        default=None,
+        help="batches of random data (default 10; quick 4)",
     )
     parser.add_argument("--epochs", type=positive_int, default=None, help="epochs (default 5; quick 3)")
     parser.add_argument("--lr", type=positive_float, default=1e-3, help="AdamW learning rate")
-    parser.add_argument("--aux-coef", type=float, default=0.01, help="weight of the gates' l_aux")
+    parser.add_argument(
+        "--aux-coef", type=non_negative_float, default=0.01, help="weight of the gates' l_aux"
+    )
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     args = parse_args(parser, argv)
     args.ckpt_dir = os.path.join(args.out, "checkpoint")
-    if args.quick:
-        args.d_model, args.d_ff, args.heads = 64, 128, 4
+    quick_or_full(args, d_model=(64, 512), d_ff=(128, 1024), heads=(4, 8))
     if args.batches is None:
         args.batches = 4 if args.quick else 10
     if args.epochs is None:
@@ -310,6 +343,7 @@ def main(argv=None) -> dict:
         parser.error(str(e))
     args.resume_epoch = check_resume(args, world) if args.resume else None
     require("deepspeed")  # or skip with the reason
+    checks_done(args)
     device = "cuda" if args.device == "cuda" else "cpu"
     try:
         results = run_workers(_worker, args.nproc, (args,), device=device, timeout=900)

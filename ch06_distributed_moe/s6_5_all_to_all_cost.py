@@ -36,7 +36,18 @@ import torch.distributed as dist
 from common.fmoe.expert_parallel import all_to_all, exchange_counts, local_experts
 from common.launch import is_main, job_size, run_workers
 from common.plotting import pyplot, save_figure
-from common.runner import parse_args, positive_int, run_script, script_parser
+from common.runner import (
+    checks_done,
+    float_between,
+    int_between,
+    parse_args,
+    positive_int,
+    process_count,
+    quick_or_full,
+    run_script,
+    script_parser,
+    width_int,
+)
 
 
 def formula_bytes(tokens, experts, world, k, d, elem, capacity_factor=None) -> float:
@@ -121,20 +132,46 @@ def plot(path, rows, world):
 
 def main(argv=None) -> dict:
     parser = script_parser(__doc__)
-    parser.add_argument("--nproc", type=int, default=2, help="worker processes")
-    parser.add_argument("--d-model", type=positive_int, default=512, help="token width")
+    parser.add_argument("--nproc", type=process_count, default=2, help="worker processes")
+    parser.add_argument("--d-model", type=width_int, default=512, help="token width")
     parser.add_argument(
-        "--tokens", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192], help="tokens per worker"
+        "--tokens",
+        type=int_between(1, 1 << 20),
+        nargs="+",
+        default=None,
+        help="tokens per worker (default 512 1024 2048 4096 8192; quick 256 1024)",
     )
-    parser.add_argument("--experts", type=int, nargs="+", default=[8, 32], help="experts in total")
-    parser.add_argument("--top-k", type=positive_int, nargs="+", default=[1, 2], help="experts per token")
     parser.add_argument(
-        "--capacity-factor", type=float, nargs="+", default=[1.0, 1.25, 2.0], help="capacity factors"
+        "--experts",
+        type=int_between(1, 4096),
+        nargs="+",
+        default=None,
+        help="experts in total (default 8 32; quick 8)",
     )
-    parser.add_argument("--repeats", type=positive_int, default=5, help="timed exchanges per point (median)")
+    parser.add_argument(
+        "--top-k", type=int_between(1, 4096), nargs="+", default=[1, 2], help="experts per token"
+    )
+    parser.add_argument(
+        "--capacity-factor",
+        type=float_between(0, 1024, low_open=True),
+        nargs="+",
+        default=None,
+        help="capacity factors (default 1.0 1.25 2.0; quick 1.25)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=positive_int,
+        default=None,
+        help="timed exchanges per point, median (default 5, quick 3)",
+    )
     args = parse_args(parser, argv)
-    if args.quick:
-        args.tokens, args.experts, args.capacity_factor, args.repeats = [256, 1024], [8], [1.25], 3
+    quick_or_full(
+        args,
+        tokens=([256, 1024], [512, 1024, 2048, 4096, 8192]),
+        experts=([8], [8, 32]),
+        capacity_factor=([1.25], [1.0, 1.25, 2.0]),
+        repeats=(3, 5),
+    )
     world = job_size(args.nproc)
     for e in args.experts:
         if e % world:
@@ -149,6 +186,7 @@ def main(argv=None) -> dict:
         for cf in args.capacity_factor
         for t in args.tokens
     ]
+    checks_done(args)
     results = run_workers(_worker, args.nproc, (configs, args.d_model, args.repeats, args.seed), timeout=900)
     if not is_main():
         return {}

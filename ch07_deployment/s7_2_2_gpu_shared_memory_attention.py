@@ -38,7 +38,16 @@ import torch.nn.functional as F
 
 from common.env import require
 from common.machine import best_seconds, peak_memory
-from common.runner import SkipScript, parse_args, positive_int, run_script, script_parser
+from common.runner import (
+    SkipScript,
+    checks_done,
+    int_between,
+    int_list,
+    parse_args,
+    quick_or_full,
+    run_script,
+    script_parser,
+)
 
 
 def _check_inputs(q, k, v, causal: bool, block_q: int, block_k: int) -> None:
@@ -359,17 +368,17 @@ def triton_part(device: str, quick: bool) -> dict:
 
 def main(argv=None) -> dict:
     parser = script_parser(__doc__)
-    parser.add_argument("--lengths", default="512,1024,2048,4096", help="sequence lengths of the memory test")
-    parser.add_argument("--heads", type=positive_int, default=8, help="heads in the memory test")
+    parser.add_argument(
+        "--lengths",
+        type=int_list(1, 1 << 16),
+        default=None,
+        help="sequence lengths of the memory test (default 512,1024,2048,4096; quick 256,1024)",
+    )
+    parser.add_argument("--heads", type=int_between(1, 256), default=8, help="heads in the memory test")
     args = parse_args(parser, argv)
-    try:
-        lengths = [int(x) for x in args.lengths.split(",")]
-    except ValueError:
-        parser.error(f"--lengths must be comma-separated integers, got {args.lengths!r}")
-    if min(lengths) <= 0 or args.heads <= 0:
-        parser.error("--lengths and --heads must be positive")
-    if args.quick:
-        lengths = [256, 1024]
+    quick_or_full(args, lengths=([256, 1024], [512, 1024, 2048, 4096]))
+    lengths = args.lengths
+    checks_done(args)
 
     blockwise_cases = ((77, 77, 16, 24), (128, 128, 64, 64), (33, 100, 7, 13), (1, 50, 64, 16))
     figures = {

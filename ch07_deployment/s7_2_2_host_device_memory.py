@@ -23,7 +23,7 @@ import time
 import torch
 
 from common.machine import memory_bandwidth, peak_memory
-from common.runner import parse_args, run_script, script_parser
+from common.runner import checks_done, int_between, parse_args, quick_or_full, run_script, script_parser
 
 MB = 2**20
 
@@ -126,12 +126,15 @@ def cpu_part(path: str, mbytes: int) -> dict:
 
 def main(argv=None) -> dict:
     parser = script_parser(__doc__)
-    parser.add_argument("--mbytes", type=int, default=256, help="size of the weights file and of the copies")
+    parser.add_argument(
+        "--mbytes",
+        type=int_between(1, 16384),
+        default=None,
+        help="MiB of the weights file and of the copies (default 256, quick 32)",
+    )
     args = parse_args(parser, argv)
-    if args.mbytes <= 0:
-        parser.error("--mbytes must be positive")
-    if args.quick:
-        args.mbytes = 32
+    quick_or_full(args, mbytes=(32, 256))
+    checks_done(args)
 
     figures = {}
     if args.device == "cuda":

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from common import env
-from common.runner import parse_args, run_script, script_parser
+from common.runner import checks_done, int_between, parse_args, quick_or_full, run_script, script_parser
 
 
 def cpu_info() -> tuple[str, set[str], float | None]:
@@ -114,14 +114,19 @@ def sklearn_threads(rows: int, cols: int) -> dict[str, float]:
 
 def main(argv=None) -> dict:
     parser = script_parser(__doc__)
-    parser.add_argument("--n", type=int, default=1024, help="matrix size of the BLAS and torch products")
+    parser.add_argument(
+        "--n",
+        type=int_between(1, 16384),
+        default=None,
+        help="matrix size of the BLAS and torch products (default 1024, quick 256)",
+    )
     args = parse_args(parser, argv)
-    if args.n <= 0:
-        parser.error("--n must be positive")
+    quick_or_full(args, n=(256, 1024))
+    checks_done(args)
     sizes = {"python": 64, "vectorised": 192, "blas": args.n}
     rows, cols = 20000, 800
     if args.quick:
-        sizes, rows, cols = {"python": 32, "vectorised": 96, "blas": 256}, 4000, 200
+        sizes, rows, cols = {"python": 32, "vectorised": 96, "blas": args.n}, 4000, 200
 
     name, flags, ghz = cpu_info()
     from threadpoolctl import threadpool_info

@@ -27,7 +27,18 @@ from common import estimate
 from common.env import cpu_bf16_native
 from common.machine import measure_machine
 from common.models.decoder import DecoderConfig, DecoderLM
-from common.runner import add_dtype_flag, parse_args, run_script, script_parser
+from common.runner import (
+    add_dtype_flag,
+    checks_done,
+    count_int,
+    float_between,
+    int_between,
+    parse_args,
+    positive_int,
+    quick_or_full,
+    run_script,
+    script_parser,
+)
 from common.training import autocast_for
 
 PUBLISHED = ("llama-2-7b", "llama-2-13b", "llama-2-70b", "mixtral-8x7b", "deepseek-v3")
@@ -142,23 +153,39 @@ def measured_step(
 def main(argv=None) -> dict:
     parser = script_parser(__doc__)
     add_dtype_flag(parser)
-    parser.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation assumed for the GPUs")
-    parser.add_argument("--preset", default="small", choices=["small", "base"], help="the project's LM size")
-    parser.add_argument("--batch", type=int, default=8, help="training batch of the timed step")
-    parser.add_argument("--seq", type=int, default=256, help="sequence length of the timed step")
-    parser.add_argument("--steps", type=int, default=3, help="timed training steps")
+    parser.add_argument(
+        "--mfu",
+        type=float_between(0, 1, low_open=True),
+        default=0.4,
+        help="model FLOPs utilisation assumed for the GPUs",
+    )
+    parser.add_argument(
+        "--preset",
+        default=None,
+        choices=["small", "base"],
+        help="the project's LM size of the timed step (default small; quick: a 2-layer model of width 256)",
+    )
+    parser.add_argument(
+        "--batch", type=count_int, default=None, help="training batch of the timed step (default 8, quick 4)"
+    )
+    parser.add_argument(
+        "--seq",
+        type=int_between(1, 1 << 16),
+        default=None,
+        help="sequence length of the timed step (default 256, quick 128)",
+    )
+    parser.add_argument(
+        "--steps", type=positive_int, default=None, help="timed training steps (default 3, quick 2)"
+    )
     args = parse_args(parser, argv)
-    if not 0 < args.mfu <= 1:
-        parser.error("--mfu must be in (0, 1]")
-    for name in ("batch", "seq", "steps"):
-        if getattr(args, name) <= 0:
-            parser.error(f"--{name} must be positive")
-    config = DecoderConfig.preset(args.preset, vocab_size=8192, context_length=args.seq)
-    if args.quick:
+    quick_or_full(args, batch=(4, 8), seq=(128, 256), steps=(2, 3))
+    if args.preset is None and args.quick:
         config = DecoderConfig(
-            vocab_size=4096, context_length=128, n_layer=2, d_model=256, n_head=4, n_kv_head=4
+            vocab_size=4096, context_length=args.seq, n_layer=2, d_model=256, n_head=4, n_kv_head=4
         )
-        args.batch, args.seq, args.steps = 4, 128, 2
+    else:
+        config = DecoderConfig.preset(args.preset or "small", vocab_size=8192, context_length=args.seq)
+    checks_done(args)
 
     machine = measure_machine("cpu", quick=args.quick)
     print(

@@ -24,7 +24,15 @@ from common import estimate
 from common.machine import peak_memory
 from common.models.decoder import DecoderConfig, DecoderLM
 from common.models.fused_cross_entropy import LOGITS_PER_CHUNK, linear_cross_entropy
-from common.runner import parse_args, run_script, script_parser
+from common.runner import (
+    checks_done,
+    count_int,
+    int_between,
+    parse_args,
+    quick_or_full,
+    run_script,
+    script_parser,
+)
 
 PUBLISHED = ("llama-2-7b", "llama-2-13b", "llama-2-70b", "mixtral-8x7b", "deepseek-v3")
 GB = 1e9
@@ -193,23 +201,41 @@ def fused_head(n_tokens: int, d: int, vocab: int) -> dict:
 
 def main(argv=None) -> dict:
     parser = script_parser(__doc__)
-    parser.add_argument("--preset", default="small", choices=["small", "base"], help="the project's LM size")
-    parser.add_argument("--batch", type=int, default=8, help="inference batch")
-    parser.add_argument("--seq", type=int, default=512, help="inference tokens per sequence (prompt + new)")
-    parser.add_argument("--train-batch", type=int, default=4, help="training batch")
-    parser.add_argument("--train-seq", type=int, default=256, help="training sequence length")
-    parser.add_argument("--vocab", type=int, default=65536, help="vocabulary of the loss-head comparison")
+    parser.add_argument(
+        "--preset",
+        default=None,
+        choices=["small", "base"],
+        help="the project's LM size (default small; quick: a 2-layer model of width 256)",
+    )
+    sequence = int_between(1, 1 << 16)
+    parser.add_argument("--batch", type=count_int, default=None, help="inference batch (default 8, quick 4)")
+    parser.add_argument(
+        "--seq",
+        type=sequence,
+        default=None,
+        help="inference tokens per sequence, prompt + new (default 512, quick 256)",
+    )
+    parser.add_argument("--train-batch", type=count_int, default=4, help="training batch")
+    parser.add_argument(
+        "--train-seq", type=sequence, default=None, help="training sequence length (default 256, quick 128)"
+    )
+    parser.add_argument(
+        "--vocab",
+        type=int_between(1, 1 << 20),
+        default=None,
+        help="vocabulary of the loss-head comparison (default 65536, quick 16384)",
+    )
     args = parse_args(parser, argv)
-    for name in ("batch", "seq", "train_batch", "train_seq", "vocab"):
-        if getattr(args, name) <= 0:
-            parser.error(f"--{name.replace('_', '-')} must be positive")
-    config = DecoderConfig.preset(args.preset, vocab_size=8192, context_length=max(args.seq, args.train_seq))
-    n_tokens = 1024  # fp32 logits of 256 MiB at the default vocabulary: far above one fused chunk
-    if args.quick:
+    quick_or_full(args, batch=(4, 8), seq=(256, 512), train_seq=(128, 256), vocab=(16384, 65536))
+    context = max(args.seq, args.train_seq)
+    if args.preset is None and args.quick:
         config = DecoderConfig(
-            vocab_size=4096, context_length=256, n_layer=2, d_model=256, n_head=4, n_kv_head=4
+            vocab_size=4096, context_length=context, n_layer=2, d_model=256, n_head=4, n_kv_head=4
         )
-        args.batch, args.seq, args.train_batch, args.train_seq, args.vocab = 4, 256, 4, 128, 16384
+    else:
+        config = DecoderConfig.preset(args.preset or "small", vocab_size=8192, context_length=context)
+    n_tokens = 1024  # fp32 logits of 256 MiB at the default vocabulary: far above one fused chunk
+    checks_done(args)
 
     figures = {f"{r['model']}_{k}": v for r in published_table() for k, v in r.items() if k != "model"}
     figures |= measured_vs_estimated(config, args.batch, args.seq, args.train_batch, args.train_seq)

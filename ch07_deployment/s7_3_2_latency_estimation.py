@@ -34,7 +34,15 @@ from common.env import cpu_bf16_native, torch_dtype
 from common.machine import matvec_bandwidth, measure_machine, memory_bandwidth
 from common.models.decoder import DecoderConfig, DecoderLM
 from common.plotting import pyplot, save_figure
-from common.runner import add_dtype_flag, parse_args, run_script, script_parser
+from common.runner import (
+    add_dtype_flag,
+    checks_done,
+    int_between,
+    parse_args,
+    quick_or_full,
+    run_script,
+    script_parser,
+)
 
 
 def gpu_table(config, label: str, prompt: int, context: int) -> dict:
@@ -205,28 +213,40 @@ def measured_decode(config: DecoderConfig, machine: estimate.Hardware, prompt: i
     return figures
 
 
+CONTEXT = 1024  # the measured LM's context
+
+
 def main(argv=None) -> dict:
     parser = script_parser(__doc__)
     add_dtype_flag(parser)
     parser.add_argument(
         "--preset", default="small", choices=["small", "base", "large"], help="the project's LM"
     )
-    parser.add_argument("--prompt", type=int, default=64, help="prompt tokens of the measured decode")
-    parser.add_argument("--new", type=int, default=64, help="decode steps measured")
+    tokens = int_between(1, CONTEXT)
+    parser.add_argument(
+        "--prompt",
+        type=tokens,
+        default=None,
+        help="prompt tokens of the measured decode (default 64, quick 16)",
+    )
+    parser.add_argument(
+        "--new", type=tokens, default=None, help="decode steps measured (default 64, quick 16)"
+    )
     parser.add_argument(
         "--prefill",
-        type=int,
-        default=256,
-        help="prompt tokens of the fp32/bf16 prefill comparison (quick: 64)",
+        type=tokens,
+        default=None,
+        help="prompt tokens of the fp32/bf16 prefill comparison (default 256, quick: 64)",
     )
     args = parse_args(parser, argv)
-    if args.prompt <= 0 or args.new <= 0 or args.prefill <= 0:
-        parser.error("--prompt, --new and --prefill must be positive")
-    config = DecoderConfig.preset(args.preset, vocab_size=8192, context_length=1024)
-    if args.quick:
-        args.prompt, args.new, args.prefill = 16, 16, 64
-    if args.prefill > config.context_length:
-        parser.error(f"--prefill {args.prefill} exceeds the LM's context of {config.context_length} tokens")
+    quick_or_full(args, prompt=(16, 64), new=(16, 64), prefill=(64, 256))
+    config = DecoderConfig.preset(args.preset, vocab_size=8192, context_length=CONTEXT)
+    if args.prompt + args.new > config.context_length:
+        parser.error(
+            f"--prompt {args.prompt} and --new {args.new} exceed the LM's context of "
+            f"{config.context_length} tokens"
+        )
+    checks_done(args)
 
     machine = measure_machine("cpu", quick=args.quick)
     figures = {

@@ -23,7 +23,17 @@ from common import estimate
 from common.env import torch_dtype
 from common.machine import measure_machine
 from common.models.decoder import DecoderConfig, DecoderLM
-from common.runner import add_dtype_flag, parse_args, run_script, script_parser
+from common.runner import (
+    add_dtype_flag,
+    checks_done,
+    int_between,
+    int_list,
+    parse_args,
+    positive_float,
+    quick_or_full,
+    run_script,
+    script_parser,
+)
 
 
 def measure(model: DecoderLM, batch: int, prompt: int, new: int) -> dict:
@@ -48,21 +58,32 @@ def main(argv=None) -> dict:
     parser = script_parser(__doc__)
     add_dtype_flag(parser)
     parser.add_argument("--preset", default="small", choices=["small", "base"], help="the project's LM")
-    parser.add_argument("--batches", default="1,2,4,8,16,32", help="comma-separated batch sizes")
-    parser.add_argument("--prompt", type=int, default=64, help="prompt tokens per request")
-    parser.add_argument("--new", type=int, default=32, help="generated tokens per request")
-    parser.add_argument("--arrival-rate", type=float, default=2.0, help="requests/s for Little's law")
+    parser.add_argument(
+        "--batches",
+        type=int_list(1, 4096),
+        default=None,
+        help="batch sizes (default 1,2,4,8,16,32; quick 1,4,16)",
+    )
+    parser.add_argument(
+        "--prompt",
+        type=int_between(1, 1 << 15),
+        default=None,
+        help="prompt tokens per request (default 64, quick 16)",
+    )
+    parser.add_argument(
+        "--new",
+        type=int_between(2, 1 << 15),  # the first token (TTFT) and at least one more (TPOT)
+        default=None,
+        help="generated tokens per request (default 32, quick 8)",
+    )
+    parser.add_argument(
+        "--arrival-rate", type=positive_float, default=2.0, help="requests/s for Little's law"
+    )
     args = parse_args(parser, argv)
-    try:
-        batches = [int(b) for b in args.batches.split(",")]
-    except ValueError:
-        parser.error(f"--batches must be comma-separated integers, got {args.batches!r}")
-    if min(batches) <= 0 or args.prompt <= 0 or args.new <= 1 or args.arrival_rate <= 0:
-        parser.error("batches, --prompt and --arrival-rate must be positive and --new at least 2")
+    quick_or_full(args, batches=([1, 4, 16], [1, 2, 4, 8, 16, 32]), prompt=(16, 64), new=(8, 32))
+    batches = args.batches
     config = DecoderConfig.preset(args.preset, vocab_size=8192, context_length=args.prompt + args.new)
-    if args.quick:
-        batches, args.prompt, args.new = [1, 4, 16], 16, 8
-        config = config.replace(context_length=args.prompt + args.new)
+    checks_done(args)
 
     machine = measure_machine("cpu", quick=args.quick)
     model = DecoderLM(config).eval().to(torch_dtype(args.dtype))  # weights and KV cache in --dtype

@@ -22,17 +22,22 @@ import statistics
 import torch
 
 from common.env import require_onnx_stack
-from common.lm_source import add_source_args, evaluate_lm, load_source
+from common.lm_source import add_source_args, evaluate_lm, load_decoder
 from common.model_files import onnx_bytes, save_safetensors
 from common.onnx_export import ORT_GEMM_OPS, OrtDecoder, OrtLM, export_decoder, quantize_dynamic_int8
-from common.runner import parse_args, positive_int, quick_or_full, run_script, script_parser
+from common.runner import checks_done, parse_args, positive_int, quick_or_full, run_script, script_parser
 from common.timing import gemm_share, paired_ratio, race
 
 
 def main(argv=None) -> dict:
     parser = script_parser(__doc__)
     add_source_args(parser)
-    parser.add_argument("--seq-len", type=int, default=None, help="tokens of the timed forward (context)")
+    parser.add_argument(
+        "--seq-len",
+        type=positive_int,
+        default=None,
+        help="tokens of the timed forward, up to the model's context (default: it)",
+    )
     parser.add_argument("--rounds", type=positive_int, default=None, help="timed rounds (30; quick: 5)")
     parser.add_argument(
         "--eval-batches", type=positive_int, default=None, help="validation batches of 16 (all)"
@@ -43,14 +48,12 @@ def main(argv=None) -> dict:
     if args.device != "cpu":
         print(f"device {args.device} asked; the edge path runs on the CPU")
         args.device = "cpu"
-    source = load_source(parser, args)
-    try:
-        model = source.decoder("ONNX export").cpu().eval()
-    except ValueError as e:
-        parser.error(str(e))
+    source, model = load_decoder(parser, args, "ONNX export")
+    model = model.cpu().eval()
     seq = args.seq_len or model.config.context_length
-    if not 1 <= seq <= model.config.context_length:
-        parser.error(f"--seq-len must be in [1, {model.config.context_length}], got {seq}")
+    if seq > model.config.context_length:
+        parser.error(f"--seq-len {seq}: the model's context is {model.config.context_length}")
+    checks_done(args)
     os.makedirs(args.out, exist_ok=True)
     fp_path, q_path = os.path.join(args.out, "lm.onnx"), os.path.join(args.out, "lm.int8.onnx")
     info = export_decoder(model, fp_path)

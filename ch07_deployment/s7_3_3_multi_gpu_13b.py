@@ -44,12 +44,21 @@ from torch import nn
 from common import estimate
 from common.env import torch_dtype
 from common.launch import is_main, job_size, run_workers
-from common.lm_source import add_source_args, load_source
+from common.lm_source import add_source_args, load_decoder
 from common.models.attention import CausalSelfAttention, KVCache
 from common.models.decoder import DecoderLM
 from common.models.feedforward import MLP, SwiGLU
-from common.models.generation import generate
-from common.runner import add_dtype_flag, parse_args, positive_int, run_script, script_parser
+from common.models.generation import decode_room_problem, generate
+from common.runner import (
+    add_dtype_flag,
+    checks_done,
+    parse_args,
+    positive_int,
+    process_count,
+    quick_or_full,
+    run_script,
+    script_parser,
+)
 from common.timing import timed
 
 ANCHORS = ("deepspeed", "torch")  # tried in this order by --anchor auto
@@ -379,14 +388,25 @@ def main(argv=None) -> dict:
     add_dtype_flag(parser)
     add_source_args(parser)
     parser.add_argument(
-        "--nproc", type=positive_int, default=2, help="tensor-parallel processes (and GPUs of the plan)"
-    )
-    parser.add_argument("--preset", default="llama-2-13b", help="the model to plan for (common.estimate)")
-    parser.add_argument(
-        "--new-tokens", type=positive_int, default=32, help="greedy tokens to generate (quick: 8)"
+        "--nproc", type=process_count, default=2, help="tensor-parallel processes (and GPUs of the plan)"
     )
     parser.add_argument(
-        "--repeats", type=positive_int, default=5, help="timed generations of each (median; quick: 2)"
+        "--preset",
+        default="llama-2-13b",
+        choices=sorted(estimate.PRESETS),
+        help="the model to plan for (common.estimate)",
+    )
+    parser.add_argument(
+        "--new-tokens",
+        type=positive_int,
+        default=None,
+        help="greedy tokens to generate (default 32, quick: 8)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=positive_int,
+        default=None,
+        help="timed generations of each (median; default 5, quick: 2)",
     )
     parser.add_argument(
         "--anchor",
@@ -398,8 +418,7 @@ def main(argv=None) -> dict:
         "--timeout", type=positive_int, default=600, help="seconds before the workers are ended"
     )
     args = parse_args(parser, argv)
-    if args.quick:
-        args.new_tokens, args.repeats = min(args.new_tokens, 8), min(args.repeats, 2)
+    quick_or_full(args, new_tokens=(8, 32), repeats=(2, 5))
     world = job_size(args.nproc)
     try:
         estimate.deployment_plan(estimate.preset_config(args.preset), world, gpus=PLAN_GPUS[:1])
@@ -415,20 +434,18 @@ def main(argv=None) -> dict:
         reason = "nccl, one GPU per process" if device == "cuda" else "gloo"
 
     main_process = is_main()
-    if main_process:
-        figures = print_plan(args.preset, world)
-    source = load_source(parser, args)
+    source, model = load_decoder(parser, args, "tensor parallelism")
     try:
-        model = source.decoder("tensor parallelism")
         estimate.check_tensor_parallel(model.config, world)
     except ValueError as e:
         parser.error(f"{source.name}: {e}")
     prompt = source.data.val[:8].tolist()
-    if len(prompt) + args.new_tokens > model.config.context_length:
-        parser.error(
-            f"--new-tokens {args.new_tokens}: the prompt ({len(prompt)}) and the new tokens exceed the "
-            f"context length {model.config.context_length}"
-        )
+    problem = decode_room_problem([prompt], args.new_tokens, model.config.context_length)
+    if problem:
+        parser.error(f"--new-tokens {args.new_tokens}: {problem}")
+    checks_done(args)
+    if main_process:
+        figures = print_plan(args.preset, world)
     model = model.to(torch_dtype(args.dtype)).eval()
     single_tokens = generate(model.to(device), [prompt], args.new_tokens)[0]
     with torch.no_grad():

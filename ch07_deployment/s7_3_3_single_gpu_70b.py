@@ -30,13 +30,11 @@ import statistics
 import torch
 
 from common import estimate
-from common.calibration import calibration_windows
 from common.env import torch_dtype
-from common.lm_source import add_source_args, evaluate_lm, load_source
+from common.lm_source import add_source_args, evaluate_lm, load_for_compression
 from common.model_files import path_bytes
-from common.models.generation import generate
+from common.models.generation import decode_room_problem, generate
 from common.quant import (
-    check_model_spec,
     load_quantized,
     pack_model,
     quantize_model,
@@ -45,6 +43,7 @@ from common.quant import (
 from common.quant_runtime import summarize_paths, to_runtime
 from common.runner import (
     add_dtype_flag,
+    checks_done,
     group_size_int,
     parse_args,
     positive_int,
@@ -80,7 +79,12 @@ def main(argv=None) -> dict:
     parser = script_parser(__doc__)
     add_dtype_flag(parser)
     add_source_args(parser)
-    parser.add_argument("--preset", default="llama-2-70b", help="the model to plan for (common.estimate)")
+    parser.add_argument(
+        "--preset",
+        default="llama-2-70b",
+        choices=sorted(estimate.PRESETS),
+        help="the model to plan for (common.estimate)",
+    )
     parser.add_argument(
         "--group-size",
         type=group_size_int,
@@ -104,10 +108,13 @@ def main(argv=None) -> dict:
     )
     args = parse_args(parser, argv)
     quick_or_full(args, group_size=(32, 128), calib_samples=(8, 32), new_tokens=(16, 64), repeats=(1, 3))
-    try:
-        estimate.preset_config(args.preset)
-    except (ValueError, KeyError) as e:
-        parser.error(f"--preset: {e}")
+    source, model, windows = load_for_compression(parser, args, "4-bit deployment", bits=(4,))
+    problem = decode_room_problem(
+        [source.data.val[:8].tolist()], args.new_tokens, model.config.context_length
+    )
+    if problem:
+        parser.error(f"--new-tokens {args.new_tokens}: {problem}")
+    checks_done(args)
 
     rows, info = plan(args.preset)
     print(
@@ -132,14 +139,7 @@ def main(argv=None) -> dict:
         + ", ".join(r["gpu"] for r in rows if r["precision"] == "int4 g128" and r["fits"])
     )
 
-    # Part 2: the path executed on a model we have
-    source = load_source(parser, args)
-    try:
-        model = source.decoder("4-bit deployment")
-        check_model_spec(model, 4, args.group_size)
-        windows = calibration_windows(source.data.train, args.calib_samples, model.config.context_length)
-    except ValueError as e:
-        parser.error(str(e))
+    # Part 2: the path executed on a model we have (loaded and checked before part 1)
     fake, qweights, seconds = quantize_model(model, "gptq", 4, args.group_size, windows)
     packed = pack_model(fake, qweights)
     folder = os.path.join(args.out, "int4")

@@ -38,6 +38,7 @@ from common.lm_source import add_source_args, evaluate_lm, load_for_compression
 from common.quant import pack_model, quantize_model
 from common.quant_checkpoints import as_decoder_norms, as_decoder_weights, read_awq_checkpoint
 from common.runner import (
+    checks_done,
     group_size_int,
     int_between,
     parse_args,
@@ -107,6 +108,7 @@ def main(argv=None) -> dict:
         args, calib_samples=(16, 64), group_size=(32, 128), eval_batches=(4, None)
     )  # full: every batch
     source, model, windows = load_for_compression(parser, args, "AWQ", bits=(4, 3))
+    checks_done(args)
 
     def evaluate(m) -> dict:
         return evaluate_lm(m, source.data, batch_size=16, max_batches=args.eval_batches)

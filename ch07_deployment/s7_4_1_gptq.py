@@ -44,7 +44,16 @@ from common.quant import (
     save_quantized,
 )
 from common.quant_checkpoints import as_decoder_weights, read_gptq_checkpoint
-from common.runner import group_size_int, parse_args, positive_int, quick_or_full, run_script, script_parser
+from common.runner import (
+    checks_done,
+    group_size_int,
+    parse_args,
+    positive_float,
+    positive_int,
+    quick_or_full,
+    run_script,
+    script_parser,
+)
 
 # GPTQ paper, Table 3: OPT-125M, WikiText-2 perplexity, 4 bits per channel
 PAPER_OPT125M = {"fp16": 27.65, "rtn4": 37.28, "gptq4": 31.12}
@@ -101,7 +110,9 @@ def main(argv=None) -> dict:
         default=None,
         help="columns per scale/zero group, -1: per row (128; quick: 32)",
     )
-    parser.add_argument("--damp", type=float, default=0.01, help="dampening, a fraction of mean(diag H)")
+    parser.add_argument(
+        "--damp", type=positive_float, default=0.01, help="dampening, a fraction of mean(diag H)"
+    )
     parser.add_argument("--act-order", action="store_true", help="quantise columns by decreasing H_ii")
     parser.add_argument(
         "--eval-batches", type=positive_int, default=None, help="validation batches of 16 (all)"
@@ -110,9 +121,8 @@ def main(argv=None) -> dict:
     quick_or_full(
         args, calib_samples=(16, 64), group_size=(32, 128), eval_batches=(4, None)
     )  # full: every batch
-    if args.damp <= 0:
-        parser.error(f"--damp must be positive, got {args.damp}")
     source, model, windows = load_for_compression(parser, args, "GPTQ", bits=(4, 3))
+    checks_done(args)
 
     def evaluate(m) -> dict:
         return evaluate_lm(m, source.data, batch_size=16, max_batches=args.eval_batches)

@@ -36,7 +36,6 @@ from common.lm_source import add_source_args, evaluate_lm, load_for_compression
 from common.plotting import pyplot, save_figure
 from common.prune import (
     apply_masks,
-    check_sparsity,
     global_magnitude_masks,
     layer_magnitude_masks,
     linear_weights,
@@ -44,7 +43,15 @@ from common.prune import (
     sparsity_of,
     wanda_prune,
 )
-from common.runner import parse_args, positive_int, run_script, script_parser
+from common.runner import (
+    checks_done,
+    fraction,
+    parse_args,
+    positive_int,
+    quick_or_full,
+    run_script,
+    script_parser,
+)
 
 # Wanda paper, Table 3: LLaMA-7B, WikiText-2 perplexity at 50% unstructured sparsity, and 2:4
 PAPER_LLAMA7B = {"dense": 5.68, "magnitude": 17.29, "wanda": 7.26, "magnitude_2:4": 42.13, "wanda_2:4": 11.53}
@@ -63,29 +70,28 @@ def main(argv=None) -> dict:
     add_source_args(parser)
     parser.add_argument(
         "--sparsities",
-        type=float,
+        type=fraction,
         nargs="+",
-        default=[0.0, 0.3, 0.5, 0.7, 0.8, 0.9],
-        help="fractions of each block linear's weights to prune, each in [0, 1) (quick: 0 0.5 0.9)",
+        default=None,
+        help="fractions of each block linear's weights to prune "
+        "(default 0 0.3 0.5 0.7 0.8 0.9; quick: 0 0.5 0.9)",
     )
     parser.add_argument(
-        "--calib-samples", type=positive_int, default=32, help="calibration windows (quick: 8)"
+        "--calib-samples", type=positive_int, default=None, help="calibration windows (default 32, quick: 8)"
     )
     parser.add_argument(
         "--eval-batches", type=positive_int, default=None, help="validation batches of 16 (all)"
     )
     args = parse_args(parser, argv)
-    if args.quick:
-        args.sparsities = [s for s in args.sparsities if s in (0.0, 0.5, 0.9)] or args.sparsities[:3]
-        args.calib_samples = min(args.calib_samples, 8)
-        args.eval_batches = args.eval_batches or 4
-    for s in args.sparsities:
-        try:
-            check_sparsity(s)
-        except ValueError as e:
-            parser.error(str(e))
+    quick_or_full(
+        args,
+        sparsities=([0.0, 0.5, 0.9], [0.0, 0.3, 0.5, 0.7, 0.8, 0.9]),
+        calib_samples=(8, 32),
+        eval_batches=(4, None),  # full: every batch
+    )
     sparsities = sorted(set(args.sparsities))
     source, model, windows = load_for_compression(parser, args, "Wanda pruning")
+    checks_done(args)
     weights = linear_weights(model)
     four = [n for n, w in weights.items() if w.shape[1] % 4]
     print(f"pruned: {len(weights)} block linears, {sum(w.numel() for w in weights.values()):,} weights")

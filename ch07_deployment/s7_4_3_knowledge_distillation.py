@@ -48,7 +48,18 @@ from common.distill import (
 )
 from common.errors import UsageError
 from common.lm_source import add_source_args, evaluate_lm, load_source
-from common.runner import add_dtype_flag, parse_args, positive_float, positive_int, run_script, script_parser
+from common.runner import (
+    add_dtype_flag,
+    checks_done,
+    int_between,
+    parse_args,
+    positive_float,
+    positive_int,
+    run_script,
+    script_parser,
+    unit_float,
+    width_int,
+)
 
 
 def run_lm(args, source) -> dict:
@@ -57,10 +68,12 @@ def run_lm(args, source) -> dict:
     teacher = source.model.eval()
     data = source.data
     tc = getattr(teacher, "config", None)
-    config = student_config(data, args.student_layers, args.student_width)
+    try:
+        config = student_config(data, args.student_layers, args.student_width)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     torch.manual_seed(args.seed)
     student0 = DecoderLM(config)
-    batches = lm_batches(data, args.steps, args.batch_size, args.seed + 1)  # the same for both students
 
     def evaluate(m):
         return evaluate_lm(m, data, batch_size=16, max_batches=args.eval_batches)
@@ -79,6 +92,8 @@ def run_lm(args, source) -> dict:
             raise UsageError(f"resume: no student checkpoint in {args.out} to resume from")
         where = {n: "starts" if st is None else f"from step {st}" for n, st in saved.items()}
         print("resume: " + ", ".join(f"{n} student {w}" for n, w in where.items()))
+    checks_done(args)
+    batches = lm_batches(data, args.steps, args.batch_size, args.seed + 1)  # the same for both students
     results = {}
     for name, t in runs.items():
         student = copy.deepcopy(student0)
@@ -215,17 +230,24 @@ def main(argv=None) -> dict:
     add_dtype_flag(parser)
     add_source_args(parser)
     parser.add_argument("--task", choices=["lm", "digits"], default=None, help="default lm (quick: digits)")
-    parser.add_argument("--steps", type=int, default=300, help="training steps of each student")
-    parser.add_argument("--batch-size", type=positive_int, default=16, help="sequences per step (LM)")
+    parser.add_argument(
+        "--steps",
+        type=int_between(1, 100_000),  # the LM task draws every step's batch before training
+        default=300,
+        help="training steps of each student",
+    )
+    parser.add_argument("--batch-size", type=int_between(1, 4096), default=16, help="sequences per step (LM)")
     parser.add_argument(
         "--lr", type=positive_float, default=3e-3, help="AdamW learning rate, linear decay to 0 (LM)"
     )
     parser.add_argument(
         "--temperature", type=positive_float, default=None, help="softmax temperature T (2; digits 4)"
     )
-    parser.add_argument("--alpha", type=float, default=None, help="weight of the soft term (0.5; digits 0.9)")
-    parser.add_argument("--student-layers", type=int, default=2, help="student depth (LM)")
-    parser.add_argument("--student-width", type=int, default=64, help="student d_model (LM)")
+    parser.add_argument(
+        "--alpha", type=unit_float, default=None, help="weight of the soft term (0.5; digits 0.9)"
+    )
+    parser.add_argument("--student-layers", type=int_between(1, 1024), default=2, help="student depth (LM)")
+    parser.add_argument("--student-width", type=width_int, default=64, help="student d_model (LM)")
     parser.add_argument(
         "--eval-batches", type=positive_int, default=None, help="validation batches of 16 (all)"
     )
@@ -240,15 +262,16 @@ def main(argv=None) -> dict:
         args.temperature = 4.0 if args.task == "digits" else 2.0
     if args.alpha is None:
         args.alpha = 0.9 if args.task == "digits" else 0.5
-    if args.steps <= 0 or args.temperature <= 0 or not 0 <= args.alpha <= 1:
-        parser.error("--steps and --temperature must be positive and --alpha in [0, 1]")
-    if args.student_layers < 1 or args.student_width < 1:
-        parser.error("--student-layers and --student-width must be at least 1")
     if args.task == "digits":
         if args.resume:
             parser.error(
                 "--resume is for --task lm (the digits students train in seconds, without checkpoints)"
             )
+        if args.model or args.hf_path:
+            parser.error(
+                "--model and --hf-path choose the teacher of --task lm (quick mode's task is digits)"
+            )
+        checks_done(args)
         figures = run_digits(args)
     else:
         figures = run_lm(args, load_source(parser, args))

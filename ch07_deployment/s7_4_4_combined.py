@@ -80,13 +80,18 @@ from common.quant import pack_model, quantize_model, save_quantized
 from common.quant_runtime import summarize_paths, to_runtime
 from common.runner import (
     add_dtype_flag,
+    checks_done,
+    float_between,
     group_size_int,
+    int_between,
     parse_args,
     positive_float,
     positive_int,
     quick_or_full,
     run_script,
     script_parser,
+    unit_float,
+    width_int,
 )
 from common.timing import paired_ratio, race
 
@@ -225,21 +230,41 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--calib-samples", type=positive_int, default=None, help="calibration windows (64; quick: 16)"
     )
-    parser.add_argument("--prune", type=float, default=0.5, help="fraction of feed-forward neurons removed")
     parser.add_argument(
-        "--distil-steps", type=positive_int, default=None, help="student training steps (300; quick: 40)"
+        "--prune",
+        type=float_between(0, 1, low_open=True, high_open=True),
+        default=0.5,
+        help="fraction of feed-forward neurons removed",
     )
     parser.add_argument(
-        "--batch-size", type=positive_int, default=None, help="sequences per distillation step (16; quick: 8)"
+        "--distil-steps",
+        type=int_between(1, 100_000),  # every step's batch is drawn before training
+        default=None,
+        help="student training steps (300; quick: 40)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int_between(1, 4096),
+        default=None,
+        help="sequences per distillation step (16; quick: 8)",
     )
     parser.add_argument(
         "--lr", type=positive_float, default=3e-3, help="student AdamW learning rate, linear decay"
     )
     parser.add_argument("--temperature", type=positive_float, default=2.0, help="distillation temperature T")
-    parser.add_argument("--alpha", type=float, default=0.5, help="weight of the soft (KL) term")
-    parser.add_argument("--student-layers", type=int, default=None, help="student depth (half the teacher's)")
-    parser.add_argument("--student-width", type=int, default=None, help="student d_model (the teacher's)")
-    parser.add_argument("--seq-len", type=int, default=None, help="tokens of the timed forward (the context)")
+    parser.add_argument("--alpha", type=unit_float, default=0.5, help="weight of the soft (KL) term")
+    parser.add_argument(
+        "--student-layers", type=int_between(1, 1024), default=None, help="student depth (half the teacher's)"
+    )
+    parser.add_argument(
+        "--student-width", type=width_int, default=None, help="student d_model (the teacher's)"
+    )
+    parser.add_argument(
+        "--seq-len",
+        type=positive_int,
+        default=None,
+        help="tokens of the timed forward, up to the context (default: it)",
+    )
     parser.add_argument(
         "--rounds", type=positive_int, default=None, help="interleaved timed rounds (30; quick: 5)"
     )
@@ -257,10 +282,6 @@ def main(argv=None) -> dict:
         rounds=(5, 30),
         eval_batches=(4, None),  # full: all
     )
-    if not 0 < args.prune < 1:
-        parser.error(f"--prune must be in (0, 1), got {args.prune}")
-    if not 0 <= args.alpha <= 1:
-        parser.error(f"--alpha must be in [0, 1], got {args.alpha}")
     if args.device != "cpu":
         print(
             f"device {args.device} asked; int8 dynamic quantisation (torch and onnxruntime) runs on the CPU"
@@ -276,8 +297,14 @@ def main(argv=None) -> dict:
     except ValueError as e:
         parser.error(str(e))
     seq = args.seq_len or cfg.context_length
-    if not 1 <= seq <= cfg.context_length:
-        parser.error(f"--seq-len must be in [1, {cfg.context_length}], got {seq}")
+    if seq > cfg.context_length:
+        parser.error(f"--seq-len {seq}: the model's context is {cfg.context_length}")
+    if round(args.prune * cfg.ffn_dim) >= cfg.ffn_dim:
+        parser.error(
+            f"--prune {args.prune}: removing {round(args.prune * cfg.ffn_dim)} of {cfg.ffn_dim} neurons "
+            "leaves none"
+        )
+    checks_done(args)
 
     def folder(key: str) -> str:
         return os.path.join(args.out, key)

@@ -5,7 +5,8 @@
 - :class:`UsageError`: a flag, a path, a file or a checkpoint that cannot work, found before the
   work starts; the runner prints its message as one line (no traceback) and exits with
   :data:`USAGE_EXIT_CODE`, like argparse's usage errors;
-- :class:`Interrupted`: SIGTERM, which the runner turns into the path Ctrl-C takes.
+- :class:`Interrupted`: SIGTERM, which the runner turns into the path Ctrl-C takes;
+- :class:`ChecksPassed`: ``--check-only`` and every check held; the runner exits 0 before the work.
 """
 
 from __future__ import annotations
@@ -36,3 +37,8 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, signum: int):
         self.signum = signum
         super().__init__(f"signal {signum}")
+
+
+class ChecksPassed(Exception):
+    """Raised by :func:`common.runner.checks_done` under ``--check-only``: the flags, paths, model and data
+    were checked and the work would start now."""

@@ -138,6 +138,7 @@ def load_hf_folder(path: str, device: str = "cpu", context_length: int = DEFAULT
     problem = hf_folder_problem(path)
     if problem:
         raise ValueError(problem)
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from common.models.hf_llama import decoder_from_hf
@@ -146,7 +147,7 @@ def load_hf_folder(path: str, device: str = "cpu", context_length: int = DEFAULT
         config = AutoConfig.from_pretrained(path, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         hf = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, SafetensorError) as e:  # a truncated weights file: SafetensorError
         raise ValueError(f"--hf-path {path}: cannot load it as a causal LM: {str(e).splitlines()[0]}") from e
     hf.eval()
     ctx = min(context_length, getattr(config, "max_position_embeddings", context_length) or context_length)
@@ -231,6 +232,16 @@ def load_source(parser: argparse.ArgumentParser, args: argparse.Namespace) -> LM
     return load_pretrained(args.model or ("test" if args.quick else "tiny"), args.device)
 
 
+def load_decoder(parser: argparse.ArgumentParser, args: argparse.Namespace, purpose: str):
+    """``(source, model)``: the model the flags name, as a DecoderLM for ``purpose``; a folder of another
+    architecture (GPT-2...) is a one-line ``parser.error``, as a bad ``--hf-path`` is."""
+    source = load_source(parser, args)
+    try:
+        return source, source.decoder(purpose)
+    except ValueError as e:
+        parser.error(str(e))
+
+
 def load_for_compression(
     parser: argparse.ArgumentParser, args: argparse.Namespace, purpose: str, bits: tuple[int, ...] = ()
 ):
@@ -241,9 +252,8 @@ def load_for_compression(
     from common.calibration import calibration_windows
     from common.quant import check_model_spec
 
-    source = load_source(parser, args)
+    source, model = load_decoder(parser, args, purpose)
     try:
-        model = source.decoder(purpose)
         for b in bits:
             check_model_spec(model, b, args.group_size)
         windows = calibration_windows(source.data.train, args.calib_samples, model.config.context_length)

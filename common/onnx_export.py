@@ -28,6 +28,29 @@ from torch import nn
 ORT_GEMM_OPS = ("MatMul", "FusedMatMul", "Gemm", "MatMulInteger", "DynamicQuantizeMatMul")  # int8 ones too
 
 
+def writable_opsets() -> tuple[int, int, str]:
+    """``(lowest, newest, why)``: the opsets :func:`export_decoder` can write with the installed libraries.
+
+    Below 18 torch's exporter writes 18 and converts down, falling back to 18 where it cannot.  Above
+    18 the graph goes through onnxscript's version converter, which stops at its
+    ``SUPPORTED_MAX_ONNX_OPSET`` (25 in onnxscript 0.7) even where onnx itself knows newer opsets: asked
+    for 26 to 28 with onnx 1.23, the export ends in onnx's ``ValidationError`` (measured)."""
+    import onnx
+
+    newest, why = onnx.defs.onnx_opset_version(), f"onnx {onnx.__version__}'s newest"
+    try:
+        from onnxscript.version_converter import _version_converter
+
+        converter = int(_version_converter.SUPPORTED_MAX_ONNX_OPSET)
+    except (ImportError, AttributeError):  # an onnxscript without it: onnx's bound alone
+        converter = newest
+    if converter < newest:
+        import onnxscript
+
+        newest, why = converter, f"onnxscript {onnxscript.__version__}'s version converter's newest"
+    return 7, newest, why  # torch's exporters start at 7
+
+
 class LogitsOnly(nn.Module):
     """The graph to export: ``input_ids -> logits`` (the model's loss and cache paths left out)."""
 

@@ -2,12 +2,14 @@
 
 A section script looks like this::
 
-    from common.runner import script_parser, parse_args, run_script
+    from common.runner import checks_done, count_int, parse_args, run_script, script_parser
 
     def main(argv=None) -> dict:
         parser = script_parser(__doc__)
-        parser.add_argument("--steps", type=int, default=200, help="training steps")
+        parser.add_argument("--steps", type=count_int, default=200, help="training steps")
         args = parse_args(parser, argv)       # seeds, resolves --device, applies quick mode
+        ...                                   # the checks that need the model or the data
+        checks_done(args)                     # --check-only stops here
         ...
         return {"val_loss": 1.23}             # flat dict of JSON-able figures
 
@@ -15,7 +17,9 @@ A section script looks like this::
         run_script(main)
 
 Shared flags: ``--quick`` (also on when the environment variable ``BOOK_QUICK`` is 1/true/yes),
-``--device auto|cpu|cuda|mps``, ``--seed`` (0 to 2**32-1), ``--out DIR``, ``--json PATH``; a script that
+``--device auto|cpu|cuda|mps``, ``--seed`` (0 to 2**32-1), ``--out DIR``, ``--json PATH``, ``--check-only``;
+every numeric flag takes one of the range-checked types below (``positive_int``, ``float_between``...),
+whose range its help shows; a script that
 trains or decodes a model adds ``--dtype`` with :func:`add_dtype_flag` (default from ``BOOK_DTYPE``, else
 auto: bf16 on a GPU that has it, fp32 on a CPU, so that reports compare across machines).  One parser
 reads them all; the output targets are checked before the work starts (a folder given as ``--json``,
@@ -23,7 +27,8 @@ an ``--out`` that cannot be written are usage errors, exit 2).  ``run_script`` c
 warnings (still printing them), prints the returned figures as a short table, writes
 ``{"status", "reason", "seconds", "figures", "warnings"}`` to ``--json`` and exits with:
 
-- 0 done (PASS);
+- 0 done (PASS), or, under ``--check-only``, every check held and the work was not run (CHECKED:
+  the script calls :func:`checks_done` where its checks end);
 - 77 :class:`SkipScript` (SKIP in the ``verify`` report);
 - 2 a usage error: argparse's, or a :class:`~common.errors.UsageError` raised later (a corpus file
   that is not text, ``--resume`` without a checkpoint), printed as one line;
@@ -50,7 +55,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from common.errors import SKIP_EXIT_CODE, USAGE_EXIT_CODE, Interrupted, SkipScript, UsageError
+from common.errors import SKIP_EXIT_CODE, USAGE_EXIT_CODE, ChecksPassed, Interrupted, SkipScript, UsageError
 from common.folder_lock import FolderInUse, lock_folder, release_all
 from common.launch import is_main
 
@@ -67,32 +72,57 @@ def quick_from_env() -> bool:
 
 
 def _int_type(low: int, high: int | None = None, what: str = "") -> Callable[[str], int]:
+    span = f"from {low} to {high}" if high is not None else f"at least {low}"
+
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
         if value < low or (high is not None and value > high):
-            span = f"from {low} to {high}" if high is not None else f"at least {low}"
             raise argparse.ArgumentTypeError(f"{what or 'the value'} must be {span}, got {value}")
         return value
 
     parse.__name__ = "int"  # argparse names the type in its messages
+    return _with_range(parse, span, low, high)
+
+
+def _with_range(parse, span: str, low, high, low_open: bool = False, high_open: bool = False, excludes=()):
+    """Record on an argparse type what it takes: the help text shows ``span`` (:func:`document_ranges`),
+    and tests/test_flag_walk.py tries the values on both sides of each end."""
+    parse.span, parse.low, parse.high, parse.low_open, parse.high_open = span, low, high, low_open, high_open
+    parse.excludes = excludes
     return parse
 
 
-def positive_float(text: str) -> float:
-    """argparse type: a finite number above 0 (a learning rate, a temperature); nan and inf are refused."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"the value must be a finite number above 0, got {text}")
-    return value
+def float_between(
+    low: float | None, high: float | None, *, low_open: bool = False, high_open: bool = False
+) -> Callable[[str], float]:
+    """argparse type factory: a finite number between ``low`` and ``high`` (None: unbounded), each end
+    included unless ``low_open``/``high_open``; nan and inf are refused."""
+    if low is not None and high is not None:
+        span = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    elif low is not None:
+        span = f"{'above' if low_open else 'at least'} {low:g}"
+    else:
+        span = f"{'below' if high_open else 'at most'} {high:g}"
 
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        inside = math.isfinite(value)
+        if inside and low is not None:
+            inside = value > low if low_open else value >= low
+        if inside and high is not None:
+            inside = value < high if high_open else value <= high
+        if not inside:
+            raise argparse.ArgumentTypeError(f"the value must be a finite number {span}, got {text}")
+        return value
 
-positive_float.__name__ = "float"
+    parse.__name__ = "float"
+    return _with_range(parse, span, low, high, low_open, high_open)
 
 
 def group_size_int(text: str) -> int:
@@ -104,11 +134,26 @@ def group_size_int(text: str) -> int:
 
 
 group_size_int.__name__ = "int"
+_with_range(group_size_int, "-1: one group per row, or at least 1", -1, None, excludes=(0,))
 
 
 def int_between(low: int, high: int):
-    """argparse type factory: an integer from ``low`` to ``high`` (a grid, an opset)."""
+    """argparse type factory: an integer from ``low`` to ``high`` (a grid, an opset, a size)."""
     return _int_type(low, high, what="the value")
+
+
+def int_list(low: int, high: int | None = None):
+    """argparse type factory: comma-separated integers, each from ``low`` to ``high`` (``1,2,4``)."""
+    one = _int_type(low, high, what="each value")
+
+    def parse(text: str) -> list[int]:
+        parts = [p.strip() for p in text.split(",")]
+        if not all(parts):
+            raise argparse.ArgumentTypeError(f"give comma-separated integers such as 1,2,4, got {text!r}")
+        return [one(p) for p in parts]
+
+    parse.__name__ = "int list"
+    return _with_range(parse, f"comma-separated, each {one.span}", low, high)
 
 
 def quick_or_full(args: argparse.Namespace, **defaults: tuple) -> None:
@@ -122,6 +167,25 @@ def quick_or_full(args: argparse.Namespace, **defaults: tuple) -> None:
 positive_int = _int_type(1, what="the value")
 non_negative_int = _int_type(0, what="the value")
 seed_int = _int_type(0, SEED_MAX, what="a seed")
+positive_float = float_between(0, None, low_open=True)  # a learning rate, a temperature
+non_negative_float = float_between(0, None)  # a loss coefficient, a clipping norm (0: off)
+unit_float = float_between(0, 1)  # a weight between two terms, a share
+fraction = float_between(0, 1, high_open=True)  # a share removed: 1 would leave nothing
+# sizes of what the scripts allocate, bounded so that a typo is a usage error rather than hours of swapping
+width_int = int_between(1, 65536)  # d_model, d_ff, a matrix side, a vocabulary
+count_int = int_between(1, 1 << 20)  # tokens, sequences, layers (about a million)
+process_count = int_between(1, 256)  # worker processes on one machine
+
+
+def document_ranges(parser: argparse.ArgumentParser) -> None:
+    """Append to each flag's help what its type takes (``[at least 1]``), once per parser."""
+    if getattr(parser, "ranges_documented", False):
+        return
+    parser.ranges_documented = True
+    for action in parser._actions:
+        span = getattr(action.type, "span", None)
+        if span and action.help and action.help is not argparse.SUPPRESS:
+            action.help = f"{action.help} [{span}]"
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -137,9 +201,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         choices=["auto", "cpu", "cuda", "mps"],
         help="where to run; auto picks cuda, then mps, then cpu",
     )
-    g.add_argument(
-        "--seed", type=seed_int, default=0, help=f"seed for python, numpy and torch (0 to {SEED_MAX})"
-    )
+    g.add_argument("--seed", type=seed_int, default=0, help="seed for python, numpy and torch")
     g.add_argument(
         "--out",
         metavar="DIR",
@@ -152,7 +214,20 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default=None,
         help="write the returned figures, status and warnings as JSON to PATH",
     )
+    g.add_argument(
+        "--check-only",
+        action="store_true",
+        help="check the flags, the paths and what they name (model, data, checkpoint), then stop before "
+        "the work: exit 0 when every check holds, 2 with the first that fails",
+    )
     return parser
+
+
+def checks_done(args: argparse.Namespace) -> None:
+    """Where a script's checks end and its work begins: under ``--check-only`` the runner stops here
+    (exit 0, status CHECKED).  Every section script calls it once, after its last check."""
+    if args.check_only:
+        raise ChecksPassed()
 
 
 def add_dtype_flag(parser: argparse.ArgumentParser, fp16: bool = False) -> None:
@@ -248,19 +323,21 @@ def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace
     ``args.device`` becomes the chosen device name ("cpu", "cuda", "mps"); ``args.device_reason``
     says why.  Asking for cuda or mps where there is none raises :class:`SkipScript`.  ``args.out``
     defaults to ``runs/<name of the calling script>``; it is created here and locked for this run
-    (:mod:`common.folder_lock`: a second run on it is a usage error naming the first).  Nothing else
+    (:mod:`common.folder_lock`: a second run on it is a usage error naming the first), except under
+    ``--check-only``, which writes nothing.  Nothing else
     about the process changes: allocator settings such as :func:`common.env.keep_freed_memory` are for
     the caller to opt into.
     """
     from common import env
 
+    document_ranges(parser)
     args = parser.parse_args(argv)
     _current.update(parser=parser, args=args)
     if args.out is None:
         caller = sys._getframe(1).f_globals.get("__file__") or "script"
         args.out = os.path.join("runs", os.path.splitext(os.path.basename(caller))[0])
     check_output_targets(parser, args)
-    if is_main():  # under a launcher, rank 0 holds it for the job
+    if is_main() and not args.check_only:  # under a launcher, rank 0 holds it for the job
         try:
             lock_folder(args.out)
         except FolderInUse as e:
@@ -386,6 +463,11 @@ def run_script(main: Callable[[list[str] | None], dict], argv: list[str] | None 
         figures = main(argv) or {}
         if not isinstance(figures, dict):
             raise TypeError(f"main() must return a dict of figures, got {type(figures).__name__}")
+        if getattr(_current.get("args"), "check_only", False):  # the work ran: the script lacks checks_done
+            raise RuntimeError("--check-only: this script never called common.runner.checks_done")
+    except ChecksPassed:
+        status, reason = "CHECKED", "--check-only: every check held; the work was not run"
+        print(f"\nchecks passed: {reason.split(': ', 1)[1]}")
     except SkipScript as e:
         status, reason, code = "SKIP", str(e), SKIP_EXIT_CODE
         print(f"\nSKIP: {e}", file=sys.stderr)
@@ -425,7 +507,12 @@ def run_script(main: Callable[[list[str] | None], dict], argv: list[str] | None 
     if status == "PASS":
         print_figures(figures)
     json_path = args.json if args is not None else _json_in_argv(argv)
-    if json_path and not os.path.isdir(json_path):  # a folder as --json is the usage error just shown
+    # a folder as --json, or one under a file, is the usage error just shown: nothing to write
+    if (
+        json_path
+        and not os.path.isdir(json_path)
+        and _folder_problem(Path(json_path).absolute().parent) is None
+    ):
         payload = {
             "status": status,
             "reason": reason,

@@ -124,7 +124,7 @@ def test_stop_tokens_cut_each_row_and_end_generation_early():
 
 def test_generate_rejects_bad_requests():
     model = model_for()
-    with pytest.raises(ValueError, match="exceeds the context length 64"):
+    with pytest.raises(ValueError, match="exceed the context of 64"):
         generate(model, [[1] * 60], 10)
     with pytest.raises(ValueError, match="non-empty"):
         generate(model, [[1, 2], []], 3)

@@ -7,7 +7,7 @@ import torch
 
 from common.models.decoder import DecoderConfig, DecoderLM
 from common.models.generation import generate
-from common.onnx_export import ORT_GEMM_OPS, OrtLM, dynamic_axes_of, export_decoder
+from common.onnx_export import ORT_GEMM_OPS, OrtLM, dynamic_axes_of, export_decoder, writable_opsets
 from common.timing import gemm_share
 
 
@@ -141,3 +141,35 @@ def test_a_failing_dynamo_exporter_falls_back_and_is_named(monkeypatch, tmp_path
         return
     info = export_decoder(model, path)
     assert info["exporter"] == "torchscript" and "torch_2_11" in info["fallback_reason"]
+
+
+def test_the_newest_writable_opset_is_written_and_one_more_is_not(tmp_path):
+    """--opset's upper end: the newest opset writable_opsets names exports; above it, where onnx knows
+    more opsets than onnxscript's version converter, the export fails (what the flag check prevents)."""
+    import onnx
+
+    low, newest, why = writable_opsets()
+    assert low == 7 and newest <= onnx.defs.onnx_opset_version()
+    info = export_decoder(tiny(), str(tmp_path / "newest.onnx"), opset=newest)
+    assert info["opset"] == newest and info["exporter"] == "dynamo", info
+    if newest < onnx.defs.onnx_opset_version():
+        assert "version converter" in why
+        with pytest.raises(onnx.checker.ValidationError):
+            export_decoder(tiny(), str(tmp_path / "above.onnx"), opset=newest + 1)
+
+
+@pytest.mark.parametrize(
+    "converter", [20, None, 99], ids=["converter-lower", "no-converter-bound", "onnx-lower"]
+)
+def test_writable_opsets_takes_the_lower_of_onnx_and_the_converter(monkeypatch, converter):
+    import onnx
+    from onnxscript.version_converter import _version_converter
+
+    if converter is None:
+        monkeypatch.delattr(_version_converter, "SUPPORTED_MAX_ONNX_OPSET")
+    else:
+        monkeypatch.setattr(_version_converter, "SUPPORTED_MAX_ONNX_OPSET", converter)
+    monkeypatch.setattr(onnx.defs, "onnx_opset_version", lambda: 30)
+    low, newest, why = writable_opsets()
+    assert newest == (20 if converter == 20 else 30)
+    assert ("version converter" in why) == (converter == 20) and ("onnx" in why)

@@ -63,6 +63,10 @@ Optional packages
   failures (``common.onnx_export.export_decoder``):
   tests/test_onnx_export.py::test_a_failing_dynamo_exporter_falls_back_and_is_named; dynamo:
   tests/test_onnx_export.py::test_export_matches_pytorch.
+- The newest ``--opset`` the export can write: onnx's newest, or onnxscript's version converter's where
+  that is lower (``common.onnx_export.writable_opsets``):
+  tests/test_onnx_export.py::test_writable_opsets_takes_the_lower_of_onnx_and_the_converter (both forced),
+  tests/test_onnx_export.py::test_the_newest_writable_opset_is_written_and_one_more_is_not.
 - Installed versions outside the tested range (``common.tested_versions``, requirements-floor.txt):
   tests/test_tested_versions.py::test_warnings_below_the_floor_and_above_the_newest.
 - Triton under its CPU interpreter or refused (``s7_2_2_gpu_shared_memory_attention.load_triton``):

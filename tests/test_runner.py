@@ -16,12 +16,14 @@ from common.runner import SKIP_EXIT_CODE, SkipScript, parse_args, script_parser
 SCRIPT = textwrap.dedent('''
     """A test script: its behaviour is chosen by --mode."""
     import warnings
-    from common.runner import SkipScript, UsageError, parse_args, run_script, script_parser
+    from common.runner import SkipScript, UsageError, checks_done, parse_args, run_script, script_parser
 
     def main(argv=None):
         parser = script_parser(__doc__)
-        parser.add_argument("--mode", default="pass", help="pass, skip, fail, warn or notdict")
+        parser.add_argument("--mode", default="pass", help="pass, skip, fail, warn, notdict or nochecks")
         args = parse_args(parser, argv)
+        if args.mode != "nochecks":
+            checks_done(args)
         if args.mode == "skip":
             raise SkipScript("needs a GPU", "run it on a machine with CUDA")
         if args.mode == "fail":
@@ -232,3 +234,37 @@ def test_parse_args_seeds_and_picks_device(monkeypatch):
 def test_asking_for_missing_cuda_skips():
     with pytest.raises(SkipScript, match="no CUDA"):
         parse_args(script_parser(), ["--device", "cuda"])
+
+
+def test_check_only_stops_where_the_checks_end(script, tmp_path):
+    proc, payload = run(script, "--check-only", "--out", str(tmp_path / "never"))
+    assert proc.returncode == 0 and "checks passed" in proc.stdout
+    assert payload["status"] == "CHECKED" and payload["figures"] == {}
+    assert not (tmp_path / "never").exists()  # --check-only writes no output folder
+    proc, payload = run(script, "--check-only", "--mode", "usage")
+    assert proc.returncode == 0  # checks_done came first: the usage error of the work is not reached
+    proc, payload = run(script, "--check-only", "--mode", "nochecks")
+    assert proc.returncode == 1 and "never called common.runner.checks_done" in payload["reason"]
+
+
+def test_range_types_say_what_they_take_and_refuse_the_rest():
+    import argparse
+
+    from common.runner import document_ranges, float_between, int_between, int_list, unit_float
+
+    half_open = float_between(0, 1, high_open=True)
+    assert (half_open.span, half_open("0"), half_open("0.5")) == ("in [0, 1)", 0.0, 0.5)
+    for bad in ("1", "-0.1", "nan", "inf", "x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            half_open(bad)
+    assert float_between(0, None, low_open=True).span == "above 0" and unit_float("1") == 1.0
+    assert float_between(None, 5).span == "at most 5"
+    assert int_list(1, 8)("1, 2,8") == [1, 2, 8]
+    for bad in ("1,,2", "0,1", "1,9", "a"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            int_list(1, 8)(bad)
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n", type=int_between(2, 9), help="a count")
+    document_ranges(parser)
+    document_ranges(parser)  # once only
+    assert parser._actions[-1].help == "a count [from 2 to 9]"

@@ -60,6 +60,16 @@ def sample_next(
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
 
+def decode_room_problem(prompts: list[list[int]], new_tokens: int, context: int) -> str | None:
+    """Why ``new_tokens`` after the longest of ``prompts`` do not fit in ``context`` tokens, or None
+    (the check a script makes on its flags before the work, and :func:`generate` before decoding)."""
+    longest = max(map(len, prompts), default=0)
+    if longest + new_tokens > context:
+        room = f"the context of {context}"
+        return f"the longest prompt ({longest} tokens) and {new_tokens} new tokens exceed {room}"
+    return None
+
+
 @torch.inference_mode()
 def generate(
     model,
@@ -85,10 +95,9 @@ def generate(
     ctx = model.config.context_length
     lengths = [len(p) for p in prompts]
     width = max(lengths)
-    if width + max_new_tokens > ctx:
-        raise ValueError(
-            f"longest prompt ({width}) + max_new_tokens ({max_new_tokens}) exceeds the context length {ctx}"
-        )
+    problem = decode_room_problem(prompts, max_new_tokens, ctx)
+    if problem:
+        raise ValueError(problem)
     stops = (
         set()
         if stop_tokens is None
