@@ -40,6 +40,8 @@ PACKAGES = {
     "auto_gptq": "auto-gptq",
     "awq": "autoawq",
     "gptqmodel": "gptqmodel",
+    "peft": "peft",
+    "optimum": "optimum",
     "onnx": "onnx",
     "onnxscript": "onnxscript",
     "onnxruntime": "onnxruntime",
@@ -443,6 +445,16 @@ INCOMPATIBILITIES = [
             "GPTQMODEL_CPU_WORKERS at most the cores torch uses (s7_4_1_gptq sets it); its AWQ runs only "
             "in fp16/bf16, and its fp32 loader (TorchFusedLinear) drops the zero points, so the script "
             "reads the checkpoint itself (common.quant_checkpoints)"
+        ),
+    ),
+    Incompatibility(
+        lambda r: _installed(r, "gptqmodel") and _installed(r, "peft") and _v(r, "optimum") < (1, 24),
+        lambda r: (
+            f"gptqmodel {r['packages']['gptqmodel']['version']} beside peft {r['packages']['peft']['version']} "
+            f"and {'optimum ' + r['packages']['optimum']['version'] if _installed(r, 'optimum') else 'no optimum'}: "
+            "peft's LoRA then refuses to build any adapter (ImportError: gptqmodel requires optimum version "
+            "1.24.0 or higher; s4_3_3_low_rank fails, measured with peft 0.21.2); "
+            "pip install --no-deps 'optimum>=1.24' (requirements-anchors.txt)"
         ),
     ),
     Incompatibility(

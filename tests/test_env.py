@@ -120,7 +120,7 @@ def test_deepspeed_zero_collectives_deprecated_by_torch(report):
 def test_this_machine_has_no_false_alarms(report):
     # every warning here must be explained by an installed package state, never by a healthy setup
     for w in report["warnings"]:
-        known = ("auto-gptq", "autoawq", "fastmoe", "tensorrt", "does not import", "deprecates both")
+        known = ("auto-gptq", "autoawq", "fastmoe", "tensorrt", "gptqmodel", "does not import", "deprecates both")
         known += (
             "than the newest version tested",
             "than the oldest version tested",
@@ -220,6 +220,21 @@ def test_import_status_says_why_a_package_does_not_import():
 
     assert import_status("numpy") == "imports"
     assert import_status("no_such_package_here") == "does not import: not installed"
+
+
+@pytest.mark.parametrize(
+    "optimum, warned",
+    [((None, False, "not installed"), True), (("1.23.3", True, None), True), (("2.3.0", True, None), False)],
+    ids=["no-optimum", "old-optimum", "optimum-2.3"],
+)
+def test_gptqmodel_with_peft_needs_optimum(report, optimum, warned):
+    """peft's LoRA dispatch asks for optimum>=1.24 as soon as gptqmodel imports (s4_3_3_low_rank failed
+    with an ImportError in the full AMX run); without gptqmodel nothing is said."""
+    both = dict(gptqmodel=("7.7.0", True, None), peft=("0.21.2", True, None), optimum=optimum)
+    said = "\n".join(_fake(report, **both))
+    assert ("requires optimum version 1.24.0" in said) == warned
+    no_gptqmodel = {**both, "gptqmodel": (None, False, "not installed")}
+    assert "optimum" not in "\n".join(_fake(report, **no_gptqmodel))
 
 
 def test_gptqmodel_beside_an_older_torch_is_a_warning_both_ways(report):

@@ -92,3 +92,19 @@ def test_the_reports_plots_follow_their_sample_and_are_rewritten(tmp_path):
     assert "curve" not in fewer and fewer.count("<!-- plots -->") == 1
     (plots / "loss.png").unlink()
     assert samples.rewrite(fewer, report / "logs", chapter) == samples.rewrite(readme, report / "logs")
+
+
+def test_a_plot_the_log_names_but_the_report_lacks_is_found(tmp_path):
+    """A script prints where it saved each plot; a report entry without that PNG would leave the README
+    naming a picture it cannot show (verify.samples exits 1 on it, with --check too)."""
+    logs = tmp_path / "report" / "logs"
+    logs.mkdir(parents=True)
+    (logs / "ch09_x__s9_1_1_a.log").write_text(
+        LOG + "plot: runs/s9_1_1_a/curve.png\nand runs/s9_1_1_a/other.png\n"
+    )
+    assert samples.missing_plots("ch09_x__s9_1_1_a", logs) == ["curve.png", "other.png"]
+    kept = tmp_path / "report" / "plots" / "ch09_x__s9_1_1_a"
+    kept.mkdir(parents=True)
+    (kept / "curve.png").write_bytes(b"\x89PNG")
+    assert samples.missing_plots("ch09_x__s9_1_1_a", logs) == ["other.png"]
+    assert samples.missing_plots("ch09_x__s9_9_9_none", logs) == []

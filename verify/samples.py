@@ -1,6 +1,6 @@
 """Rewrite the sample output in the chapter READMEs from the logs of a committed report.
 
-    python -m verify.samples                    # from verify/reports/cpu-full/logs/
+    python -m verify.samples                    # from verify/reports/cpu-full-amx/logs/
     python -m verify.samples --report cpu-quick
     python -m verify.samples --check            # exit 1 if a README is not what the logs give
 
@@ -17,6 +17,10 @@ to ``<report>/plots/<script>/``), inline, between the markers ``<!-- plots -->``
 ``<!-- /plots -->``, so a reader sees the curves without running anything.  The generator rewrites
 that region (adds it where a report has plots, removes it where it has none).
 Nothing outside the sample blocks and their plot regions changes.
+
+A script prints where it saved each plot; a log that names a PNG its report entry lacks (an entry run
+before the script drew it) makes both ``python -m verify.samples`` and ``--check`` exit 1, naming it:
+the README would mention a picture it cannot show.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from pathlib import Path
 from common.runner import FIGURES_HEADING
 from verify.harness import REPO_ROOT
 
+SAMPLES_REPORT = "cpu-full-amx"  # the complete full-mode report whose logs and plots the READMEs show
 BLOCK = re.compile(
     r"(?:^<!-- sample: omit=(?P<omit>.+?) -->\n)?^```\n\$ python -m (?P<module>[\w.]+)(?P<args>[^\n]*)\n"
     r"(?P<body>.*?)^```$"
@@ -90,6 +95,19 @@ def plots_region(stem: str, logs: Path, readme_dir: Path) -> str:
     return "\n\n<!-- plots -->\n" + "\n".join(images) + "\n<!-- /plots -->"
 
 
+PNG = re.compile(r"[\w./-]+\.png\b")
+
+
+def missing_plots(stem: str, logs: Path) -> list[str]:
+    """The PNG files the log of ``stem`` names (a script prints where it saved each plot) that its
+    report did not keep under ``plots/<stem>/``: a sample would mention a picture it cannot show."""
+    log = logs / f"{stem}.log"
+    folder = logs.parent / "plots" / stem
+    kept = {p.name for p in folder.rglob("*.png")} if folder.is_dir() else set()
+    text = log.read_text(errors="replace") if log.exists() else ""
+    return [name for name in dict.fromkeys(Path(m).name for m in PNG.findall(text)) if name not in kept]
+
+
 def rewrite(readme: str, logs: Path, readme_dir: Path | None = None) -> str:
     """``readme`` with every sample block's body rebuilt from ``logs/<module>.log`` and, given the
     README's folder ``readme_dir``, the report's plots shown after it."""
@@ -112,24 +130,33 @@ def main(argv=None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--report", default="cpu-full", help="the folder under verify/reports/ whose logs to show"
+        "--report",
+        default=SAMPLES_REPORT,
+        help=f"the folder under verify/reports/ whose logs to show (default {SAMPLES_REPORT})",
     )
     parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if a README is stale")
     args = parser.parse_args(argv)
     logs = REPO_ROOT / "verify" / "reports" / args.report / "logs"
     if not logs.is_dir():
         raise SystemExit(f"no logs at {logs}: run `python -m verify` first (or pick --report)")
-    stale = []
+    stale, unshown = [], []
     for readme in sorted(REPO_ROOT.glob("ch*/README.md")):
         old = readme.read_text()
         new = rewrite(old, logs, readme.parent)
+        for m in BLOCK.finditer(old):
+            stem = m["module"].replace(".", "__")
+            unshown += [f"{m['module']}: {name}" for name in missing_plots(stem, logs)]
         if new != old:
             stale.append(readme.relative_to(REPO_ROOT))
             if not args.check:
                 readme.write_text(new)
     verb = "stale" if args.check else "rewritten"
     print(f"{verb}: {', '.join(map(str, stale))}" if stale else "every sample matches the logs")
-    return 1 if args.check and stale else 0
+    if unshown:
+        print(
+            f"plots a log names that {args.report} lacks (rerun those scripts into it): " + "; ".join(unshown)
+        )
+    return 1 if unshown or (args.check and stale) else 0
 
 
 if __name__ == "__main__":
