@@ -65,10 +65,10 @@ def test_split_of_gelu_mlp_biases_qk_norm_tied_head():
 
 def test_bad_input_is_a_one_line_error(capsys):
     for argv, message in [
-        (["--nproc", "0"], "--nproc: the value must be at least 1"),
+        (["--nproc", "0"], "--nproc: the value must be from 1 to 256, got 0"),
         (["--quick", "--nproc", "3"], "40 attention heads do not divide over 3"),
         (["--quick", "--nproc", "4", "--preset", "llama-2-70b"], "2 attention heads do not divide over 4"),
-        (["--model", "test", "--new-tokens", "100"], "exceed the context length 64"),
+        (["--model", "test", "--new-tokens", "100"], "new tokens exceed the context of 64"),
     ]:
         with pytest.raises(SystemExit) as e:
             main(argv)
