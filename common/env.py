@@ -53,6 +53,7 @@ PACKAGES = {
 }
 
 ONNX_STACK = ("onnx", "onnxscript", "onnxruntime")  # what ONNX export and inference import
+HOLD_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")  # torch's and oneDNN's kernel ceilings
 
 # the loggers that packages write to while they are imported, and the messages that are no trouble
 IMPORT_LOGGERS = {"deepspeed": "DeepSpeed"}
@@ -146,6 +147,11 @@ def cpu_half_kernels() -> str:
 
     native = {"bf16": cpu_bf16_native(), "fp16": bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())}
     return ", ".join(name for name, yes in native.items() if yes) or "none"
+
+
+def held_text(held: dict) -> str:
+    """``ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2``: the kernel ceilings a report ran under."""
+    return ", ".join(f"{k}={v}" for k, v in held.items())
 
 
 def onednn_isa() -> str | None:
@@ -356,6 +362,8 @@ def _torch_info() -> dict:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_half": cpu_half_kernels(),
         "onednn_isa": onednn_isa(),
+        # the settings that hold the kernels below what the CPU has (a laptop CPU simulated)
+        "held_by": {k: os.environ[k] for k in HOLD_VARIABLES if os.environ.get(k)},
         "threads": torch.get_num_threads(),
         "gpus": [],
     }
@@ -450,8 +458,10 @@ INCOMPATIBILITIES = [
     Incompatibility(
         lambda r: _installed(r, "gptqmodel") and _installed(r, "peft") and _v(r, "optimum") < (1, 24),
         lambda r: (
-            f"gptqmodel {r['packages']['gptqmodel']['version']} beside peft {r['packages']['peft']['version']} "
-            f"and {'optimum ' + r['packages']['optimum']['version'] if _installed(r, 'optimum') else 'no optimum'}: "
+            f"gptqmodel {r['packages']['gptqmodel']['version']} beside peft "
+            f"{r['packages']['peft']['version']} and "
+            + (f"optimum {r['packages']['optimum']['version']}" if _installed(r, "optimum") else "no optimum")
+            + ": "
             "peft's LoRA then refuses to build any adapter (ImportError: gptqmodel requires optimum version "
             "1.24.0 or higher; s4_3_3_low_rank fails, measured with peft 0.21.2); "
             "pip install --no-deps 'optimum>=1.24' (requirements-anchors.txt)"
@@ -546,6 +556,8 @@ def format_report(r: dict) -> str:
         f"{t.get('threads')} threads)",
         f"  oneDNN     {t.get('onednn_isa') or 'not in this torch'}",
     ]
+    if t.get("held_by"):
+        lines.append(f"  held by    {held_text(t['held_by'])}")
     for g in t.get("gpus", []):
         lines.append(f"  GPU        {g['name']}, {g['memory_gib']} GiB, compute capability {g['capability']}")
     if not t.get("gpus"):

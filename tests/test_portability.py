@@ -194,7 +194,17 @@ def test_cpu_capability_held_to_avx2_is_reported():
     held = json.loads(out.stdout.strip().splitlines()[-1])
     assert held["cpu_capability"] == "AVX2"
     assert held["onednn_isa"] == "Intel AVX2" and held["cpu_half"] == "none"  # no bf16 kernels below AVX-512
-    assert env.environment_report()["torch"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert held["held_by"] == {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}  # and says why
+    here = env.environment_report()
+    assert here["torch"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    from verify.report import format_markdown
+
+    shown = {**here, "torch": {**here["torch"], "held_by": held["held_by"]}}
+    page = format_markdown({"environment": shown, "scripts": [], "summary": {}, "run": {}})
+    assert "held by ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2" in page
+    assert "held by    ATEN_CPU_CAPABILITY=avx2" in env.format_report(shown)
+    if not {"ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA"} & set(os.environ):
+        assert "held by" not in env.format_report(here)
 
 
 @pytest.mark.skipif(

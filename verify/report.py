@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+from common.env import held_text
+
 STATUSES = ("PASS", "FAIL", "SKIP", "TIMEOUT")
 MOVED = 0.05  # a numeric figure "moved" when it changed by more than 5 % (relative)
 
@@ -43,7 +45,8 @@ def format_markdown(report: dict) -> str:
         f"- OS: {env.get('os')}; CPU: {env.get('cpu')} ({env.get('cores')} cores; "
         f"{', '.join(env.get('cpu_flags', [])) or 'SIMD unknown'}); memory {env.get('memory_gib')} GiB",
         f"- Python {env.get('python')}; torch {t.get('version')} "
-        f"(CPU kernels {t.get('cpu_capability')}, oneDNN {t.get('onednn_isa', '?')}, "
+        f"(CPU kernels {t.get('cpu_capability')}, oneDNN {t.get('onednn_isa', '?')}"
+        f"{'; held by ' + held_text(t['held_by']) if t.get('held_by') else ''}, "
         f"native 16-bit {t.get('cpu_half', '?')}, "
         f"CUDA {t.get('cuda')}, cuDNN {t.get('cudnn')}); "
         f"GPU: {gpus}",
