@@ -120,7 +120,15 @@ def test_deepspeed_zero_collectives_deprecated_by_torch(report):
 def test_this_machine_has_no_false_alarms(report):
     # every warning here must be explained by an installed package state, never by a healthy setup
     for w in report["warnings"]:
-        known = ("auto-gptq", "autoawq", "fastmoe", "tensorrt", "gptqmodel", "does not import", "deprecates both")
+        known = (
+            "auto-gptq",
+            "autoawq",
+            "fastmoe",
+            "tensorrt",
+            "gptqmodel",
+            "does not import",
+            "deprecates both",
+        )
         known += (
             "than the newest version tested",
             "than the oldest version tested",
