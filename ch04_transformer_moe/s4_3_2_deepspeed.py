@@ -65,15 +65,25 @@ LR = 3e-3
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _build(seed: int, context: int):
-    """The model, its training data and the tokenizer's vocabulary: the "test" LM's architecture, fresh."""
+def _data(context: int):
+    """The embedded corpus in the "test" LM's vocabulary, in windows of ``context`` tokens (a UsageError
+    where the text is too short for them)."""
     from common.data import TokenData, get_tokenizer, load_corpus
+    from common.pretrained import SPECS
+
+    text = load_corpus()
+    return TokenData.from_text(
+        text, get_tokenizer(SPECS["test"]["vocab_size"], text=text), context_length=context
+    )
+
+
+def _build(seed: int, context: int):
+    """The model and its training data: the "test" LM's architecture, fresh."""
     from common.models.decoder import DecoderConfig, DecoderLM
     from common.pretrained import SPECS
 
     spec = SPECS["test"]
-    text = load_corpus()
-    data = TokenData.from_text(text, get_tokenizer(spec["vocab_size"], text=text), context_length=context)
+    data = _data(context)
     torch.manual_seed(seed)
     model = DecoderLM(
         DecoderConfig(vocab_size=spec["vocab_size"], **{**spec["model"], "context_length": context})
@@ -207,7 +217,7 @@ def main(argv=None) -> dict:
     from common.env import require
 
     require("deepspeed")
-    _build(args.seed, context)  # the data at this context (a UsageError if the text is too short)
+    _data(context)  # a UsageError where the corpus cannot fill this context
     checks_done(args)
     runs = [("ddp", 0, "fp32")] + [("zero", s, "fp32") for s in STAGES]
     runs += [("zero", 1, "bf16"), ("zero", 2, "bf16"), ("zero", 1, "fp16")]

@@ -316,14 +316,13 @@ def lm_data(a):
     return TokenData.from_text(load_corpus(), get_tokenizer(2048), a.context)
 
 
-def train_lm(fm, a) -> dict:
-    """AdamW on the corpus for ``a.lm_steps`` steps under autocast to ``a.dtype``, checkpointed to
-    ``a.ckpt_dir`` every ``a.ckpt_every`` steps and on Ctrl-C/SIGTERM (the interruption then carries the
-    folder and step to the runner); ``a.resume`` continues from that checkpoint."""
+def train_lm(fm, a, data) -> dict:
+    """AdamW on ``data`` (:func:`lm_data`) for ``a.lm_steps`` steps under autocast to ``a.dtype``,
+    checkpointed to ``a.ckpt_dir`` every ``a.ckpt_every`` steps and on Ctrl-C/SIGTERM (the interruption
+    then carries the folder and step to the runner); ``a.resume`` continues from that checkpoint."""
     from common import checkpoint as ckpt
     from common.errors import UsageError
 
-    data = lm_data(a)
     torch.manual_seed(a.seed)
     model = MoETransformer(
         fm,
@@ -483,7 +482,7 @@ def main(argv=None) -> dict:
         parser.error(f"--d-model {args.d_model} must divide by --heads {args.heads}")
     if args.top_k > args.experts:
         parser.error(f"--top-k {args.top_k} must be at most --experts {args.experts}")
-    lm_data(args)  # a --context the corpus cannot fill is a UsageError now, not after the regression
+    lm_text = lm_data(args)  # a --context the corpus cannot fill: a UsageError now, not after the regression
     if args.resume:
         check_lm_resume(args)
     checks_done(args)
@@ -529,7 +528,7 @@ def main(argv=None) -> dict:
         "ep_max_loss_diff": diff,
     }
     with intra_op_threads(args.threads):
-        figures |= train_lm(fm, args)
+        figures |= train_lm(fm, args, lm_text)
     return figures
 
 
